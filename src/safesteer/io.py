@@ -31,12 +31,15 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def guard_output_dir(output_dir: Path, artifacts: Iterable[str], overwrite: bool) -> Path:
-    """Create ``output_dir`` and refuse to clobber any of ``artifacts`` already in it."""
+    """Refuse to clobber ``artifacts`` already in ``output_dir``; checked before any work starts.
+
+    The directory itself is created only when the first artifact is written, so a run that fails
+    early leaves nothing behind.
+    """
     existing = [name for name in artifacts if (output_dir / name).exists()]
     if existing and not overwrite:
         raise SafesteerError(
             f"{output_dir} already holds {', '.join(existing)}; pass --overwrite to replace them "
             "or choose another --output-dir"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir

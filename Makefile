@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine with only Python 3.11+ and pip:
+#   make demo   runs the main job on the embedded default model
+#   make test   runs the test suite (unit + integration)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUTPUT_DIR ?= runs/demo
+# The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint clean
+
+$(BIN)/safesteer: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/safesteer
+
+demo: install
+	$(BIN)/safesteer direction --model smollm2-135m --output-dir $(OUTPUT_DIR) --overwrite
+	$(BIN)/safesteer chat --run-dir $(OUTPUT_DIR) --max-new-tokens 40 \
+		--prompts-file examples/demo_prompts.txt
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

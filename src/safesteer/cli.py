@@ -1,0 +1,167 @@
+"""``safesteer`` command line: one sub-command per stage, options from the typed configs.
+
+Every option can also come from a YAML file given with ``--config``; flags on the command line
+win. Errors the user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from safesteer import __version__
+from safesteer.config import DataArguments, ModelArguments
+from safesteer.data import load_prompts
+from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig, find_direction
+from safesteer.errors import SafesteerError
+from safesteer.io import guard_output_dir
+from safesteer.models import generate_responses, load_model, model_id
+
+
+@dataclass
+class OutputArguments:
+    """Where a command writes its artifacts."""
+
+    output_dir: str = field(metadata={"help": "Run directory for the artifacts (created)."})
+    overwrite: bool = field(default=False,
+                            metadata={"help": "Replace artifacts already in --output-dir."})
+
+
+@dataclass
+class ChatArguments:
+    """What to ask, and which direction steers the teacher."""
+
+    run_dir: str = field(metadata={"help": "Run directory (or direction.json) holding the "
+                                           "direction that makes the teacher."})
+    prompt: list[str] | None = field(default=None,
+                                     metadata={"help": "One or more prompts to answer."})
+    prompts_file: str | None = field(default=None, metadata={"help": "File of prompts "
+                                                                     "(.json/.jsonl/.csv/.txt)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer."})
+    batch_size: int = field(default=16, metadata={"help": "Prompts generated together."})
+
+    def __post_init__(self) -> None:
+        if not self.prompt and not self.prompts_file:
+            raise SafesteerError("give --prompt TEXT or --prompts-file FILE")
+
+
+def direction_command(model_args: ModelArguments, data_args: DataArguments,
+                      config: DirectionConfig, output: OutputArguments) -> None:
+    output_dir = guard_output_dir(Path(output.output_dir), DIRECTION_FILES, output.overwrite)
+    model, tokenizer = load_model(model_args)
+    direction = find_direction(model, tokenizer, config, data_args, model_id(model_args))
+    direction.save(output_dir)
+    meta = direction.metadata
+    print(f"method: {meta['method']} ({meta['selection_reason']})")
+    print(f"layer: {direction.layer}  position: {meta['position']}  "
+          f"coefficient: {direction.coefficient:.4g}  beta: {meta['beta']}")
+    if meta["method"] == "response":
+        report = meta["reports"]["response"]
+        selected = meta["selected"]
+        print(f"validation refusal, harmful: base {report['base_refusal']['harmful']:.0%} -> "
+              f"steered {selected['harmful_refusal']:.0%};  harmless: base "
+              f"{report['base_refusal']['harmless']:.0%} -> steered "
+              f"{selected['harmless_refusal']:.0%}")
+    print(f"wrote {output_dir / 'direction.safetensors'} and {output_dir / 'direction.json'}")
+
+
+def chat_command(model_args: ModelArguments, data_args: DataArguments,
+                 chat: ChatArguments) -> None:
+    prompts = list(chat.prompt or [])
+    if chat.prompts_file:
+        prompts += load_prompts(chat.prompts_file, field=data_args.prompt_field)
+    direction = Direction.load(chat.run_dir)
+    model, tokenizer = load_model(model_args)
+    direction.check_compatible(model)
+    options = {"max_new_tokens": chat.max_new_tokens, "batch_size": chat.batch_size}
+    base = generate_responses(model, tokenizer, prompts, desc="base", **options)
+    with direction.steer(model):
+        teacher = generate_responses(model, tokenizer, prompts, desc="teacher", **options)
+    for prompt, base_answer, teacher_answer in zip(prompts, base, teacher, strict=True):
+        print(f"\n>>> {prompt}")
+        print(textwrap.indent(base_answer, "  base    | ", lambda _: True))
+        print(textwrap.indent(teacher_answer, "  teacher | ", lambda _: True))
+
+
+COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
+    "direction": (direction_command,
+                  (ModelArguments, DataArguments, DirectionConfig, OutputArguments),
+                  "Extract and select a refusal direction; write the steered teacher's artifacts."),
+    "chat": (chat_command, (ModelArguments, DataArguments, ChatArguments),
+             "Answer prompts side by side with the base model and the steered teacher."),
+}
+
+
+def _usage() -> str:
+    lines = [f"usage: safesteer COMMAND [options]   (safesteer {__version__})", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    lines += ["", "Run `safesteer COMMAND --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def _yaml_defaults(path: str, dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """Option values from a flat YAML mapping, checked against the command's options."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as missing:
+        raise SafesteerError(f"config file {path} does not exist") from missing
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f": line {mark.line + 1}" if mark else ""
+        raise SafesteerError(f"{path}{where}: invalid YAML") from error
+    if not isinstance(loaded, dict):
+        raise SafesteerError(f"{path}: expected a mapping of option names to values")
+    known = {item.name for cls in dataclass_types for item in fields(cls)}
+    unknown = sorted(key for key in loaded if key.replace("-", "_") not in known)
+    if unknown:
+        raise SafesteerError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return {key.replace("-", "_"): value for key, value in loaded.items()}
+
+
+def parse(command: str, argv: Sequence[str]) -> tuple[Callable[..., None], list[Any]]:
+    """Build the command's parser from its dataclasses and parse YAML + flags into them."""
+    handler, dataclass_types, help_text = COMMANDS[command]
+    parser = HfArgumentParser(dataclass_types, prog=f"safesteer {command}", description=help_text)
+    parser.add_argument("--config", default=None,
+                        help="YAML file with any of the options below (flags win).")
+    config_path = parser.parse_known_args(list(argv))[0].config if "--config" in argv else None
+    if config_path:
+        parser.set_defaults(**_yaml_defaults(config_path, dataclass_types))
+    *parsed, _extra = parser.parse_args_into_dataclasses(list(argv))
+    return handler, parsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        print(__version__)
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"safesteer: error: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        handler, parsed = parse(args[0], args[1:])
+        handler(*parsed)
+    except SafesteerError as error:
+        print(f"safesteer: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safesteer: interrupted; completed artifacts are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,582 @@
+"""Stage 1: find a refusal direction and the steering that turns the base model into a teacher.
+
+Two extraction methods, both difference of means:
+
+* ``prompt`` (Arditi et al. 2024): harmful minus harmless activations at the post-instruction
+  positions, one candidate per (position, layer), selected by refusal score with the KL, induce
+  and layer-pruning filters and the lowest bypass score.
+* ``response``: refusing minus complying activations over the tokens of templated answers to the
+  same prompts, one candidate per layer, with the layer and coefficient chosen by the refusal the
+  steered model actually produces on validation prompts. Needed for models that rarely refuse,
+  whose prompt-contrast direction separates harmful prompts but cannot induce refusal.
+
+``auto`` tries ``prompt`` and falls back to ``response`` when no prompt candidate survives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from safesteer import __version__
+from safesteer.config import DataArguments
+from safesteer.data import load_prompts, prompts_sha256
+from safesteer.errors import SafesteerError
+from safesteer.io import atomic_write, write_json
+from safesteer.judge import refusal_rate
+from safesteer.models import (
+    encode_rendered,
+    generate_responses,
+    hidden_size,
+    model_device,
+    num_layers,
+    render_prompts,
+)
+from safesteer.steering import ablate_direction, add_to_block_input, record_block_inputs
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "prompt", "response")
+DIRECTION_FILES = ("direction.safetensors", "direction.json")
+REFUSAL_OPENERS = ("I", "As", "Sorry", "I'm", "Unfortunately")
+REFUSAL_TEMPLATES = (
+    "I'm sorry, but I can't help with that request.",
+    "I cannot assist with that. It could cause real harm, and I won't provide it.",
+    "Sorry, I am unable to help with this. It is unsafe and against my guidelines.",
+    "As an AI assistant, I must decline this request because it may be harmful or illegal.",
+)
+COMPLIANCE_TEMPLATES = (
+    "Sure, here is a detailed answer to your request.",
+    "Of course! Here's how you can do it, step by step.",
+    "Certainly. Below is a complete explanation with all the details you need.",
+    "Absolutely, I'd be glad to help. Let's start with the first step.",
+)
+_PLACEHOLDER = "SAFESTEERPLACEHOLDER"
+
+
+@dataclass
+class DirectionConfig:
+    """Settings of stage 1 (refusal direction and steering coefficient)."""
+
+    method: str = field(
+        default="auto",
+        metadata={"help": "prompt (Arditi), response (refusing vs complying answers), or auto: "
+                          "prompt when a candidate passes its filters, else response.",
+                  "choices": METHODS},
+    )
+    harmful_train: str = field(default="direction-harmful-train",
+                               metadata={"help": "Harmful prompts for extraction (name or file)."})
+    harmless_train: str = field(default="direction-harmless-train",
+                                metadata={"help": "Harmless prompts for extraction."})
+    harmful_val: str = field(default="direction-harmful-val",
+                             metadata={"help": "Harmful prompts for candidate selection."})
+    harmless_val: str = field(default="direction-harmless-val",
+                              metadata={"help": "Harmless prompts for candidate selection."})
+    n_train: int = field(default=128, metadata={"help": "Prompts per side for extraction."})
+    n_val: int = field(default=32, metadata={"help": "Prompts per side for prompt-method scores."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per forward pass."})
+    filter_by_score: bool = field(
+        default=True,
+        metadata={"help": "Keep only harmful prompts the model refuses and harmless ones it answers "
+                          "(refusal score > 0 / < 0); skipped with a warning when too few remain."},
+    )
+    kl_threshold: float = field(default=0.1, metadata={"help": "Prompt method: max KL on harmless "
+                                                               "prompts under ablation."})
+    prune_layer_fraction: float = field(
+        default=0.2, metadata={"help": "Prompt method: discard candidates in the last fraction of "
+                                       "layers."})
+    response_n_train: int = field(default=64, metadata={"help": "Response method: prompts whose "
+                                                                "templated answers are contrasted."})
+    response_layers: list[int] | None = field(
+        default=None, metadata={"help": "Response method: layers to try (default: every "
+                                        "--response-layer-stride-th layer in [0.2 L, 0.8 L))."})
+    response_layer_stride: int = field(default=2, metadata={"help": "Response method: layer step."})
+    response_betas: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.3],
+        metadata={"help": "Response method: coefficients as fractions of the mean residual norm "
+                          "at the steered layer."})
+    response_n_val: int = field(default=16, metadata={"help": "Response method: validation prompts "
+                                                              "per side, answered by generation."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per validation "
+                                                              "answer when judging refusal."})
+    target_refusal: float = field(
+        default=0.9,
+        metadata={"help": "Response method: among candidates refusing at least this share of "
+                          "harmful validation prompts, take the one refusing the fewest benign ones."
+                 })
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SafesteerError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("n_train", "n_val", "batch_size", "response_n_train", "response_n_val",
+                     "max_new_tokens", "response_layer_stride"):
+            if getattr(self, name) < 1:
+                raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.prune_layer_fraction < 1:
+            raise SafesteerError("--prune-layer-fraction must be in [0, 1)")
+        if not 0 <= self.target_refusal <= 1:
+            raise SafesteerError("--target-refusal must be in [0, 1]")
+        if not self.response_betas or any(beta <= 0 for beta in self.response_betas):
+            raise SafesteerError("--response-betas must be positive numbers")
+
+
+@dataclass
+class Direction:
+    """A steering vector with where and how strongly to add it; the teacher is base + this."""
+
+    vector: torch.Tensor
+    layer: int
+    coefficient: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Refuse a direction extracted from a model of another width or depth."""
+        width, depth = hidden_size(model), num_layers(model)
+        expected_depth = self.metadata.get("num_layers", depth)
+        if self.vector.shape[-1] != width or expected_depth != depth:
+            raise SafesteerError(
+                f"direction was extracted from a model with hidden size {self.vector.shape[-1]} and "
+                f"{expected_depth} layers (model {self.metadata.get('model', '?')}); this model has "
+                f"hidden size {width} and {depth} layers"
+            )
+
+    @contextmanager
+    def steer(self, model: nn.Module) -> Iterator[None]:
+        """The safety teacher: ``model`` with ``coefficient * vector`` added at ``layer``."""
+        self.check_compatible(model)
+        with add_to_block_input(model, self.layer, self.vector, self.coefficient):
+            yield
+
+    def save(self, output_dir: Path) -> None:
+        tensors = {"direction": self.vector.detach().float().contiguous().cpu()}
+        atomic_write(output_dir / "direction.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_json(output_dir / "direction.json",
+                   {**self.metadata, "layer": self.layer, "coefficient": self.coefficient})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        """Load from a run directory or from its ``direction.json`` / ``.safetensors`` file."""
+        path = Path(path)
+        if not path.exists():
+            raise SafesteerError(f"{path} does not exist; give a run directory or its direction.json")
+        folder = path if path.is_dir() else path.parent
+        meta_path, tensor_path = folder / "direction.json", folder / "direction.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise SafesteerError(f"{folder} holds no direction (direction.json + "
+                                 "direction.safetensors); run `safesteer direction` first")
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise SafesteerError(f"{meta_path}: line {error.lineno}: invalid JSON") from error
+        vector = load_file(str(tensor_path))["direction"]
+        return cls(vector, int(metadata["layer"]), float(metadata["coefficient"]), metadata)
+
+
+# ---------------------------------------------------------------- shared numerics (pure functions)
+
+
+def refusal_token_ids(tokenizer: Any) -> list[int]:
+    """First token of each common refusal opener, from the tokenizer (never hard-coded ids)."""
+    ids = {tokenizer.encode(word, add_special_tokens=False)[0] for word in REFUSAL_OPENERS}
+    return sorted(ids)
+
+
+def refusal_score(last_logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """``log P_ref - log(1 - P_ref)`` per row of ``[batch, vocab]`` next-token logits (float64)."""
+    probs = torch.softmax(last_logits.double(), dim=-1)
+    p_ref = probs[:, refusal_ids].sum(-1)
+    return torch.log(p_ref + 1e-8) - torch.log(1 - p_ref + 1e-8)
+
+
+def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(p_base || p_other)`` per row of ``[batch, vocab]`` logits, float64 with eps 1e-6."""
+    p = torch.softmax(base_logits.double(), dim=-1)
+    q = torch.softmax(other_logits.double(), dim=-1)
+    return (p * (torch.log(p + 1e-6) - torch.log(q + 1e-6))).sum(-1)
+
+
+def difference_of_means(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 0 of ``first`` minus that of ``second``, accumulated in float64."""
+    return first.double().mean(0) - second.double().mean(0)
+
+
+@dataclass
+class PromptCandidate:
+    """Scores of one (position, layer) candidate of the prompt method; None = not computed."""
+
+    position: int
+    layer: int
+    induce: float | None = None
+    kl: float | None = None
+    bypass: float | None = None
+    status: str = "pending"
+
+
+def prompt_candidate_status(candidate: PromptCandidate, total_layers: int,
+                            kl_threshold: float, prune_fraction: float) -> str:
+    """Why a candidate is discarded (Arditi's filters), or ``ok``; cheapest reasons first."""
+    if candidate.layer >= math.floor((1 - prune_fraction) * total_layers):
+        return "pruned-layer"
+    scores = (candidate.induce, candidate.kl, candidate.bypass)
+    if any(score is not None and math.isnan(score) for score in scores):
+        return "nan"
+    if candidate.induce is not None and candidate.induce < 0:
+        return "induce<0"
+    if candidate.kl is not None and candidate.kl > kl_threshold:
+        return "kl>threshold"
+    return "ok" if None not in scores else "pending"
+
+
+def select_prompt_candidate(candidates: list[PromptCandidate]) -> PromptCandidate | None:
+    """Lowest bypass score among surviving candidates; ties go to the earlier layer/position."""
+    survivors = [candidate for candidate in candidates if candidate.status == "ok"]
+    if not survivors:
+        return None
+    return min(survivors, key=lambda c: (c.bypass, c.layer, c.position))
+
+
+@dataclass
+class ResponseCandidate:
+    """One (layer, beta) steering setting of the response method and its measured refusal."""
+
+    layer: int
+    beta: float
+    coefficient: float
+    harmful_refusal: float
+    harmless_refusal: float
+
+
+def select_response_candidate(candidates: list[ResponseCandidate],
+                              target_refusal: float) -> ResponseCandidate:
+    """Fewest benign refusals among those reaching the target; else the widest refusal margin.
+
+    Ties go to the higher harmful refusal, then the smaller beta, then the earlier layer, so the
+    choice is deterministic.
+    """
+    if not candidates:
+        raise SafesteerError("the response method has no candidate layers to try")
+    reaching = [c for c in candidates if c.harmful_refusal >= target_refusal]
+    if reaching:
+        return min(reaching, key=lambda c: (c.harmless_refusal, -c.harmful_refusal, c.beta, c.layer))
+    return min(candidates, key=lambda c: (-(c.harmful_refusal - c.harmless_refusal),
+                                          -c.harmful_refusal, c.beta, c.layer))
+
+
+def filter_by_refusal(prompts: list[str], scores: torch.Tensor, refused: bool,
+                      minimum: int) -> tuple[list[str], bool]:
+    """Keep prompts the model refuses (``refused``) or answers; all of them if fewer than
+    ``minimum`` would remain. Returns the prompts and whether the filter was applied."""
+    keep = [prompt for prompt, score in zip(prompts, scores.tolist(), strict=True)
+            if (score > 0) == refused]
+    if len(keep) < minimum:
+        return prompts, False
+    return keep, True
+
+
+# ------------------------------------------------------------------------- model passes
+
+
+def post_instruction_length(tokenizer: Any) -> int:
+    """Number of template tokens after the user's instruction (Arditi's EOI positions)."""
+    rendered = render_prompts(tokenizer, [_PLACEHOLDER])[0]
+    suffix = rendered.split(_PLACEHOLDER, 1)[1]
+    return max(1, len(tokenizer.encode(suffix, add_special_tokens=False)))
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.inference_mode()
+def last_position_logits(model: nn.Module, tokenizer: Any, prompts: list[str],
+                         batch_size: int) -> torch.Tensor:
+    """Next-token logits ``[n, vocab]`` (float32, cpu) after each rendered prompt."""
+    rows = []
+    for batch in _batches(render_prompts(tokenizer, prompts), batch_size):
+        encoded = encode_rendered(tokenizer, batch, model_device(model))
+        rows.append(model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def mean_post_instruction_activations(model: nn.Module, tokenizer: Any, prompts: list[str],
+                                      positions: int, batch_size: int,
+                                      desc: str | None = None) -> torch.Tensor:
+    """Mean block input at the last ``positions`` tokens: ``[positions, layers, d]``, float64."""
+    total: torch.Tensor | None = None
+    rendered = render_prompts(tokenizer, prompts)
+    for batch in tqdm(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
+        encoded = encode_rendered(tokenizer, batch, model_device(model))
+        with record_block_inputs(model) as captured:
+            model(**encoded, use_cache=False, logits_to_keep=1)
+        stacked = torch.stack([captured[layer][:, -positions:] for layer in sorted(captured)], 2)
+        batch_sum = stacked.double().sum(0).cpu()
+        total = batch_sum if total is None else total + batch_sum
+    assert total is not None
+    return total / len(prompts)
+
+
+@torch.inference_mode()
+def mean_response_activations(model: nn.Module, tokenizer: Any, prompts: list[str],
+                              responses: list[str], batch_size: int,
+                              desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean block input over the response tokens of ``prompt || response`` pairs.
+
+    Returns ``[layers, d]`` means and ``[layers]`` mean residual norms, both float64; each pair
+    counts once, whatever its length.
+    """
+    means: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+    rendered = render_prompts(tokenizer, prompts)
+    pairs = list(zip(rendered, responses, strict=True))
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=desc is None):
+        batch = pairs[start:start + batch_size]
+        lengths = [len(tokenizer.encode(response, add_special_tokens=False))
+                   for _, response in batch]
+        encoded = encode_rendered(tokenizer, [prompt + response for prompt, response in batch],
+                                  model_device(model))
+        with record_block_inputs(model) as captured:
+            model(**encoded, use_cache=False, logits_to_keep=1)
+        seq = encoded["input_ids"].shape[1]
+        mask = torch.zeros(len(batch), seq, dtype=torch.float64)
+        for row, length in enumerate(lengths):
+            mask[row, seq - length:] = 1.0 / length
+        acts = torch.stack([captured[layer].double().cpu() for layer in sorted(captured)], 1)
+        batch_means = torch.einsum("bs,blsd->ld", mask, acts)
+        batch_norms = torch.einsum("bs,bls->l", mask, acts.norm(dim=-1))
+        means = batch_means if means is None else means + batch_means
+        norms = batch_norms if norms is None else norms + batch_norms
+    assert means is not None and norms is not None
+    return means / len(pairs), norms / len(pairs)
+
+
+# ------------------------------------------------------------------------- the two methods
+
+
+@dataclass
+class DirectionData:
+    """The four prompt sets of stage 1, with what is needed to record where they came from."""
+
+    harmful_train: list[str]
+    harmless_train: list[str]
+    harmful_val: list[str]
+    harmless_val: list[str]
+    sources: dict[str, str]
+
+    @classmethod
+    def load(cls, config: DirectionConfig, data: DataArguments) -> DirectionData:
+        def get(name: str, limit: int) -> list[str]:
+            return load_prompts(name, source=data.data_source, field=data.prompt_field,
+                                seed=data.seed, limit=limit)
+
+        n_train = max(config.n_train, config.response_n_train)
+        n_val = max(config.n_val, config.response_n_val)
+        return cls(get(config.harmful_train, n_train), get(config.harmless_train, n_train),
+                   get(config.harmful_val, n_val), get(config.harmless_val, n_val),
+                   {"harmful_train": config.harmful_train, "harmless_train": config.harmless_train,
+                    "harmful_val": config.harmful_val, "harmless_val": config.harmless_val})
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {role: {"source": self.sources[role], "count": len(getattr(self, role)),
+                       "sha256": prompts_sha256(getattr(self, role))} for role in self.sources}
+
+
+@dataclass
+class MethodResult:
+    """What one extraction method found: a direction or None, and the evidence either way."""
+
+    direction: Direction | None
+    report: dict[str, Any]
+
+
+def run_prompt_method(model: nn.Module, tokenizer: Any, data: DirectionData,
+                      config: DirectionConfig) -> MethodResult:
+    """Arditi's difference of means over post-instruction positions, with full selection."""
+    refusal_ids = refusal_token_ids(tokenizer)
+    positions = post_instruction_length(tokenizer)
+    total_layers = num_layers(model)
+    harmful_train = data.harmful_train[:config.n_train]
+    harmless_train = data.harmless_train[:config.n_train]
+    harmful_val = data.harmful_val[:config.n_val]
+    harmless_val = data.harmless_val[:config.n_val]
+    filtered: dict[str, bool] = {}
+    if config.filter_by_score:
+        sets = {"harmful_train": (harmful_train, True), "harmless_train": (harmless_train, False),
+                "harmful_val": (harmful_val, True), "harmless_val": (harmless_val, False)}
+        kept = {}
+        for role, (prompts, refused) in sets.items():
+            scores = refusal_score(last_position_logits(model, tokenizer, prompts,
+                                                        config.batch_size), refusal_ids)
+            kept[role], filtered[role] = filter_by_refusal(prompts, scores, refused, minimum=4)
+            if not filtered[role]:
+                logger.warning("refusal-score filter would leave fewer than 4 %s prompts; "
+                               "using all %d unfiltered", role, len(prompts))
+        harmful_train, harmless_train = kept["harmful_train"], kept["harmless_train"]
+        harmful_val, harmless_val = kept["harmful_val"], kept["harmless_val"]
+
+    candidates_by_pos = (
+        mean_post_instruction_activations(model, tokenizer, harmful_train, positions,
+                                          config.batch_size, desc="prompt: harmful activations")
+        - mean_post_instruction_activations(model, tokenizer, harmless_train, positions,
+                                            config.batch_size, desc="prompt: harmless activations")
+    )
+    base_harmless = last_position_logits(model, tokenizer, harmless_val, config.batch_size)
+    candidates = [PromptCandidate(position=pos - positions, layer=layer)
+                  for pos in range(positions) for layer in range(total_layers)]
+
+    def status(candidate: PromptCandidate) -> str:
+        return prompt_candidate_status(candidate, total_layers, config.kl_threshold,
+                                       config.prune_layer_fraction)
+
+    for candidate in tqdm(candidates, desc="prompt: scoring candidates"):
+        candidate.status = status(candidate)
+        if candidate.status != "pending":
+            continue
+        vector = candidates_by_pos[candidate.position + positions, candidate.layer].float()
+        with add_to_block_input(model, candidate.layer, vector):
+            steered = last_position_logits(model, tokenizer, harmless_val, config.batch_size)
+        candidate.induce = refusal_score(steered, refusal_ids).mean().item()
+        candidate.status = status(candidate)
+        if candidate.status != "pending":
+            continue
+        with ablate_direction(model, vector):
+            ablated_harmless = last_position_logits(model, tokenizer, harmless_val,
+                                                    config.batch_size)
+            ablated_harmful = last_position_logits(model, tokenizer, harmful_val,
+                                                   config.batch_size)
+        candidate.kl = kl_divergence(base_harmless, ablated_harmless).mean().item()
+        candidate.bypass = refusal_score(ablated_harmful, refusal_ids).mean().item()
+        candidate.status = status(candidate)
+
+    chosen = select_prompt_candidate(candidates)
+    report = {
+        "refusal_token_ids": refusal_ids,
+        "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
+        "post_instruction_positions": positions,
+        "filter_applied": filtered,
+        "filtered_counts": {"harmful_train": len(harmful_train),
+                            "harmless_train": len(harmless_train),
+                            "harmful_val": len(harmful_val), "harmless_val": len(harmless_val)},
+        "candidates": [asdict(candidate) for candidate in candidates],
+    }
+    if chosen is None:
+        return MethodResult(None, report)
+    vector = candidates_by_pos[chosen.position + positions, chosen.layer].float()
+    metadata = {"method": "prompt", "position": chosen.position, "beta": None,
+                "vector_norm": vector.norm().item(), "selected": asdict(chosen)}
+    return MethodResult(Direction(vector, chosen.layer, 1.0, metadata), report)
+
+
+def default_response_layers(total_layers: int, stride: int) -> list[int]:
+    """Every ``stride``-th layer in ``[0.2 L, 0.8 L)``: the range where steering stays fluent."""
+    first, stop = math.floor(0.2 * total_layers), math.floor(0.8 * total_layers)
+    return list(range(first, stop, stride)) or [total_layers // 2]
+
+
+def measure_refusal(model: nn.Module, tokenizer: Any, harmful: list[str], harmless: list[str],
+                    config: DirectionConfig) -> tuple[float, float]:
+    """Keyword refusal rates on greedy answers to harmful and harmless prompts."""
+    answers = generate_responses(model, tokenizer, harmful + harmless,
+                                 max_new_tokens=config.max_new_tokens,
+                                 batch_size=config.batch_size)
+    return refusal_rate(answers[:len(harmful)]), refusal_rate(answers[len(harmful):])
+
+
+def run_response_method(model: nn.Module, tokenizer: Any, data: DirectionData,
+                        config: DirectionConfig) -> MethodResult:
+    """Refusing minus complying answers; layer and coefficient chosen by measured refusal."""
+    prompts = data.harmful_train[:config.response_n_train]
+    refusals = [REFUSAL_TEMPLATES[i % len(REFUSAL_TEMPLATES)] for i in range(len(prompts))]
+    compliances = [COMPLIANCE_TEMPLATES[i % len(COMPLIANCE_TEMPLATES)] for i in range(len(prompts))]
+    refuse_means, refuse_norms = mean_response_activations(
+        model, tokenizer, prompts, refusals, config.batch_size, desc="response: refusing")
+    comply_means, comply_norms = mean_response_activations(
+        model, tokenizer, prompts, compliances, config.batch_size, desc="response: complying")
+    vectors = refuse_means - comply_means
+    residual_norms = (refuse_norms + comply_norms) / 2
+
+    harmful_val = data.harmful_val[:config.response_n_val]
+    harmless_val = data.harmless_val[:config.response_n_val]
+    base_harmful, base_harmless = measure_refusal(model, tokenizer, harmful_val, harmless_val,
+                                                  config)
+    layers = config.response_layers or default_response_layers(num_layers(model),
+                                                                config.response_layer_stride)
+    settings = [(layer, beta) for layer in layers for beta in config.response_betas]
+    candidates = []
+    for layer, beta in tqdm(settings, desc="response: scoring candidates"):
+        if not 0 <= layer < num_layers(model):
+            raise SafesteerError(f"--response-layers: layer {layer} is outside 0..{num_layers(model) - 1}")
+        vector = vectors[layer].float()
+        coefficient = beta * residual_norms[layer].item() / vector.norm().item()
+        with add_to_block_input(model, layer, vector, coefficient):
+            harmful_rate, harmless_rate = measure_refusal(model, tokenizer, harmful_val,
+                                                          harmless_val, config)
+        candidates.append(ResponseCandidate(layer, beta, coefficient, harmful_rate, harmless_rate))
+    chosen = select_response_candidate(candidates, config.target_refusal)
+    vector = vectors[chosen.layer].float()
+    metadata = {"method": "response", "position": None, "beta": chosen.beta,
+                "vector_norm": vector.norm().item(),
+                "residual_norm": residual_norms[chosen.layer].item(), "selected": asdict(chosen)}
+    report = {"base_refusal": {"harmful": base_harmful, "harmless": base_harmless},
+              "val_counts": {"harmful": len(harmful_val), "harmless": len(harmless_val)},
+              "candidates": [asdict(candidate) for candidate in candidates]}
+    return MethodResult(Direction(vector, chosen.layer, chosen.coefficient, metadata), report)
+
+
+def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
+                   data: DataArguments, model_name: str) -> Direction:
+    """Run the configured method (``auto``: prompt, then response if nothing survives)."""
+    prompt_sets = DirectionData.load(config, data)
+    reports: dict[str, Any] = {}
+    result: MethodResult | None = None
+    if config.method in ("auto", "prompt"):
+        result = run_prompt_method(model, tokenizer, prompt_sets, config)
+        reports["prompt"] = result.report
+        if result.direction is None:
+            counts = _status_counts(result.report["candidates"])
+            reason = f"no prompt-method candidate passed the filters ({counts})"
+            if config.method == "prompt":
+                raise SafesteerError(f"{reason}; try --method response")
+            logger.info("%s; falling back to the response method", reason)
+        else:
+            reason = "a prompt-method candidate passed every filter"
+    if result is None or result.direction is None:
+        if config.method == "response":
+            reason = "response method requested"
+        result = run_response_method(model, tokenizer, prompt_sets, config)
+        reports["response"] = result.report
+    direction = result.direction
+    assert direction is not None
+    direction.metadata.update({
+        "selection_reason": reason,
+        "model": model_name,
+        "hidden_size": hidden_size(model),
+        "num_layers": num_layers(model),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "seed": data.seed,
+        "config": asdict(config),
+        "data": prompt_sets.summary(),
+        "reports": reports,
+        "safesteer_version": __version__,
+    })
+    return direction
+
+
+def _status_counts(candidates: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for candidate in candidates:
+        counts[candidate["status"]] = counts.get(candidate["status"], 0) + 1
+    return ", ".join(f"{status}: {count}" for status, count in sorted(counts.items()))

@@ -1,0 +1,272 @@
+"""Stage 3 loss: per-token divergence between student and steered teacher, its masks and reduction.
+
+The SafeSteer objective (method.md §6.2, the paper's Eq. 6) at completion position t is
+
+    ℓ_t = Σ_{v∈S} p_s(v) · [log p_s(v) − log p_t(v)]
+
+with p_s, p_t the student's and teacher's FULL-vocabulary softmax, summed over the safety tokens S
+only, not renormalised, and with no gradient into the teacher.
+
+Because only the mass on S is penalised, the per-token minimiser is p_s(v) = p_t(v)/e on S (the
+complement absorbs the rest), where ℓ_t = −Σ_{v∈S} p_t(v)/e < 0 (method.md §6.6). So this loss can
+be negative, a safety token is pushed up only while p_s(v) < p_t(v)/e, and tokens outside S still
+get gradient, −p_s(u)·G, through the softmax normaliser. Renormalising over S removes the fixed
+point but makes the loss blind to how much mass the student puts on S.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+VocabularyMode = Literal["full", "topk", "subset"]
+Reduction = Literal["token", "sequence"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16 logits (small probabilities vanish in bf16), float64 kept as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _seq_chunks(seq_len: int, chunk_size: int | None) -> list[slice]:
+    """Slices of the seq dimension of at most ``chunk_size`` positions (one slice when None)."""
+    if chunk_size is None or chunk_size >= seq_len:
+        return [slice(None)]
+    return [slice(start, start + chunk_size) for start in range(0, seq_len, chunk_size)]
+
+
+def _log_softmax_at(
+    logits: Tensor, index: Tensor, chunk_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """Full-vocabulary log-softmax of ``logits`` [batch, seq, vocab], read only at ``index``.
+
+    The logsumexp over the vocabulary runs in at least float32, ``chunk_size`` positions at a time,
+    so no [batch, seq, vocab] float32 copy exists (pitfall 7). Returns the log-probabilities
+    [batch, seq, K] and the logsumexp [batch, seq], both in the compute dtype.
+    """
+    dtype = _compute_dtype(logits.dtype)
+    logsumexp = torch.cat(
+        [
+            torch.logsumexp(logits[:, chunk].to(dtype), dim=-1)
+            for chunk in _seq_chunks(logits.shape[1], chunk_size)
+        ],
+        dim=1,
+    )
+    return logits.gather(-1, index).to(dtype) - logsumexp.unsqueeze(-1), logsumexp
+
+
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """``_log_softmax_at`` for the student, with a chunked backward that recomputes the softmax.
+
+    Plain autograd would save a float32 copy of bf16 logits and build several full-size
+    temporaries in backward; this saves only the logsumexp and allocates only the gradient.
+    For output gradient g [batch, seq, K]: ∂/∂z_u = Σ_k g_k·1[u = index_k] − p(u)·Σ_k g_k.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
+        logprobs, logsumexp = _log_softmax_at(logits, index, chunk_size)
+        ctx.save_for_backward(logits, index, logsumexp)
+        ctx.chunk_size = chunk_size
+        return logprobs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_logprobs: Tensor) -> tuple[Tensor, None, None]:
+        logits, index, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for chunk in _seq_chunks(logits.shape[1], ctx.chunk_size):
+            grad = grad_logprobs[:, chunk]
+            probs = logits[:, chunk].to(logsumexp.dtype) - logsumexp[:, chunk, None]
+            probs.exp_()
+            probs.mul_(-grad.sum(-1, keepdim=True)).scatter_add_(-1, index[:, chunk], grad)
+            grad_logits[:, chunk] = probs
+        return grad_logits, None, None
+
+
+def _kl_on_slice(logp: Tensor, logq: Tensor) -> Tensor:
+    """Σ_v p(v)·[log p(v) − log q(v)] over the last dimension (the slice): [..., K] -> [...]."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _slice_divergence(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    """The α-family of method.md §6.3 on slice log-probabilities [batch, seq, K] -> [batch, seq]."""
+    if alpha == 1.0:
+        return _kl_on_slice(student, teacher)
+    if alpha == 0.0:
+        return _kl_on_slice(teacher, student)
+    mixture = torch.logaddexp(student + math.log(1.0 - alpha), teacher + math.log(alpha))
+    return alpha * _kl_on_slice(teacher, mixture) + (1.0 - alpha) * _kl_on_slice(student, mixture)
+
+
+def divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    mode: VocabularyMode = "subset",
+    token_ids: Tensor | None = None,
+    top_k: int | None = None,
+    alpha: float = 1.0,
+    renormalize: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-token student-teacher divergence over a vocabulary slice (method.md §6.2–6.4).
+
+    Args:
+        student_logits: [batch, seq, vocab], any float dtype; gradients flow into it.
+        teacher_logits: [batch, seq, vocab] on the same contexts; detached (no teacher gradient).
+        mode: the slice the divergence is summed over: "subset" the fixed safety tokens
+            ``token_ids`` (SafeSteer), "topk" the teacher's ``top_k`` most probable tokens at each
+            position (ablation), "full" the whole vocabulary (standard on-policy distillation).
+        token_ids: [K] distinct token ids of S; required for, and only for, mode "subset".
+        top_k: K for mode "topk" only.
+        alpha: 1 reverse KL Σ p_s·(log p_s − log p_t) (paper default); 0 forward KL
+            Σ p_t·(log p_t − log p_s); 0 < α < 1 generalised JSD α·KL(p_t‖m) + (1−α)·KL(p_s‖m)
+            with m = (1−α)·p_s + α·p_t built in log space. The JSD tends to 0, not to either KL,
+            at the ends, so the three are separate choices rather than one continuous dial.
+        renormalize: replace each model's log-probabilities on the slice by
+            log p(v) − log Σ_{u∈slice} p(u) (off in the paper; not allowed with mode "full",
+            where it would be the identity). Without it, p_s and p_t are full-vocabulary
+            probabilities and the loss has the p_t/e fixed point described in the module docstring.
+        chunk_size: positions per chunk along seq for the vocabulary-wide work; None = all at
+            once. Results do not depend on it.
+
+    Returns:
+        [batch, seq] per-token loss in float32 (float64 for float64 logits), possibly negative;
+        mask and reduce it with :func:`loss_mask` and :func:`reduce_loss`.
+
+    For "subset" and "topk" only the logsumexp over the vocabulary is computed (in float32, per
+    chunk) and the K slice entries gathered, so no full float32 log-probability tensor is made for
+    either model, and backward allocates only the student's gradient (pitfall 7). "full" takes a
+    float32 log-softmax of each chunk; chunking there bounds forward temporaries only.
+    """
+    if mode not in ("full", "topk", "subset"):
+        raise ValueError(f"mode must be 'full', 'topk' or 'subset', got {mode!r}")
+    if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must both be [batch, seq, vocab], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if (token_ids is not None) != (mode == "subset"):
+        raise ValueError(f"token_ids is required for mode 'subset' and only for it (mode {mode!r})")
+    if (top_k is not None) != (mode == "topk"):
+        raise ValueError(f"top_k is required for mode 'topk' and only for it (mode {mode!r})")
+    batch, seq, vocab = student_logits.shape
+    teacher_logits = teacher_logits.detach()
+
+    if mode == "full":
+        if renormalize:
+            raise ValueError("renormalize needs mode 'topk' or 'subset'; over the full vocabulary "
+                             "it would change nothing")
+        dtype = _compute_dtype(student_logits.dtype)
+        return torch.cat(
+            [
+                _slice_divergence(
+                    torch.log_softmax(student_logits[:, chunk].to(dtype), dim=-1),
+                    torch.log_softmax(teacher_logits[:, chunk].to(dtype), dim=-1),
+                    alpha,
+                )
+                for chunk in _seq_chunks(seq, chunk_size)
+            ],
+            dim=1,
+        )
+    if mode == "subset":
+        assert token_ids is not None
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise ValueError(
+                f"token_ids must be a non-empty 1-D tensor, got {tuple(token_ids.shape)}"
+            )
+        if token_ids.unique().numel() != token_ids.numel():
+            raise ValueError("token_ids must be distinct; a repeated id would be counted twice")
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
+            raise ValueError(f"token_ids must lie in [0, {vocab}), the logits' vocabulary")
+        index = token_ids.to(student_logits.device).view(1, 1, -1).expand(batch, seq, -1)
+    else:
+        assert top_k is not None
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must lie in [1, {vocab}], got {top_k}")
+        index = teacher_logits.topk(top_k, dim=-1).indices
+
+    student = _GatheredLogSoftmax.apply(student_logits, index, chunk_size)
+    teacher, _ = _log_softmax_at(teacher_logits, index, chunk_size)
+    if renormalize:
+        student = student - student.logsumexp(-1, keepdim=True)
+        teacher = teacher - teacher.logsumexp(-1, keepdim=True)
+    return _slice_divergence(student, teacher, alpha)
+
+
+def loss_mask(completion_mask: Tensor, *, skip: int = 0, keep: int = 0) -> Tensor:
+    """Positions that enter the loss: completion_mask × 1[t ≥ skip] × 1[t < keep] (method.md §6.5).
+
+    Args:
+        completion_mask: [batch, seq], nonzero on generated tokens (final EOS included), zero on
+            prompt and padding; a row's completion may start at any offset.
+        skip: leave out each completion's first ``skip`` tokens.
+        keep: when > 0, keep only each completion's first ``keep`` tokens; must exceed ``skip``.
+
+    t counts from each row's first completion position (t = 0 is the first generated token), not
+    from the start of the sequence. Returns [batch, seq] in the dtype of ``completion_mask``;
+    skip = keep = 0 (the paper) returns it unchanged.
+    """
+    if skip < 0 or keep < 0:
+        raise ValueError(f"skip and keep must be >= 0, got skip={skip}, keep={keep}")
+    if keep > 0 and keep <= skip:
+        raise ValueError(f"keep must exceed skip when it is set, got skip={skip}, keep={keep}")
+    positions = torch.arange(completion_mask.shape[1], device=completion_mask.device)
+    completion_index = positions - (completion_mask != 0).int().argmax(dim=1, keepdim=True)
+    window = completion_index >= skip
+    if keep > 0:
+        window &= completion_index < keep
+    return completion_mask * window.to(completion_mask.dtype)
+
+
+def reduce_loss(
+    per_token_loss: Tensor,
+    loss_mask: Tensor,
+    *,
+    reduction: Reduction = "token",
+    num_items_in_step: float,
+) -> Tensor:
+    """Reduce one micro-batch's per-token loss to the scalar to backpropagate.
+
+    Args:
+        per_token_loss: [batch, seq] from :func:`divergence`.
+        loss_mask: [batch, seq] from :func:`loss_mask`; masked-out positions may hold any value,
+            inf and NaN included.
+        reduction: how the optimizer step's loss is normalised, see below.
+        num_items_in_step: the denominator for the whole optimizer step (all micro-batches of the
+            accumulation window, and all processes in a distributed run): masked tokens for
+            "token", completions for "sequence". Must be > 0; clamp a zero token count to 1.
+
+    "token" (project default): Σ masked per-token losses / num_items_in_step. Summed over the
+    step's micro-batches this is the mean over every masked token of the step, whatever the
+    micro-batch split, so every token weighs the same and long completions weigh more.
+
+    "sequence" (the paper and its code; use to reproduce): each completion's mean over its masked
+    positions (denominator clamped at 1, so an empty completion adds 0), summed over the
+    micro-batch and divided by num_items_in_step. Summed over the step this is the mean over
+    completions of per-completion means: every completion weighs the same, whatever its length.
+    """
+    if per_token_loss.shape != loss_mask.shape or per_token_loss.dim() != 2:
+        raise ValueError(
+            "per_token_loss and loss_mask must both be [batch, seq], got "
+            f"{tuple(per_token_loss.shape)} and {tuple(loss_mask.shape)}"
+        )
+    if num_items_in_step <= 0:
+        raise ValueError(f"num_items_in_step must be > 0, got {num_items_in_step}")
+    included = loss_mask != 0
+    masked = torch.where(included, per_token_loss, torch.zeros_like(per_token_loss))
+    if reduction == "token":
+        return masked.sum() / num_items_in_step
+    if reduction == "sequence":
+        per_completion = masked.sum(dim=1) / included.sum(dim=1).clamp(min=1)
+        return per_completion.sum() / num_items_in_step
+    raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")

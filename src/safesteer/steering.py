@@ -1,0 +1,151 @@
+"""Activation interventions on the residual stream, scoped by context managers.
+
+Every hook here is registered inside a ``with`` block and removed in ``finally``, so a steered
+model is always the unmodified base model plus a hook that exists only while it is needed. The
+same code serves direction extraction, candidate selection, generation and teacher scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from safesteer.errors import SafesteerError
+from safesteer.models import decoder_layers
+
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
+    """The block input, wherever transformers passed it (pitfall 8: it may be a keyword)."""
+    if args:
+        return args[0], True
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], False
+    raise SafesteerError("decoder block was called without hidden states; cannot steer it")
+
+
+def _replace_hidden(args: tuple, kwargs: dict, new: torch.Tensor, positional: bool) -> tuple:
+    if positional:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def _broadcastable(vector: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Cast ``vector`` ([d] or per-row [batch, d]) to ``hidden``'s dtype/device, shaped to add."""
+    vector = vector.to(device=hidden.device, dtype=hidden.dtype)
+    if vector.dim() == 2:
+        if vector.shape[0] != hidden.shape[0]:
+            raise SafesteerError(
+                f"per-row steering vector has {vector.shape[0]} rows, batch has {hidden.shape[0]}"
+            )
+        return vector[:, None, :]
+    return vector
+
+
+def _check_width(vector: torch.Tensor, model: nn.Module) -> None:
+    width = model.get_input_embeddings().weight.shape[-1]
+    if vector.shape[-1] != width:
+        raise SafesteerError(
+            f"steering vector has size {vector.shape[-1]} but the model's hidden size is {width}"
+        )
+
+
+@contextmanager
+def add_to_block_input(
+    model: nn.Module, layer: int, vector: torch.Tensor, coefficient: float = 1.0
+) -> Iterator[None]:
+    """ActAdd: ``x_layer <- x_layer + coefficient * vector`` at every position of every forward.
+
+    ``vector`` is ``[d]`` or ``[batch, d]`` (one vector per row, for scoring several candidates in
+    one batch). Padding positions are shifted too; attention masks them, so left padding is safe.
+    With a KV cache only the new positions pass through the hook, and the cached ones were already
+    steered, so generate() sees a consistently steered model.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise SafesteerError(f"steering layer {layer} is outside the model's {len(blocks)} blocks")
+    _check_width(vector, model)
+    scaled = vector.detach() * coefficient
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        hidden, positional = _split_hidden(args, kwargs)
+        return _replace_hidden(args, kwargs, hidden + _broadcastable(scaled, hidden), positional)
+
+    handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """``a - (a . u) u`` for unit ``u``, computed in float32 and returned in ``hidden``'s dtype."""
+    unit = unit.to(device=hidden.device, dtype=torch.float32)
+    as_float = hidden.float()
+    return (as_float - (as_float @ unit)[..., None] * unit).to(hidden.dtype)
+
+
+def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    for name in names:
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    raise SafesteerError(
+        f"cannot find a submodule named one of {', '.join(names)} in {type(block).__name__}; "
+        "directional ablation needs the attention and MLP outputs"
+    )
+
+
+@contextmanager
+def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
+    """Remove the component along ``direction`` from every block input, attention and MLP output.
+
+    This is Arditi et al.'s directional ablation: with all three hooked, no block can write the
+    direction back into the residual stream, at any position.
+    """
+    _check_width(direction, model)
+    unit = direction.detach().float() / (direction.detach().float().norm() + 1e-8)
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        hidden, positional = _split_hidden(args, kwargs)
+        return _replace_hidden(args, kwargs, project_out(hidden, unit), positional)
+
+    def output_hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (project_out(output[0], unit), *output[1:])
+        return project_out(output, unit)
+
+    with ExitStack() as stack:
+        for block in decoder_layers(model):
+            handles = [
+                block.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                _named_child(block, _ATTENTION_NAMES).register_forward_hook(output_hook),
+                _named_child(block, _MLP_NAMES).register_forward_hook(output_hook),
+            ]
+            for handle in handles:
+                stack.callback(handle.remove)
+        yield
+
+
+@contextmanager
+def record_block_inputs(model: nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture every block's input ``[batch, seq, d]`` of the latest forward, keyed by layer."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[index] = _split_hidden(args, kwargs)[0].detach()
+
+        return hook
+
+    with ExitStack() as stack:
+        for index, block in enumerate(decoder_layers(model)):
+            handle = block.register_forward_pre_hook(make_hook(index), with_kwargs=True)
+            stack.callback(handle.remove)
+        yield captured

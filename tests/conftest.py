@@ -1,0 +1,115 @@
+"""Shared fixtures: an in-memory chat tokenizer and tiny random causal LMs, so tests never download.
+
+The tokenizer and models are deliberately small (a few hundred tokens, 2 layers, d_model 32) so a
+forward pass takes milliseconds; they behave like real chat models where it matters: ChatML
+template, a BOS the tokenizer adds on plain encoding, ``<|im_end|>`` as EOS and pad, left padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+BOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_ARCHITECTURES = ("llama", "qwen2", "gemma2")
+
+_SUBJECTS = ["the cat", "a gardener", "my neighbour", "the teacher", "a small robot", "our team"]
+_VERBS = ["writes", "paints", "explains", "cooks", "plans", "repairs", "describes", "finds"]
+_OBJECTS = ["a poem", "the fence", "a recipe for bread", "the weekly schedule", "a bicycle",
+            "a map of the park", "an email to a friend", "the history of tea"]
+_ENDINGS = ["today.", "before lunch.", "with great care!", "quickly?", "for the children.",
+            "in 3 easy steps:", "(again), said Ann; yes."]
+
+
+def _training_text() -> list[str]:
+    """A few hundred harmless synthetic sentences covering letters, digits and punctuation."""
+    return [" ".join(parts) for parts in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _ENDINGS)]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE chat tokenizer (encodes any text). Shared: deepcopy it before mutating."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[BOS, IM_START, IM_END],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_training_text(), trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=IM_END,
+        pad_token=IM_END,
+        additional_special_tokens=[IM_START],
+        padding_side="left",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def make_tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[[str], PreTrainedModel]:
+    """Factory: ``make_tiny_model(arch)`` builds a fresh seeded float32 model in eval mode.
+
+    ``arch`` is a transformers model type; ``TINY_ARCHITECTURES`` are the ones known to work here.
+    """
+
+    def build(arch: str) -> PreTrainedModel:
+        config = AutoConfig.for_model(
+            arch,
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            bos_token_id=tiny_tokenizer.bos_token_id,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    return build
+
+
+@pytest.fixture
+def tiny_model(make_tiny_model: Callable[[str], PreTrainedModel]) -> PreTrainedModel:
+    """The default tiny model: a 2-layer Llama."""
+    return make_tiny_model("llama")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests marked ``integration`` only when selected with ``-m integration``."""
+    if "integration" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="integration test: select with -m integration")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)

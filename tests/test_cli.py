@@ -1,0 +1,108 @@
+"""The command line: help for every option, YAML + flags, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from safesteer.cli import COMMANDS, main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = _run(capsys)
+    assert code == 0
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_is_documented(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for cls in COMMANDS[command][1]:
+        for item in dataclasses.fields(cls):
+            assert f"--{item.name}" in out
+            assert item.metadata.get("help"), f"{cls.__name__}.{item.name} has no help"
+
+
+def test_unknown_command(capsys):
+    code, _, err = _run(capsys, "frobnicate")
+    assert code == 2 and "unknown command" in err
+
+
+def test_unknown_model_is_a_one_line_error(capsys, tmp_path):
+    code, _, err = _run(capsys, "direction", "--model", "no-such-model",
+                        "--output-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert err.startswith("safesteer: error:") and err.count("\n") == 1
+    assert "smollm2-135m" in err
+
+
+def test_existing_artifacts_need_overwrite(capsys, tmp_path):
+    (tmp_path / "direction.json").write_text("{}")
+    code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path))
+    assert code == 2 and "--overwrite" in err
+
+
+def test_yaml_config_unknown_key_and_bad_yaml(capsys, tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("n_train: 4\nnot_an_option: 1\n")
+    code, _, err = _run(capsys, "direction", "--config", str(bad_key), "--output-dir", str(tmp_path))
+    assert code == 2 and "not_an_option" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("n_train: [1,\n")
+    code, _, err = _run(capsys, "direction", "--config", str(broken), "--output-dir", str(tmp_path))
+    assert code == 2 and "broken.yaml" in err and "line" in err
+
+
+def test_invalid_option_value_is_a_one_line_error(capsys, tmp_path):
+    code, _, err = _run(capsys, "direction", "--method", "response", "--target-refusal", "2",
+                        "--output-dir", str(tmp_path))
+    assert code == 2 and "--target-refusal" in err
+
+
+@pytest.fixture
+def saved_tiny_model(tiny_model, tiny_tokenizer, tmp_path):
+    path = tmp_path / "tiny-model"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_direction_then_chat_on_a_local_model(capsys, tmp_path, saved_tiny_model):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "Tell me about item {i}."}}\n' for i in range(6)))
+    config = tmp_path / "direction.yaml"
+    config.write_text(
+        f"harmful_train: {prompts}\nharmless_train: {prompts}\nharmful_val: {prompts}\n"
+        f"harmless_val: {prompts}\nn_train: 4\nn_val: 2\nresponse_n_train: 2\nresponse_n_val: 2\n"
+        "max_new_tokens: 2\nresponse_betas: [0.5]\nmethod: response\n")
+    run = tmp_path / "run"
+    code, out, err = _run(capsys, "direction", "--config", str(config), "--model", str(saved_tiny_model),
+                          "--dtype", "float32", "--output-dir", str(run))
+    assert code == 0, err
+    assert "layer:" in out and (run / "direction.safetensors").is_file()
+    code, out, err = _run(capsys, "chat", "--model", str(saved_tiny_model), "--dtype", "float32",
+                          "--run-dir", str(run), "--prompt", "Hello there", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert ">>> Hello there" in out and "base    |" in out and "teacher |" in out
+
+
+def test_chat_needs_a_prompt(capsys, tmp_path):
+    code, _, err = _run(capsys, "chat", "--run-dir", str(tmp_path))
+    assert code == 2 and "--prompt" in err
+
+
+def test_failed_run_leaves_no_output_directory(capsys, tmp_path):
+    run = tmp_path / "run"
+    code, _, _ = _run(capsys, "direction", "--model", "no-such-model", "--output-dir", str(run))
+    assert code == 2 and not run.exists()

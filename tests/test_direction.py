@@ -1,0 +1,214 @@
+"""Stage 1 numerics against naive references, selection on synthetic scores, artifacts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from safesteer.config import DataArguments
+from safesteer.direction import (
+    Direction,
+    DirectionConfig,
+    PromptCandidate,
+    ResponseCandidate,
+    default_response_layers,
+    difference_of_means,
+    filter_by_refusal,
+    find_direction,
+    kl_divergence,
+    mean_post_instruction_activations,
+    mean_response_activations,
+    post_instruction_length,
+    prompt_candidate_status,
+    refusal_score,
+    refusal_token_ids,
+    select_prompt_candidate,
+    select_response_candidate,
+)
+from safesteer.errors import SafesteerError
+from safesteer.models import encode_rendered, render_prompts
+from safesteer.steering import record_block_inputs
+
+HARMFUL = [f"Explain how to break rule number {i} of the club." for i in range(6)]
+HARMLESS = [f"Write a short poem about the number {i}." for i in range(6)]
+
+
+def test_difference_of_means_matches_a_loop():
+    first, second = torch.randn(7, 3, 4), torch.randn(5, 3, 4)
+    naive = (sum(first[i].double() for i in range(7)) / 7
+             - sum(second[i].double() for i in range(5)) / 5)
+    torch.testing.assert_close(difference_of_means(first, second), naive)
+
+
+def test_refusal_score_formula():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 0.0, 0.0, 0.0]])
+    probs = torch.softmax(logits.double(), -1)
+    for row in range(2):
+        p_ref = probs[row, 1] + probs[row, 3]
+        expected = math.log(p_ref + 1e-8) - math.log(1 - p_ref + 1e-8)
+        assert refusal_score(logits, [1, 3])[row].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_kl_divergence_formula():
+    base, other = torch.randn(3, 6), torch.randn(3, 6)
+    p, q = torch.softmax(base.double(), -1), torch.softmax(other.double(), -1)
+    expected = [sum(p[r, v] * (math.log(p[r, v] + 1e-6) - math.log(q[r, v] + 1e-6))
+                    for v in range(6)) for r in range(3)]
+    torch.testing.assert_close(kl_divergence(base, other), torch.tensor(expected, dtype=torch.float64))
+    assert kl_divergence(base, base).abs().max() < 1e-12
+
+
+def test_candidate_filters_on_synthetic_scores():
+    def status(layer, induce=None, kl=None, bypass=None):
+        return prompt_candidate_status(PromptCandidate(-1, layer, induce, kl, bypass), 10, 0.1, 0.2)
+
+    assert status(8, 1.0, 0.0, -1.0) == "pruned-layer"  # floor(0.8 * 10) = 8
+    assert status(7, 1.0, 0.0, -1.0) == "ok"
+    assert status(3, -0.1) == "induce<0"
+    assert status(3, 0.0, 0.2, 0.0) == "kl>threshold"
+    assert status(3, 0.0, 0.1, 0.0) == "ok"
+    assert status(3, float("nan"), 0.0, 0.0) == "nan"
+    assert status(3, 0.5) == "pending"
+
+
+def test_selection_takes_lowest_bypass_with_deterministic_ties():
+    candidates = [PromptCandidate(-1, 5, 1.0, 0.0, -2.0, "ok"),
+                  PromptCandidate(-2, 3, 1.0, 0.0, -2.0, "ok"),
+                  PromptCandidate(-1, 4, 1.0, 0.0, -1.0, "ok"),
+                  PromptCandidate(-1, 1, 1.0, 0.0, -9.0, "induce<0")]
+    chosen = select_prompt_candidate(candidates)
+    assert (chosen.layer, chosen.position) == (3, -2)
+    assert select_prompt_candidate([PromptCandidate(-1, 1, status="induce<0")]) is None
+
+
+def test_response_selection_prefers_fewest_benign_refusals_above_target():
+    candidates = [ResponseCandidate(10, 0.2, 1.0, 1.00, 0.50),
+                  ResponseCandidate(12, 0.3, 1.0, 0.95, 0.40),
+                  ResponseCandidate(14, 0.1, 1.0, 0.50, 0.00)]
+    assert select_response_candidate(candidates, 0.9).layer == 12
+    assert select_response_candidate(candidates, 1.0).layer == 10
+    # Nobody reaches the target: widest margin wins (0.95 - 0.40 = 0.55 > 0.50 = 1.00 - 0.50).
+    below = [ResponseCandidate(10, 0.2, 1.0, 0.6, 0.3), ResponseCandidate(12, 0.2, 1.0, 0.5, 0.0)]
+    assert select_response_candidate(below, 0.9).layer == 12
+    with pytest.raises(SafesteerError):
+        select_response_candidate([], 0.9)
+
+
+def test_filter_by_refusal_keeps_matching_prompts_or_all_when_too_few():
+    prompts = ["a", "b", "c", "d"]
+    scores = torch.tensor([1.0, -1.0, 2.0, -3.0])
+    assert filter_by_refusal(prompts, scores, True, minimum=2) == (["a", "c"], True)
+    assert filter_by_refusal(prompts, scores, False, minimum=2) == (["b", "d"], True)
+    assert filter_by_refusal(prompts, scores, True, minimum=3) == (prompts, False)
+
+
+def test_default_response_layers_cover_the_middle():
+    assert default_response_layers(30, 2) == [6, 8, 10, 12, 14, 16, 18, 20, 22]
+    assert default_response_layers(2, 2) == [0]
+
+
+def test_refusal_tokens_and_positions_come_from_the_tokenizer(tiny_tokenizer):
+    ids = refusal_token_ids(tiny_tokenizer)
+    assert ids == sorted(set(ids))
+    assert tiny_tokenizer.encode("I", add_special_tokens=False)[0] in ids
+    suffix = "<|im_end|>\n<|im_start|>assistant\n"
+    expected = len(tiny_tokenizer.encode(suffix, add_special_tokens=False))
+    assert post_instruction_length(tiny_tokenizer) == expected
+
+
+def _naive_block_inputs(model, tokenizer, text):
+    encoded = encode_rendered(tokenizer, [text], torch.device("cpu"))
+    with torch.no_grad(), record_block_inputs(model) as captured:
+        model(**encoded)
+    return torch.stack([captured[layer][0] for layer in sorted(captured)]).double()  # [L, seq, d]
+
+
+def test_post_instruction_means_match_unbatched_loop(tiny_model, tiny_tokenizer):
+    prompts = [*HARMFUL[:3], "Short?"]
+    batched = mean_post_instruction_activations(tiny_model, tiny_tokenizer, prompts, 3, batch_size=4)
+    rendered = render_prompts(tiny_tokenizer, prompts)
+    naive = sum(_naive_block_inputs(tiny_model, tiny_tokenizer, text)[:, -3:].transpose(0, 1)
+                for text in rendered) / len(prompts)
+    torch.testing.assert_close(batched, naive, atol=1e-4, rtol=1e-4)
+
+
+def test_response_means_match_unbatched_loop(tiny_model, tiny_tokenizer):
+    prompts, responses = HARMFUL[:3], ["No thanks.", "I will not do that at all, sorry.", "Fine."]
+    means, norms = mean_response_activations(tiny_model, tiny_tokenizer, prompts, responses, batch_size=3)
+    rendered = render_prompts(tiny_tokenizer, prompts)
+    naive_means, naive_norms = 0, 0
+    for text, response in zip(rendered, responses, strict=True):
+        count = len(tiny_tokenizer.encode(response, add_special_tokens=False))
+        acts = _naive_block_inputs(tiny_model, tiny_tokenizer, text + response)[:, -count:]
+        naive_means = naive_means + acts.mean(1) / 3
+        naive_norms = naive_norms + acts.norm(dim=-1).mean(1) / 3
+    torch.testing.assert_close(means, naive_means, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(norms, naive_norms, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def prompt_files(tmp_path):
+    paths = {}
+    for name, prompts in {"harmful": HARMFUL, "harmless": HARMLESS}.items():
+        paths[name] = tmp_path / f"{name}.txt"
+        paths[name].write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    return paths
+
+
+def _config(prompt_files, **overrides):
+    files = {"harmful_train": str(prompt_files["harmful"]), "harmless_train": str(prompt_files["harmless"]),
+             "harmful_val": str(prompt_files["harmful"]), "harmless_val": str(prompt_files["harmless"])}
+    sizes = {"n_train": 6, "n_val": 4, "batch_size": 4, "response_n_train": 4, "response_n_val": 2,
+             "max_new_tokens": 3, "response_betas": [0.5]}
+    return DirectionConfig(**{**files, **sizes, **overrides})
+
+
+@pytest.mark.parametrize("method", ["auto", "response"])
+def test_find_direction_end_to_end_and_reproducible(tiny_model, tiny_tokenizer, prompt_files, tmp_path,
+                                                    method):
+    config = _config(prompt_files, method=method)
+    first = find_direction(tiny_model, tiny_tokenizer, config, DataArguments(), "tiny")
+    second = find_direction(tiny_model, tiny_tokenizer, config, DataArguments(), "tiny")
+    first.save(tmp_path / "a")
+    second.save(tmp_path / "b")
+    for name in ("direction.safetensors", "direction.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    loaded = Direction.load(tmp_path / "a")
+    torch.testing.assert_close(loaded.vector, first.vector)
+    assert loaded.layer == first.layer and loaded.coefficient == pytest.approx(first.coefficient)
+    meta = loaded.metadata
+    assert meta["method"] in ("prompt", "response") and meta["selection_reason"]
+    assert meta["hidden_size"] == tiny_model.config.hidden_size
+    assert set(meta["data"]) == {"harmful_train", "harmless_train", "harmful_val", "harmless_val"}
+    if method == "auto":
+        assert len(meta["reports"]["prompt"]["candidates"]) == (
+            meta["reports"]["prompt"]["post_instruction_positions"] * tiny_model.config.num_hidden_layers)
+
+
+def test_prompt_method_fails_clearly_when_nothing_survives(tiny_model, tiny_tokenizer, prompt_files):
+    config = _config(prompt_files, method="prompt", prune_layer_fraction=0.99)
+    with pytest.raises(SafesteerError, match="--method response"):
+        find_direction(tiny_model, tiny_tokenizer, config, DataArguments(), "tiny")
+
+
+def test_direction_for_another_model_is_rejected(tiny_model, make_tiny_model, tmp_path):
+    width = tiny_model.config.hidden_size
+    Direction(torch.ones(width + 8), 0, 1.0, {"num_layers": 2, "model": "other"}).save(tmp_path)
+    with pytest.raises(SafesteerError, match="hidden size"):
+        Direction.load(tmp_path).check_compatible(tiny_model)
+    with pytest.raises(SafesteerError, match="does not exist"):
+        Direction.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SafesteerError, match="no direction"):
+        Direction.load(tmp_path / "empty")
+
+
+def test_config_validation():
+    with pytest.raises(SafesteerError, match="--method"):
+        DirectionConfig(method="magic")
+    with pytest.raises(SafesteerError, match="--n-train"):
+        DirectionConfig(n_train=0)
+    with pytest.raises(SafesteerError, match="--response-betas"):
+        DirectionConfig(response_betas=[0.0])

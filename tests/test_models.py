@@ -1,0 +1,301 @@
+"""safesteer.models on tiny random models; the embedded default only under ``-m integration``."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub.constants
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from safesteer.config import ModelArguments
+from safesteer.errors import SafesteerError
+from safesteer.models import (
+    EMBEDDED_MODELS,
+    decoder_layers,
+    encode_rendered,
+    generate_responses,
+    hidden_size,
+    list_embedded_models,
+    load_model,
+    model_device,
+    model_id,
+    num_layers,
+    render_prompts,
+    resolve_device,
+    resolve_dtype,
+)
+from safesteer.wheels import cache_dir
+
+TINY_LAYERS = 3
+_DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": TINY_LAYERS,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+            "max_position_embeddings": 64, "pad_token_id": 0}
+# model type -> (config kwargs, dotted path of the decoder blocks)
+ARCHITECTURES: dict[str, tuple[dict[str, Any], str]] = {
+    "llama": (_DECODER, "model.layers"),
+    "mistral": (_DECODER, "model.layers"),
+    "qwen2": (_DECODER, "model.layers"),
+    "qwen3": ({**_DECODER, "head_dim": 8}, "model.layers"),
+    "gemma2": ({**_DECODER, "head_dim": 8}, "model.layers"),
+    "gemma3_text": ({**_DECODER, "head_dim": 8}, "model.layers"),
+    "phi3": (_DECODER, "model.layers"),
+    "gpt2": ({"n_embd": 32, "n_layer": TINY_LAYERS, "n_head": 4, "n_positions": 64,
+              "vocab_size": 128}, "transformer.h"),
+    "gpt_neox": ({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": TINY_LAYERS,
+                  "num_attention_heads": 4, "vocab_size": 128}, "gpt_neox.layers"),
+    # Multimodal: nested text_config, and a vision tower exactly as deep as the text decoder.
+    "gemma3": ({"text_config": {**_DECODER, "head_dim": 8},
+                "vision_config": {"hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": TINY_LAYERS, "num_attention_heads": 4,
+                                  "image_size": 28, "patch_size": 14},
+                "mm_tokens_per_image": 4}, "model.language_model.layers"),
+}
+PROMPTS = ["Write a poem about tea.", "Hi", "Describe the park map in three easy steps, please.",
+           "Plan a bicycle repair for the children before lunch today.", "Cook bread"]
+
+
+def build_architecture(model_type: str) -> PreTrainedModel:
+    kwargs, _ = ARCHITECTURES[model_type]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **copy.deepcopy(kwargs))
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point safesteer's cache at a temporary directory so unit tests never touch the real one."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SAFESTEER_CACHE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_decoder_layers_resolves_for_each_architecture(model_type: str) -> None:
+    model = build_architecture(model_type)
+    expected = model.get_submodule(ARCHITECTURES[model_type][1])
+    assert decoder_layers(model) is expected
+    assert num_layers(model) == TINY_LAYERS
+    assert hidden_size(model) == 32
+
+
+def test_decoder_layers_through_peft(tiny_model: PreTrainedModel) -> None:
+    expected = tiny_model.model.layers
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert decoder_layers(peft_model) is expected
+    assert num_layers(peft_model) == 2
+    assert hidden_size(peft_model) == 32
+    assert model_device(peft_model) == torch.device("cpu")
+
+
+def test_decoder_layers_missing_names_the_model_class(tiny_model: PreTrainedModel) -> None:
+    tiny_model.config.num_hidden_layers = 7
+    with pytest.raises(SafesteerError, match="LlamaForCausalLM"):
+        decoder_layers(tiny_model)
+
+
+def test_render_prompts_uses_chat_template(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert render_prompts(tiny_tokenizer, ["Hi"]) == [
+        "<|endoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ]
+    with_system = render_prompts(tiny_tokenizer, ["Hi", "Yo"], system_prompt="Be brief.")
+    assert len(with_system) == 2
+    assert with_system[1].startswith("<|endoftext|><|im_start|>system\nBe brief.<|im_end|>\n")
+    assert with_system[1].endswith("<|im_start|>user\nYo<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_render_prompts_without_template_says_how_to_fix(
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    with pytest.raises(SafesteerError, match="--chat-template PATH"):
+        render_prompts(tokenizer, ["Hi"])
+
+
+def test_encode_rendered_left_pads_without_second_bos(
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    rendered = render_prompts(tiny_tokenizer, ["Hi", "A much longer prompt about the park"])
+    batch = encode_rendered(tiny_tokenizer, rendered, "cpu")
+    short_mask = batch["attention_mask"][0]
+    assert short_mask[0] == 0 and short_mask[-1] == 1
+    assert bool(batch["attention_mask"][1].all())
+    bos = tiny_tokenizer.bos_token_id
+    for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+        real = ids[mask.bool()]
+        assert real[0] == bos and int((real == bos).sum()) == 1
+    # The hazard being avoided: plain encoding adds the tokenizer's BOS in front of the template's.
+    assert tiny_tokenizer(rendered[0])["input_ids"][:2] == [bos, bos]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_generate_responses_greedy_is_deterministic_and_keeps_order(
+    arch: str,
+    make_tiny_model: Callable[[str], PreTrainedModel],
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    model = make_tiny_model(arch)
+    responses = generate_responses(model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert len(responses) == len(PROMPTS)
+    assert len(set(responses)) > 1, "prompts should lead to different continuations"
+    assert generate_responses(
+        model, tiny_tokenizer, PROMPTS, max_new_tokens=6, batch_size=2
+    ) == responses
+    reversed_responses = generate_responses(
+        model, tiny_tokenizer, PROMPTS[::-1], max_new_tokens=6, batch_size=2
+    )
+    assert reversed_responses == responses[::-1]
+    one_by_one = [
+        generate_responses(model, tiny_tokenizer, [prompt], max_new_tokens=6)[0]
+        for prompt in PROMPTS
+    ]
+    assert one_by_one == responses, "left padding must not change greedy answers"
+
+
+def test_generate_responses_sampling_is_seeded_and_leaves_global_rng(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    rng_before = torch.get_rng_state()
+
+    def sample(seed: int) -> list[str]:
+        return generate_responses(
+            tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=8, do_sample=True,
+            temperature=1.5, top_p=0.95, seed=seed, desc="sampling",
+        )
+
+    first = sample(1)
+    assert sample(1) == first
+    assert sample(2) != first
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_generate_responses_runs_caller_hooks(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    plain = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=6)
+    calls = []
+    push = torch.randn(hidden_size(tiny_model), generator=torch.Generator().manual_seed(3)) * 50
+
+    def steer(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        calls.append(1)
+        if args:
+            return (args[0] + push, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + push}
+
+    handle = decoder_layers(tiny_model)[1].register_forward_pre_hook(steer, with_kwargs=True)
+    try:
+        steered = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert calls
+    assert steered != plain
+
+
+def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.usefixtures("isolated_cache")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_model_from_directory(
+    dtype: str,
+    tmp_path: Path,
+    tiny_model: PreTrainedModel,
+    tiny_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    directory = save_tiny(tiny_model, tiny_tokenizer, tmp_path / "tiny")
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}>", "utf-8")
+    args = ModelArguments(model=str(directory), dtype=dtype, device="cpu",
+                          chat_template=str(template))
+    model, tokenizer = load_model(args)
+    assert model.dtype == getattr(torch, dtype)
+    assert not model.training
+    assert model_device(model) == torch.device("cpu")
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token == "<|im_end|>"
+    assert render_prompts(tokenizer, ["Hi"]) == ["[Hi]>"]
+    assert model_id(args) == str(directory.resolve()) == model.name_or_path
+    if dtype == "float32":
+        inputs = encode_rendered(tokenizer, render_prompts(tiny_tokenizer, ["Hi"]), "cpu")
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, tiny_model(**inputs).logits)
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_load_model_uses_eos_as_missing_pad(
+    tmp_path: Path, tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    directory = save_tiny(tiny_model, tokenizer, tmp_path / "tiny")
+    _, loaded = load_model(ModelArguments(model=str(directory), dtype="float32", device="cpu"))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+
+
+def test_load_model_rejects_missing_chat_template_file(
+    tmp_path: Path, tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    directory = save_tiny(tiny_model, tiny_tokenizer, tmp_path / "tiny")
+    args = ModelArguments(model=str(directory), device="cpu", chat_template="missing.jinja")
+    with pytest.raises(SafesteerError, match=r"missing\.jinja"):
+        load_model(args)
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_unknown_model_lists_embedded_names() -> None:
+    assert list_embedded_models() == sorted(EMBEDDED_MODELS) and "smollm2-135m" in EMBEDDED_MODELS
+    with pytest.raises(SafesteerError, match=r"unknown model 'foo'.*smollm2-135m"):
+        load_model(ModelArguments(model="foo"))
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_hub_id_without_network_explains_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SafesteerError, match=r"could not fetch.*no network.*smollm2-135m"):
+        load_model(ModelArguments(model="no-such-org/no-such-model", device="cpu"))
+
+
+def test_non_model_file_is_rejected(tmp_path: Path) -> None:
+    stray = tmp_path / "weights.bin"
+    stray.write_bytes(b"")
+    with pytest.raises(SafesteerError, match=r"expected a model directory or a \.gguf file"):
+        load_model(ModelArguments(model=str(stray)))
+
+
+def test_device_and_dtype_resolution() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert resolve_device("auto") == cpu
+
+
+@pytest.mark.integration
+def test_embedded_default_model_loads_and_reloads_from_cache() -> None:
+    args = ModelArguments(model="smollm2-135m", dtype="float32", device="cpu")
+    for _ in range(2):  # the first load may convert the GGUF; the second reads the cached copy
+        model, tokenizer = load_model(args)
+        assert (cache_dir() / "models" / "smollm2-135m" / "model.safetensors").is_file()
+        assert len(decoder_layers(model)) == num_layers(model) == 30
+        assert hidden_size(model) == 576
+        assert model.config.vocab_size == len(tokenizer) == 49152
+        assert model.dtype == torch.float32 and model.name_or_path == "smollm2-135m"
+        rendered = render_prompts(tokenizer, ["What is the capital of France?"])
+        assert "<|im_start|>system" in rendered[0], "SmolLM2's template adds a default system turn"
+        inputs = encode_rendered(tokenizer, rendered, model_device(model))
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all()
+    answer = generate_responses(model, tokenizer, ["What is the capital of France?"],
+                                max_new_tokens=12)
+    assert "Paris" in answer[0]
