@@ -103,13 +103,3 @@ def make_tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[[str], 
 def tiny_model(make_tiny_model: Callable[[str], PreTrainedModel]) -> PreTrainedModel:
     """The default tiny model: a 2-layer Llama."""
     return make_tiny_model("llama")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run tests marked ``integration`` only when selected with ``-m integration``."""
-    if "integration" in (config.option.markexpr or ""):
-        return
-    skip = pytest.mark.skip(reason="integration test: select with -m integration")
-    for item in items:
-        if "integration" in item.keywords:
-            item.add_marker(skip)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from safesteer.config import ModelArguments
 from safesteer.errors import SafesteerError
 from safesteer.models import (
     EMBEDDED_MODELS,
+    _remove_stale_conversions,
     decoder_layers,
     encode_rendered,
     generate_responses,
@@ -176,6 +178,12 @@ def test_generate_responses_sampling_is_seeded_and_leaves_global_rng(
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
+def test_generate_responses_of_no_prompts_is_empty(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    assert generate_responses(tiny_model, tiny_tokenizer, [], max_new_tokens=4) == []
+
+
 def test_generate_responses_runs_caller_hooks(
     tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
@@ -242,11 +250,8 @@ def test_load_model_uses_eos_as_missing_pad(
     assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
 
 
-def test_load_model_rejects_missing_chat_template_file(
-    tmp_path: Path, tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
-) -> None:
-    directory = save_tiny(tiny_model, tiny_tokenizer, tmp_path / "tiny")
-    args = ModelArguments(model=str(directory), device="cpu", chat_template="missing.jinja")
+def test_load_model_rejects_missing_chat_template_before_loading(tmp_path: Path) -> None:
+    args = ModelArguments(model=str(tmp_path), device="cpu", chat_template="missing.jinja")
     with pytest.raises(SafesteerError, match=r"missing\.jinja"):
         load_model(args)
 
@@ -265,11 +270,34 @@ def test_hub_id_without_network_explains_alternatives(monkeypatch: pytest.Monkey
         load_model(ModelArguments(model="no-such-org/no-such-model", device="cpu"))
 
 
-def test_non_model_file_is_rejected(tmp_path: Path) -> None:
+def test_model_id_is_stable_across_sources(tmp_path: Path) -> None:
+    assert model_id(ModelArguments(model="smollm2-135m")) == "smollm2-135m"
+    assert model_id(ModelArguments(model="org/name")) == "org/name"
+    assert model_id(ModelArguments(model=str(tmp_path / "." / ""))) == str(tmp_path.resolve())
+
+
+def test_stale_conversion_staging_is_removed(tmp_path: Path) -> None:
+    target = tmp_path / "models" / "smollm2-135m"
+    stale = tmp_path / "models" / ".smollm2-135m.abc.partial"
+    fresh = tmp_path / "models" / ".smollm2-135m.def.partial"
+    for staging in (stale, fresh):
+        staging.mkdir(parents=True)
+    os.utime(stale, (0, 0))
+    _remove_stale_conversions(target)
+    assert not stale.exists() and fresh.exists()
+
+
+def test_bad_local_paths_are_rejected(tmp_path: Path) -> None:
     stray = tmp_path / "weights.bin"
     stray.write_bytes(b"")
     with pytest.raises(SafesteerError, match=r"expected a model directory or a \.gguf file"):
         load_model(ModelArguments(model=str(stray)))
+    with pytest.raises(SafesteerError, match="no such file or directory"):
+        load_model(ModelArguments(model=str(tmp_path / "missing.gguf")))
+    not_gguf = tmp_path / "broken.gguf"
+    not_gguf.write_bytes(b"not a gguf")
+    with pytest.raises(SafesteerError, match="could not load the GGUF file"):
+        load_model(ModelArguments(model=str(not_gguf), device="cpu"))
 
 
 def test_device_and_dtype_resolution() -> None:

@@ -6,6 +6,7 @@ prompts go through the tokenizer's own chat template, and nothing switches on a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import jinja2
 import torch
@@ -74,7 +76,7 @@ def list_embedded_models() -> list[str]:
 class _Source:
     """Where ``--model`` points: an embedded name, a local directory or .gguf file, or a hub id."""
 
-    kind: str
+    kind: Literal["embedded", "directory", "gguf", "hub"]
     location: str
 
 
@@ -94,6 +96,8 @@ def _resolve_source(model: str) -> _Source:
         raise SafesteerError(f"--model {model}: expected a model directory or a .gguf file")
     if _HUB_ID.match(model):
         return _Source("hub", model)
+    if "/" in model or os.sep in model or path.suffix == ".gguf":
+        raise SafesteerError(f"--model {model}: no such file or directory")
     raise SafesteerError(
         f"unknown model {model!r}: not an embedded model ({_embedded_names()}), an existing local "
         "directory or .gguf file, or a Hugging Face hub id (namespace/name)"
@@ -136,6 +140,7 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
     loads read that directory. ``model.name_or_path`` is set to ``model_id(args)``.
     """
     source = _resolve_source(args.model)
+    chat_template = _read_chat_template(args.chat_template)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if source.kind == "gguf":
@@ -148,7 +153,7 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
         model, tokenizer = _load_pretrained(location, source, dtype, device, args.trust_remote_code)
     model.eval()
     model.name_or_path = model.config.name_or_path = source.location
-    _prepare_tokenizer(tokenizer, args.chat_template)
+    _prepare_tokenizer(tokenizer, chat_template)
     return model, tokenizer
 
 
@@ -168,9 +173,9 @@ def _load_pretrained(
         if source.kind != "hub":
             raise SafesteerError(f"could not load a model from {location}: {error}") from error
         raise SafesteerError(
-            f"could not fetch {location!r} from the Hugging Face hub (no network, or no such "
-            f"repository?). Pass a local model directory or .gguf file with --model PATH, or an "
-            f"embedded model name ({_embedded_names()})"
+            f"could not fetch {location!r} from the Hugging Face hub (no network, no access, or "
+            "no such repository?). Pass a local model directory or .gguf file with --model PATH, "
+            f"or an embedded model name ({_embedded_names()})"
         ) from error
     return model, tokenizer
 
@@ -184,8 +189,13 @@ def _load_gguf(
     moved into a model built from the same config, which saves, merges and trains like any other.
     """
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        raise SafesteerError(f"could not load the GGUF file {path}: {error}") from error
     config = copy.deepcopy(gguf_model.config)
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(
@@ -231,8 +241,19 @@ def _remove_stale_conversions(target: Path) -> None:
     """Delete staging directories left by conversions that were killed (older than an hour)."""
     cutoff = time.time() - _STALE_CONVERSION_S
     for staging in target.parent.glob(f".{target.name}.*.partial"):
-        if staging.stat().st_mtime < cutoff:
-            shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # a concurrent conversion just finished
+            if staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_chat_template(chat_template: str | None) -> str | None:
+    """The Jinja text of ``--chat-template``, read before loading so a typo fails fast."""
+    if chat_template is None:
+        return None
+    path = Path(chat_template).expanduser()
+    if not path.is_file():
+        raise SafesteerError(f"--chat-template {chat_template}: no such file")
+    return path.read_text(encoding="utf-8")
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> None:
@@ -242,10 +263,7 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | 
             raise SafesteerError("the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
-        path = Path(chat_template).expanduser()
-        if not path.is_file():
-            raise SafesteerError(f"--chat-template {chat_template}: no such file")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        tokenizer.chat_template = chat_template
 
 
 def _text_config(model: nn.Module) -> PretrainedConfig:
@@ -377,10 +395,12 @@ def generate_responses(
     """Answer each prompt (greedy by default); returns decoded responses in the input order.
 
     Prompts are batched longest first to waste little padding and to hit any out-of-memory error on
-    the first batch. Sampling draws from the full distribution shaped only by ``temperature`` and
-    ``top_p`` (the model's own top-k default is switched off) and, with ``seed``, is reproducible.
+    the first batch. Sampling is shaped by ``temperature`` and ``top_p``; top-k, which transformers
+    and many generation configs turn on by default, is off. With ``seed`` it is reproducible.
     Forward hooks the caller registered on the model stay active throughout.
     """
+    if not prompts:
+        return []
     rendered = render_prompts(tokenizer, prompts, system_prompt)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda index: -lengths[index])

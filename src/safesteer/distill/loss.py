@@ -39,14 +39,12 @@ def _seq_chunks(seq_len: int, chunk_size: int | None) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, seq_len, chunk_size)]
 
 
-def _log_softmax_at(
-    logits: Tensor, index: Tensor, chunk_size: int | None
-) -> tuple[Tensor, Tensor]:
+def _log_softmax_at(logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
     """Full-vocabulary log-softmax of ``logits`` [batch, seq, vocab], read only at ``index``.
 
     The logsumexp over the vocabulary runs in at least float32, ``chunk_size`` positions at a time,
-    so no [batch, seq, vocab] float32 copy exists (pitfall 7). Returns the log-probabilities
-    [batch, seq, K] and the logsumexp [batch, seq], both in the compute dtype.
+    so no [batch, seq, vocab] float32 copy exists (pitfall 7). Returns [batch, seq, K] in the
+    compute dtype.
     """
     dtype = _compute_dtype(logits.dtype)
     logsumexp = torch.cat(
@@ -56,33 +54,31 @@ def _log_softmax_at(
         ],
         dim=1,
     )
-    return logits.gather(-1, index).to(dtype) - logsumexp.unsqueeze(-1), logsumexp
+    return logits.gather(-1, index).to(dtype) - logsumexp.unsqueeze(-1)
 
 
 class _GatheredLogSoftmax(torch.autograd.Function):
     """``_log_softmax_at`` for the student, with a chunked backward that recomputes the softmax.
 
     Plain autograd would save a float32 copy of bf16 logits and build several full-size
-    temporaries in backward; this saves only the logsumexp and allocates only the gradient.
+    temporaries in backward; this saves nothing new and allocates only the gradient.
     For output gradient g [batch, seq, K]: ∂/∂z_u = Σ_k g_k·1[u = index_k] − p(u)·Σ_k g_k.
     """
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
-        logprobs, logsumexp = _log_softmax_at(logits, index, chunk_size)
-        ctx.save_for_backward(logits, index, logsumexp)
+        ctx.save_for_backward(logits, index)
         ctx.chunk_size = chunk_size
-        return logprobs
+        return _log_softmax_at(logits, index, chunk_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_logprobs: Tensor) -> tuple[Tensor, None, None]:
-        logits, index, logsumexp = ctx.saved_tensors
+        logits, index = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         for chunk in _seq_chunks(logits.shape[1], ctx.chunk_size):
             grad = grad_logprobs[:, chunk]
-            probs = logits[:, chunk].to(logsumexp.dtype) - logsumexp[:, chunk, None]
-            probs.exp_()
+            probs = torch.softmax(logits[:, chunk], dim=-1, dtype=grad.dtype)
             probs.mul_(-grad.sum(-1, keepdim=True)).scatter_add_(-1, index[:, chunk], grad)
             grad_logits[:, chunk] = probs
         return grad_logits, None, None
@@ -196,7 +192,7 @@ def divergence(
         index = teacher_logits.topk(top_k, dim=-1).indices
 
     student = _GatheredLogSoftmax.apply(student_logits, index, chunk_size)
-    teacher, _ = _log_softmax_at(teacher_logits, index, chunk_size)
+    teacher = _log_softmax_at(teacher_logits, index, chunk_size)
     if renormalize:
         student = student - student.logsumexp(-1, keepdim=True)
         teacher = teacher - teacher.logsumexp(-1, keepdim=True)
