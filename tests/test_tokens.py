@@ -211,3 +211,14 @@ def test_end_of_turn_mask_invalidates_the_rest_of_the_row():
         [True, True, False, False],
     ]
     assert end_of_turn_valid_mask(argmax, end_ids=[]).all()
+
+
+def test_accumulator_rejects_mismatched_inputs():
+    accumulator = VoteAccumulator(VOCAB)
+    slice_ = torch.zeros(3, VOCAB)
+    with pytest.raises(ValueError):
+        accumulator.add(slice_, torch.zeros(3, VOCAB + 1), torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        accumulator.add(slice_, slice_, torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="bool"):
+        VoteAccumulator(VOCAB, banned=torch.zeros(VOCAB, dtype=torch.long))

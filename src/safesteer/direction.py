@@ -295,6 +295,13 @@ def post_instruction_length(tokenizer: Any) -> int:
     return max(1, len(tokenizer.encode(suffix, add_special_tokens=False)))
 
 
+def _forward_last(model: nn.Module, encoded: Any) -> torch.Tensor:
+    """Last-position logits of a left-padded batch, with positions counted from each row's first
+    real token so that models with absolute position embeddings see the same inputs unpadded."""
+    position_ids = (encoded["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return model(**encoded, position_ids=position_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -307,7 +314,7 @@ def last_position_logits(model: nn.Module, tokenizer: Any, prompts: list[str],
     rows = []
     for batch in _batches(render_prompts(tokenizer, prompts), batch_size):
         encoded = encode_rendered(tokenizer, batch, model_device(model))
-        rows.append(model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu())
+        rows.append(_forward_last(model, encoded).float().cpu())
     return torch.cat(rows)
 
 
@@ -321,7 +328,7 @@ def mean_post_instruction_activations(model: nn.Module, tokenizer: Any, prompts:
     for batch in tqdm(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
         encoded = encode_rendered(tokenizer, batch, model_device(model))
         with record_block_inputs(model) as captured:
-            model(**encoded, use_cache=False, logits_to_keep=1)
+            _forward_last(model, encoded)
         stacked = torch.stack([captured[layer][:, -positions:] for layer in sorted(captured)], 2)
         batch_sum = stacked.double().sum(0).cpu()
         total = batch_sum if total is None else total + batch_sum
@@ -349,7 +356,7 @@ def mean_response_activations(model: nn.Module, tokenizer: Any, prompts: list[st
         encoded = encode_rendered(tokenizer, [prompt + response for prompt, response in batch],
                                   model_device(model))
         with record_block_inputs(model) as captured:
-            model(**encoded, use_cache=False, logits_to_keep=1)
+            _forward_last(model, encoded)
         seq = encoded["input_ids"].shape[1]
         mask = torch.zeros(len(batch), seq, dtype=torch.float64)
         for row, length in enumerate(lengths):

@@ -88,8 +88,9 @@ class VoteAccumulator:
     def __init__(self, vocab_size: int, inner_top_k: int = 200, banned: Tensor | None = None):
         if inner_top_k < 0:
             raise ValueError(f"inner_top_k must be >= 0, got {inner_top_k}")
-        if banned is not None and banned.shape != (vocab_size,):
-            raise ValueError(f"banned must be [{vocab_size}], got {tuple(banned.shape)}")
+        if banned is not None and (banned.shape != (vocab_size,) or banned.dtype != torch.bool):
+            raise ValueError(f"banned must be a [{vocab_size}] bool mask, got "
+                             f"{tuple(banned.shape)} {banned.dtype}")
         self.vocab_size = vocab_size
         self.inner_top_k = inner_top_k
         self.banned = banned
@@ -104,17 +105,15 @@ class VoteAccumulator:
 
         ``valid`` [n] bool marks the (row, position) pairs that count (end-of-turn mask).
         """
-        if teacher_logprobs.shape != base_logprobs.shape or teacher_logprobs.shape[1:] != (
-            self.vocab_size,
-        ):
+        shape = teacher_logprobs.shape
+        if base_logprobs.shape != shape or len(shape) != 2 or shape[1] != self.vocab_size:
             raise ValueError(
                 f"teacher_logprobs and base_logprobs must both be [n, {self.vocab_size}], got "
-                f"{tuple(teacher_logprobs.shape)} and {tuple(base_logprobs.shape)}"
+                f"{tuple(shape)} and {tuple(base_logprobs.shape)}"
             )
-        if valid.shape != teacher_logprobs.shape[:1]:
-            raise ValueError(
-                f"valid must be [{teacher_logprobs.shape[0]}], got {tuple(valid.shape)}"
-            )
+        if valid.shape != shape[:1] or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a [{shape[0]}] bool mask, got {tuple(valid.shape)} "
+                             f"{valid.dtype}")
         teacher = teacher_logprobs[valid].float()
         base = base_logprobs[valid].float()
         if teacher.shape[0] == 0:

@@ -128,8 +128,9 @@ def divergence(
             log p(v) − log Σ_{u∈slice} p(u) (off in the paper; not allowed with mode "full",
             where it would be the identity). Without it, p_s and p_t are full-vocabulary
             probabilities and the loss has the p_t/e fixed point described in the module docstring.
-        chunk_size: positions per chunk along seq for the vocabulary-wide work; None = all at
-            once. Results do not depend on it.
+        chunk_size: positions per chunk along seq for the vocabulary-wide work, whose largest
+            temporary is one [batch, chunk_size, vocab] float32 tensor; None = all at once.
+            Results do not depend on it.
 
     Returns:
         [batch, seq] per-token loss in float32 (float64 for float64 logits), possibly negative;

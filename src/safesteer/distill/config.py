@@ -1,0 +1,154 @@
+"""Settings of stage 3 (localized on-policy distillation), one field per ``safesteer distill`` flag.
+
+Each field's ``metadata["help"]`` becomes the flag's ``--help`` text through
+``transformers.HfArgumentParser``; ``__post_init__`` rejects bad values with the flag's name. The
+defaults suit a ~135M-parameter model trained with LoRA on a CPU; the paper's own settings
+(method.md §6–7) are a full fine-tune at learning rate 1e-5 (Qwen) or 1e-6 (Llama), 8 samples per
+prompt and 512 new tokens, with ``--reduction sequence``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from safesteer.errors import SafesteerError
+
+MODES = ("full", "topk", "subset")
+REDUCTIONS = ("token", "sequence")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class DistillConfig:
+    """Hyperparameters of the distillation run: sampling, loss, optimisation, adapter, bookkeeping."""
+
+    # --- optimisation
+    learning_rate: float = field(
+        default=5e-4, metadata={"help": "AdamW peak learning rate (5e-4 suits LoRA; the paper's full "
+                                        "fine-tune uses 1e-5 for Qwen, 1e-6 for Llama)."})
+    num_epochs: int = field(default=1, metadata={"help": "Passes over the training prompts."})
+    warmup_ratio: float = field(
+        default=0.1, metadata={"help": "Share of optimizer steps (rounded up) of linear warmup from 0 "
+                                       "before the cosine decay to 0."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the global gradient norm to this."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW decoupled weight decay, on every trainable parameter."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+
+    # --- on-policy sampling
+    prompts_per_step: int = field(
+        default=4, metadata={"help": "Training prompts per optimizer step (over all processes)."})
+    samples_per_prompt: int = field(
+        default=4, metadata={"help": "Completions the current student samples per prompt (M); a "
+                                     "step trains on prompts-per-step x M completions."})
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "Completions per teacher-forced forward/backward; lower it if "
+                                     "training runs out of memory. Does not change the samples."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "Longer rendered prompts keep their last this-many tokens "
+                                       "(left truncation keeps the assistant header)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per completion, at most."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; both models' logits are also divided by "
+                                       "it in the loss, as in the original code."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1 = off)."})
+
+    # --- loss (method.md §6.2-6.5)
+    mode: str = field(
+        default="subset",
+        metadata={"help": "Vocabulary slice of the divergence: subset = the safety tokens S "
+                          "(SafeSteer), topk = the teacher's top-k tokens at each position, full = "
+                          "the whole vocabulary (plain on-policy distillation).", "choices": MODES})
+    top_k: int = field(default=50, metadata={"help": "K of --mode topk."})
+    alpha: float = field(
+        default=1.0, metadata={"help": "Divergence: 1 reverse KL (paper), 0 forward KL, in between "
+                                       "the generalised JSD."})
+    renormalize: bool = field(
+        default=False, metadata={"help": "Renormalise both models' probabilities over the slice (off "
+                                         "in the paper; needs --mode topk or subset)."})
+    skip: int = field(default=0, metadata={"help": "Leave each completion's first this-many tokens "
+                                                   "out of the loss."})
+    keep: int = field(default=0, metadata={"help": "When > 0, only each completion's first this-many "
+                                                   "tokens enter the loss; must exceed --skip."})
+    reduction: str = field(
+        default="token",
+        metadata={"help": "token: mean over every loss token of the optimizer step, the same whatever "
+                          "the micro-batch split or number of processes; sequence: mean over "
+                          "completions of each completion's token mean, as the paper's code (use to "
+                          "reproduce it).", "choices": REDUCTIONS})
+    loss_chunk_size: int = field(
+        default=128, metadata={"help": "Positions per chunk of the vocabulary-wide loss work; bounds "
+                                       "memory, does not change results."})
+
+    # --- student parameters
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train a LoRA adapter in float32 (the teacher is the same "
+                                        "weights with the adapter off). --no-use-lora: full "
+                                        "fine-tune with a frozen teacher copy (twice the weights)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha/r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Modules to adapt: all-linear (every linear layer but "
+                                                "the output head) or comma-separated module names."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory."})
+
+    # --- bookkeeping
+    save_steps: int = field(
+        default=1, metadata={"help": "Write a resumable checkpoint every this-many optimizer steps "
+                                     "(the last 2 are kept); 0 = none, only the final student."})
+    logging_steps: int = field(
+        default=1, metadata={"help": "Console and tracker logging interval in optimizer steps "
+                                     "(train_log.jsonl gets every step)."})
+    report_to: str = field(
+        default="none", metadata={"help": "Experiment tracker for the step metrics, through "
+                                          "accelerate: none, tensorboard or wandb.",
+                                  "choices": REPORT_TO})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of the prompt order, the adapter initialisation and the "
+                                      "per-step sampling."})
+
+    def __post_init__(self) -> None:
+        for name, choices in (("mode", MODES), ("reduction", REDUCTIONS), ("report_to", REPORT_TO)):
+            if getattr(self, name) not in choices:
+                raise SafesteerError(
+                    f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("num_epochs", "prompts_per_step", "samples_per_prompt", "micro_batch_size",
+                     "max_prompt_length", "max_new_tokens", "top_k", "loss_chunk_size", "lora_r",
+                     "logging_steps"):
+            if getattr(self, name) < 1:
+                raise SafesteerError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "temperature", "max_grad_norm", "adam_epsilon", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise SafesteerError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("skip", "keep", "save_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise SafesteerError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SafesteerError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise SafesteerError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.alpha <= 1:
+            raise SafesteerError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.renormalize and self.mode == "full":
+            raise SafesteerError("--renormalize needs --mode topk or subset; over the full vocabulary "
+                                 "it changes nothing")
+        if 0 < self.keep <= self.skip:
+            raise SafesteerError(f"--keep must exceed --skip when set, got keep={self.keep}, "
+                                 f"skip={self.skip}")
+        if not self.target_modules():
+            raise SafesteerError("--lora-target-modules must name at least one module or be all-linear")
+
+    def target_modules(self) -> str | list[str]:
+        """``lora_target_modules`` as peft wants it: the string "all-linear" or a list of names."""
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
