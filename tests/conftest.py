@@ -8,7 +8,7 @@ template, a BOS the tokenizer adds on plain encoding, ``<|im_end|>`` as EOS and 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -103,3 +103,16 @@ def make_tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[[str], 
 def tiny_model(make_tiny_model: Callable[[str], PreTrainedModel]) -> PreTrainedModel:
     """The default tiny model: a 2-layer Llama."""
     return make_tiny_model("llama")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models run fastest on one thread (intra-op threads only contend); the real model in
+    integration tests keeps every core."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

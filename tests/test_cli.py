@@ -85,7 +85,7 @@ def test_direction_then_chat_on_a_local_model(capsys, tmp_path, saved_tiny_model
     config.write_text(
         f"harmful_train: {prompts}\nharmless_train: {prompts}\nharmful_val: {prompts}\n"
         f"harmless_val: {prompts}\nn_train: 4\nn_val: 2\nresponse_n_train: 2\nresponse_n_val: 2\n"
-        "max_new_tokens: 2\nresponse_betas: [0.5]\nmethod: response\n")
+        "val_max_new_tokens: 2\nresponse_betas: [0.5]\nmethod: response\n")
     run = tmp_path / "run"
     code, out, err = _run(capsys, "direction", "--config", str(config), "--model", str(saved_tiny_model),
                           "--dtype", "float32", "--output-dir", str(run))

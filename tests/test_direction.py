@@ -161,7 +161,7 @@ def _config(prompt_files, **overrides):
     files = {"harmful_train": str(prompt_files["harmful"]), "harmless_train": str(prompt_files["harmless"]),
              "harmful_val": str(prompt_files["harmful"]), "harmless_val": str(prompt_files["harmless"])}
     sizes = {"n_train": 6, "n_val": 4, "batch_size": 4, "response_n_train": 4, "response_n_val": 2,
-             "max_new_tokens": 3, "response_betas": [0.5]}
+             "val_max_new_tokens": 3, "response_betas": [0.5]}
     return DirectionConfig(**{**files, **sizes, **overrides})
 
 

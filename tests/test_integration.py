@@ -19,7 +19,7 @@ def direction_run(tmp_path_factory):
     """The default ``auto`` direction, with smaller prompt sets so it fits CI's budget."""
     output_dir = tmp_path_factory.mktemp("direction")
     code = main(["direction", "--output-dir", str(output_dir), "--n-train", "64", "--n-val", "16",
-                 "--response-n-val", "12", "--max-new-tokens", "16"])
+                 "--response-n-val", "12", "--val-max-new-tokens", "16"])
     assert code == 0
     return output_dir
 

@@ -1,14 +1,30 @@
-"""Safety-token selection (method.md §5) on synthetic log-probabilities with known answers."""
+"""Safety-token selection (method.md §5): the vote maths on synthetic log-probabilities with known
+answers, then the model-facing stage on tiny random models."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 
+from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
+from safesteer.models import render_prompts
 from safesteer.tokens import (
+    SAFETY_TOKENS_FILE,
+    SafetyTokenSet,
+    TokensConfig,
     VoteAccumulator,
+    _sample_next_tokens,
+    answer_logprobs,
     banned_token_mask,
+    end_of_turn_ids,
     end_of_turn_valid_mask,
     mean_contrast_tokens,
+    select_safety_tokens,
     select_top_tokens,
+    special_token_ids,
+    steered_rollouts,
     vote_safety_tokens,
 )
 
@@ -222,3 +238,279 @@ def test_accumulator_rejects_mismatched_inputs():
         accumulator.add(slice_, slice_, torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="bool"):
         VoteAccumulator(VOCAB, banned=torch.zeros(VOCAB, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ the model-facing stage
+
+PROMPTS = ["Write a short poem about the sea.",
+           "Explain how a bicycle works, step by step, for the children of our team."]
+
+
+def small_config(**overrides) -> TokensConfig:
+    """2 prompts x 3 samples = 6 rows in batches of 4 (so one batch mixes prompts and pads)."""
+    settings = {"vote_n_prompts": 2, "vote_samples_per_prompt": 3, "horizon": 4,
+                "vote_batch_size": 4, "num_safety_tokens": 8, "inner_top_k": 5}
+    return TokensConfig(**{**settings, **overrides})
+
+
+def random_direction(model) -> Direction:
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return Direction(vector, 1, 4.0, {"num_layers": model.config.num_hidden_layers})
+
+
+def token_direction(model, token_id: int, coefficient: float = 50.0) -> Direction:
+    """Steering that pushes the residual stream towards one token's unembedding row."""
+    vector = model.get_output_embeddings().weight[token_id].detach().clone()
+    return Direction(vector, 1, coefficient, {"num_layers": model.config.num_hidden_layers})
+
+
+@contextmanager
+def logit_bias(model, token_id: int, bias: float) -> Iterator[None]:
+    """Add ``bias`` to one token's logit in every forward, steered or not."""
+    offset = torch.zeros(model.config.vocab_size)
+    offset[token_id] = bias
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda _module, _args, output: output + offset)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def prompt_lengths(tokenizer, config: TokensConfig) -> list[int]:
+    """Token count of each rollout row's rendered prompt, encoded independently."""
+    encoded = tokenizer(render_prompts(tokenizer, PROMPTS), add_special_tokens=False)["input_ids"]
+    return [len(ids) for ids in encoded for _ in range(config.vote_samples_per_prompt)]
+
+
+def naive_valid_count(base_argmax: torch.Tensor, end_ids: list[int]) -> int:
+    count = 0
+    for row in base_argmax.tolist():
+        for token in row:
+            if token in end_ids:
+                break
+            count += 1
+    return count
+
+
+def test_end_of_turn_and_special_ids_come_from_the_tokenizer(tiny_model, tiny_tokenizer):
+    specials = special_token_ids(tiny_tokenizer)
+    assert specials == sorted(tiny_tokenizer.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    end_ids = end_of_turn_ids(tiny_tokenizer, tiny_model)
+    assert end_ids == sorted(tiny_tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
+
+
+def test_rollouts_have_exactly_h_minus_1_tokens_even_when_eos_is_likely(tiny_model, tiny_tokenizer):
+    config = small_config(horizon=5)
+    end_ids = end_of_turn_ids(tiny_tokenizer, tiny_model)
+    direction = random_direction(tiny_model)
+    with logit_bias(tiny_model, tiny_tokenizer.eos_token_id, 30.0):
+        batches = steered_rollouts(tiny_model, tiny_tokenizer, direction, PROMPTS, config, end_ids)
+        # The base model now ends every turn at once, so no pair is left to vote.
+        with pytest.raises(SafesteerError, match="no valid"):
+            select_safety_tokens(tiny_model, tiny_tokenizer, direction, PROMPTS, config)
+    assert [ids.shape[0] for ids, _ in batches] == [4, 2]
+    lengths = prompt_lengths(tiny_tokenizer, config)
+    prompts_only = steered_rollouts(tiny_model, tiny_tokenizer, direction, PROMPTS,
+                                    small_config(horizon=1), end_ids)
+    assert [mask.sum(1).tolist() for _, mask in prompts_only] == [lengths[:4], lengths[4:]]
+    row = 0
+    for input_ids, attention_mask in batches:
+        rollouts = input_ids[:, -(config.horizon - 1):]
+        assert not torch.isin(rollouts, torch.tensor(end_ids)).any()
+        assert attention_mask[:, -(config.horizon - 1):].all()
+        for real in attention_mask.sum(1).tolist():
+            assert real == lengths[row] + config.horizon - 1
+            row += 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rollouts_follow_the_steered_model_through_cache_and_padding(make_tiny_model,
+                                                                      tiny_tokenizer, arch):
+    """Near-greedy rollouts equal the steered teacher-forced argmax: the cached sampler sees the
+    same model, positions and steering as the scoring (gpt2 has absolute positions)."""
+    model = make_tiny_model(arch)
+    config = small_config(vote_temperature=1e-6, horizon=5)
+    direction = random_direction(model)
+    end_ids = end_of_turn_ids(tiny_tokenizer, model)
+    steered_differs = False
+    for input_ids, attention_mask in steered_rollouts(model, tiny_tokenizer, direction, PROMPTS,
+                                                      config, end_ids):
+        teacher, base = answer_logprobs(model, direction, input_ids, attention_mask,
+                                        config.horizon)
+        ended = torch.zeros(teacher.shape[-1], dtype=torch.bool)
+        ended[end_ids] = True
+        rollouts = input_ids[:, -(config.horizon - 1):]
+        assert torch.equal(teacher[:, :-1].masked_fill(ended, -torch.inf).argmax(-1), rollouts)
+        steered_differs |= not torch.equal(base[:, :-1].masked_fill(ended, -torch.inf).argmax(-1),
+                                           rollouts)
+    assert steered_differs
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_scoring_positions_match_a_naive_per_row_loop(make_tiny_model, tiny_tokenizer, arch):
+    model = make_tiny_model(arch)
+    config = small_config()
+    horizon = config.horizon
+    direction = random_direction(model)
+    end_ids = end_of_turn_ids(tiny_tokenizer, model)
+    input_ids, attention_mask = steered_rollouts(model, tiny_tokenizer, direction, PROMPTS, config,
+                                                 end_ids)[0]
+    assert not attention_mask.all()  # the batch mixes prompt lengths: left padding is exercised
+    teacher, base = answer_logprobs(model, direction, input_ids, attention_mask, horizon)
+    assert teacher.shape == base.shape == (4, horizon, model.config.vocab_size)
+    assert teacher.dtype == torch.float32
+    lengths = prompt_lengths(tiny_tokenizer, config)
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row][attention_mask[row].bool()][None]  # unpadded, default positions
+        with torch.no_grad():
+            with direction.steer(model):
+                teacher_logits = model(ids).logits[0]
+            base_logits = model(ids).logits[0]
+        for j in range(1, horizon + 1):  # answer token j is predicted at prompt_len - 1 + (j - 1)
+            position = lengths[row] - 1 + (j - 1)
+            naive = (torch.log_softmax(teacher_logits[position], -1)
+                     - torch.log_softmax(base_logits[position], -1))
+            torch.testing.assert_close(teacher[row, j - 1] - base[row, j - 1], naive,
+                                       atol=1e-4, rtol=1e-4)
+    assert (teacher - base).abs().max() > 1e-2
+
+
+def test_selection_is_reproducible_and_leaves_the_global_rng_alone(tiny_model, tiny_tokenizer):
+    direction = random_direction(tiny_model)
+    config = small_config()
+    rng_state = torch.random.get_rng_state()
+    first = select_safety_tokens(tiny_model, tiny_tokenizer, direction, PROMPTS, config)
+    second = select_safety_tokens(tiny_model, tiny_tokenizer, direction, PROMPTS, config)
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+    assert first == second
+    assert first.ids and first.scores == sorted(first.scores, reverse=True)
+
+    end_ids = end_of_turn_ids(tiny_tokenizer, tiny_model)
+    seeds = [steered_rollouts(tiny_model, tiny_tokenizer, direction, PROMPTS,
+                              small_config(vote_seed=seed), end_ids)[0][0] for seed in (1, 2)]
+    assert not torch.equal(*seeds)
+
+
+def test_zero_direction_votes_are_structural(tiny_model, tiny_tokenizer):
+    """Δ ≡ 0: every valid pair's top-K′ is the K′ lowest unbanned ids, each with one vote per pair."""
+    zero = Direction(torch.zeros(tiny_model.config.hidden_size), 1, 1.0, {"num_layers": 2})
+    unbanned = [v for v in range(tiny_model.config.vocab_size)
+                if v not in special_token_ids(tiny_tokenizer)]
+
+    votes = select_safety_tokens(tiny_model, tiny_tokenizer, zero, PROMPTS, small_config())
+    pairs = votes.settings["num_valid_pairs"]
+    assert votes.ids == unbanned[:5]  # |S| = K′ = 5 < K = 8: the other tokens got no vote
+    assert votes.scores == [pairs] * 5
+    assert votes.teacher_mean_probs == votes.base_mean_probs
+
+
+    mean = select_safety_tokens(tiny_model, tiny_tokenizer, zero, PROMPTS,
+                                small_config(aggregation="mean"))
+    assert mean.ids == unbanned[:8]
+    assert mean.scores == [0.0] * 8
+
+
+def test_end_of_turn_mask_uses_the_unsteered_argmax(tiny_model, tiny_tokenizer):
+    config = small_config()
+    eos = tiny_tokenizer.eos_token_id
+    end_ids = end_of_turn_ids(tiny_tokenizer, tiny_model)
+    # The teacher ends every turn at once; the mask must not care.
+    ends_now = token_direction(tiny_model, eos)
+    batches = steered_rollouts(tiny_model, tiny_tokenizer, ends_now, PROMPTS, config, end_ids)
+    scored = [answer_logprobs(tiny_model, ends_now, *batch, config.horizon) for batch in batches]
+    assert all((teacher.argmax(-1) == eos).all() for teacher, _ in scored)
+    expected = sum(naive_valid_count(base.argmax(-1), end_ids) for _, base in scored)
+    result = select_safety_tokens(tiny_model, tiny_tokenizer, ends_now, PROMPTS, config)
+    assert result.settings["num_valid_pairs"] == expected > 0
+
+    # Now the base model itself ends some rows part-way: an EOS bias just below its smallest
+    # margin at j = 1 (the rollouts stay the same: EOS is never sampled).
+    direction = random_direction(tiny_model)
+    batches = steered_rollouts(tiny_model, tiny_tokenizer, direction, PROMPTS, config, end_ids)
+    bases = [answer_logprobs(tiny_model, direction, *batch, config.horizon)[1] for batch in batches]
+    bias = min((base[:, 0].max(-1).values - base[:, 0, eos]).min() for base in bases).item() - 1e-3
+    with logit_bias(tiny_model, eos, bias):
+        result = select_safety_tokens(tiny_model, tiny_tokenizer, direction, PROMPTS, config)
+    biased_argmax = [(base + bias * (torch.arange(base.shape[-1]) == eos)).argmax(-1) for base in bases]
+    expected = sum(naive_valid_count(argmax, end_ids) for argmax in biased_argmax)
+    assert result.settings["num_valid_pairs"] == expected
+    assert 0 < expected < 6 * config.horizon
+
+
+def test_banned_special_tokens_are_never_selected(tiny_model, tiny_tokenizer):
+    config = small_config(p_min=0.0)
+    im_start = tiny_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    promotes_special = token_direction(tiny_model, im_start)
+    input_ids, attention_mask = steered_rollouts(
+        tiny_model, tiny_tokenizer, promotes_special, PROMPTS, config,
+        end_of_turn_ids(tiny_tokenizer, tiny_model))[0]
+    teacher, base = answer_logprobs(tiny_model, promotes_special, input_ids, attention_mask,
+                                    config.horizon)
+    assert ((teacher - base).argmax(-1) == im_start).float().mean() > 0.5  # it would win the vote
+    result = select_safety_tokens(tiny_model, tiny_tokenizer, promotes_special, PROMPTS, config)
+    assert result.ids
+    assert not set(result.ids) & set(special_token_ids(tiny_tokenizer))
+    assert all("<|" not in text for text in result.strings)
+
+
+def test_save_load_round_trip_and_table(tiny_model, tiny_tokenizer, tmp_path):
+    result = select_safety_tokens(tiny_model, tiny_tokenizer, random_direction(tiny_model), PROMPTS,
+                                  small_config())
+    assert result.strings == [tiny_tokenizer.decode([v]) for v in result.ids]
+    settings = result.settings
+    assert settings["direction_layer"] == 1 and settings["direction_coefficient"] == 4.0
+    assert settings["end_of_turn_ids"] == end_of_turn_ids(tiny_tokenizer, tiny_model)
+    assert settings["num_rows"] == 6 and settings["horizon"] == 4 and len(settings["prompts_sha256"]) == 64
+    path = result.save(tmp_path)
+    assert path == tmp_path / SAFETY_TOKENS_FILE
+    assert SafetyTokenSet.load(tmp_path) == result
+    assert SafetyTokenSet.load(path) == result
+
+    table = result.table().splitlines()
+    assert "votes" in table[0] and "token" in table[0]
+    assert len(table) == len(result.ids) + 2
+    for line, token_id, text in zip(table[2:], result.ids, result.strings, strict=True):
+        assert str(token_id) in line and repr(text) in line
+
+
+def test_load_rejects_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SafesteerError, match="safesteer tokens"):
+        SafetyTokenSet.load(tmp_path)
+    path = tmp_path / SAFETY_TOKENS_FILE
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(SafesteerError, match="invalid JSON"):
+        SafetyTokenSet.load(path)
+    path.write_text('{"ids": [1, 2]}', encoding="utf-8")
+    with pytest.raises(SafesteerError, match="not a safety-token file"):
+        SafetyTokenSet.load(tmp_path)
+    lists = '"strings": ["a"], "scores": [1], "teacher_mean_probs": [0.1], "base_mean_probs": [0.1]'
+    path.write_text(f'{{"ids": [1, 2], {lists}, "settings": {{}}}}', encoding="utf-8")
+    with pytest.raises(SafesteerError, match="differ in length"):
+        SafetyTokenSet.load(tmp_path)
+
+
+def test_too_few_tokens_error_names_the_flags(tiny_model, tiny_tokenizer):
+    with pytest.raises(SafesteerError, match="--min-safety-tokens") as error:
+        select_safety_tokens(tiny_model, tiny_tokenizer, random_direction(tiny_model), PROMPTS,
+                             small_config(p_min=0.5))
+    for flag in ("--p-min", "--horizon", "--vote-n-prompts", "--vote-samples-per-prompt"):
+        assert flag in str(error.value)
+
+
+def test_nucleus_sampling_and_blocked_ids():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(_sample_next_tokens(logits, 1.0, 0.7, [], generator).tolist()) == {0, 1}
+    assert set(_sample_next_tokens(logits, 1.0, 1.0, [0], generator).tolist()) == {1, 2, 3}
+
+
+def test_config_validation():
+    for overrides, flag in [({"aggregation": "median"}, "--aggregation"), ({"horizon": 0}, "--horizon"),
+                            ({"vote_top_p": 0.0}, "--vote-top-p"),
+                            ({"vote_temperature": 0.0}, "--vote-temperature"),
+                            ({"p_min": 1.0}, "--p-min"), ({"min_safety_tokens": 60}, "--min-safety-tokens"),
+                            ({"vote_prompts": ""}, "--vote-prompts")]:
+        with pytest.raises(SafesteerError, match=flag):
+            TokensConfig(**overrides)

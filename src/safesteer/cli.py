@@ -6,11 +6,12 @@ win. Errors the user can fix print one line and exit with status 2.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,13 @@ from safesteer import __version__
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig, find_direction
+from safesteer.distill.config import DistillConfig
+from safesteer.distill.trainer import merge_student
 from safesteer.errors import SafesteerError
 from safesteer.io import guard_output_dir
 from safesteer.models import generate_responses, load_model, model_id
+from safesteer.pipeline import PRESETS, RunArguments, run_pipeline
+from safesteer.tokens import TokensConfig, select_safety_tokens
 
 
 @dataclass
@@ -91,12 +96,66 @@ def chat_command(model_args: ModelArguments, data_args: DataArguments,
         print(textwrap.indent(teacher_answer, "  teacher | ", lambda _: True))
 
 
+@dataclass
+class TokensArguments:
+    """The run directory holding the direction; the token set is written next to it."""
+
+    run_dir: str = field(metadata={"help": "Run directory with direction.json (from `safesteer direction`)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing safety_tokens.json."})
+
+
+def tokens_command(model_args: ModelArguments, data_args: DataArguments, config: TokensConfig,
+                   run: TokensArguments) -> None:
+    run_dir = guard_output_dir(Path(run.run_dir), ("safety_tokens.json",), run.overwrite)
+    direction = Direction.load(run_dir)
+    prompts = load_prompts(config.vote_prompts, source=data_args.data_source, field=data_args.prompt_field,
+                           seed=data_args.data_seed, limit=config.vote_n_prompts)
+    model, tokenizer = load_model(model_args)
+    direction.check_compatible(model)
+    tokens = select_safety_tokens(model, tokenizer, direction, prompts, config)
+    tokens.save(run_dir)
+    print(tokens.table())
+    print(f"wrote {run_dir / 'safety_tokens.json'}")
+
+
+def run_command(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
+                direction_config: DirectionConfig, tokens_config: TokensConfig,
+                distill_config: DistillConfig) -> None:
+    run_pipeline(model_args, data_args, run, direction_config, tokens_config, distill_config)
+
+
+@dataclass
+class ExportArguments:
+    """Which student to merge and where the plain model goes."""
+
+    run_dir: str = field(metadata={"help": "Run directory whose student/ holds a LoRA adapter."})
+    output_dir: str = field(metadata={"help": "Directory for the merged model (loadable with plain "
+                                              "AutoModelForCausalLM)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output-dir."})
+
+
+def export_command(model_args: ModelArguments, export: ExportArguments) -> None:
+    output_dir = Path(export.output_dir)
+    if output_dir.exists() and not export.overwrite:
+        raise SafesteerError(f"{output_dir} exists; pass --overwrite to replace it")
+    base, _ = load_model(ModelArguments(**{**asdict(model_args), "dtype": "float32"}))
+    merge_student(base, Path(export.run_dir) / "student", output_dir)
+    print(f"wrote the merged student to {output_dir}")
+
+
 COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
     "direction": (direction_command,
                   (ModelArguments, DataArguments, DirectionConfig, OutputArguments),
                   "Extract and select a refusal direction; write the steered teacher's artifacts."),
     "chat": (chat_command, (ModelArguments, DataArguments, ChatArguments),
              "Answer prompts side by side with the base model and the steered teacher."),
+    "tokens": (tokens_command, (ModelArguments, DataArguments, TokensConfig, TokensArguments),
+               "Select the safety tokens by voting over steered rollouts; print them as a table."),
+    "run": (run_command,
+            (ModelArguments, DataArguments, RunArguments, DirectionConfig, TokensConfig, DistillConfig),
+            "The whole method: direction, safety tokens, distillation, before/after check."),
+    "export": (export_command, (ModelArguments, ExportArguments),
+               "Merge a run's LoRA student into a full model directory."),
 }
 
 
@@ -132,9 +191,18 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Callable[..., None], list[
     parser = HfArgumentParser(dataclass_types, prog=f"safesteer {command}", description=help_text)
     parser.add_argument("--config", default=None,
                         help="YAML file with any of the options below (flags win).")
-    config_path = parser.parse_known_args(list(argv))[0].config if "--config" in argv else None
-    if config_path:
-        parser.set_defaults(**_yaml_defaults(config_path, dataclass_types))
+    if command == "run":
+        parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                            help="Defaults for a whole run, overridden by --config and flags: "
+                                 + "; ".join(f"{name}: {text}" for name, (text, _) in PRESETS.items()))
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--config")
+    early.add_argument("--preset")
+    known = early.parse_known_args(list(argv))[0]
+    if known.preset in PRESETS and command == "run":
+        parser.set_defaults(**PRESETS[known.preset][1])
+    if known.config:
+        parser.set_defaults(**_yaml_defaults(known.config, dataclass_types))
     *parsed, _extra = parser.parse_args_into_dataclasses(list(argv))
     return handler, parsed
 

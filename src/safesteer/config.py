@@ -61,7 +61,7 @@ class DataArguments:
         default="prompt",
         metadata={"help": "Field holding the prompt in local JSON/JSONL/CSV files."},
     )
-    seed: int = field(default=42, metadata={"help": "Seed for sampling and splitting prompt sets."})
+    data_seed: int = field(default=42, metadata={"help": "Seed for sampling and splitting prompt sets."})
 
     def __post_init__(self) -> None:
         if self.data_source not in DATA_SOURCES:

@@ -108,7 +108,7 @@ class DirectionConfig:
                           "at the steered layer."})
     response_n_val: int = field(default=16, metadata={"help": "Response method: validation prompts "
                                                               "per side, answered by generation."})
-    max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per validation "
+    val_max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per validation "
                                                               "answer when judging refusal."})
     target_refusal: float = field(
         default=0.9,
@@ -120,7 +120,7 @@ class DirectionConfig:
         if self.method not in METHODS:
             raise SafesteerError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("n_train", "n_val", "batch_size", "response_n_train", "response_n_val",
-                     "max_new_tokens", "response_layer_stride"):
+                     "val_max_new_tokens", "response_layer_stride"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.prune_layer_fraction < 1:
@@ -387,7 +387,7 @@ class DirectionData:
     def load(cls, config: DirectionConfig, data: DataArguments) -> DirectionData:
         def get(name: str, limit: int) -> list[str]:
             return load_prompts(name, source=data.data_source, field=data.prompt_field,
-                                seed=data.seed, limit=limit)
+                                seed=data.data_seed, limit=limit)
 
         n_train = max(config.n_train, config.response_n_train)
         n_val = max(config.n_val, config.response_n_val)
@@ -497,7 +497,7 @@ def measure_refusal(model: nn.Module, tokenizer: Any, harmful: list[str], harmle
                     config: DirectionConfig) -> tuple[float, float]:
     """Keyword refusal rates on greedy answers to harmful and harmless prompts."""
     answers = generate_responses(model, tokenizer, harmful + harmless,
-                                 max_new_tokens=config.max_new_tokens,
+                                 max_new_tokens=config.val_max_new_tokens,
                                  batch_size=config.batch_size)
     return refusal_rate(answers[:len(harmful)]), refusal_rate(answers[len(harmful):])
 
@@ -573,7 +573,7 @@ def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
         "hidden_size": hidden_size(model),
         "num_layers": num_layers(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "seed": data.seed,
+        "data_seed": data.data_seed,
         "config": asdict(config),
         "data": prompt_sets.summary(),
         "reports": reports,

@@ -1,0 +1,171 @@
+"""``safesteer run``: the whole method, top-down, with every stage's artifact in one run directory.
+
+1. Safety teacher: a refusal direction and its steering (``direction.json``).
+2. Safety tokens: the vote over steered rollouts (``safety_tokens.json``).
+3. Localized on-policy distillation of a LoRA student (``student/``, ``checkpoints/``).
+4. A quick before/after refusal check of base, teacher and student (``check.json``).
+
+With ``--resume`` a finished stage is loaded from disk instead of recomputed, after checking that
+it was made with the same settings; training continues from its last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safesteer.config import DataArguments, ModelArguments
+from safesteer.data import load_prompts
+from safesteer.direction import Direction, DirectionConfig, find_direction
+from safesteer.distill.config import DistillConfig
+from safesteer.distill.trainer import Distiller
+from safesteer.errors import SafesteerError
+from safesteer.evaluate import refusal_check, refusal_table
+from safesteer.io import write_json
+from safesteer.models import load_model, model_id
+from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
+
+logger = logging.getLogger(__name__)
+
+RUN_ARTIFACTS = ("direction.json", "safety_tokens.json", "distill_config.json", "student", "check.json")
+
+
+@dataclass
+class RunArguments:
+    """The run directory, the training prompts and the closing refusal check."""
+
+    output_dir: str = field(metadata={"help": "Run directory: every stage's artifacts go here."})
+    train_prompts: str = field(default="safesteer-train",
+                               metadata={"help": "Harmful training prompts (registry name or file)."})
+    n_train_prompts: int = field(default=100, metadata={"help": "Use at most this many training prompts."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue a run in --output-dir: reuse finished stages, resume training from its last "
+                "checkpoint."})
+    overwrite: bool = field(default=False, metadata={"help": "Start afresh in a directory holding a run."})
+    check_harmful: list[str] = field(
+        default_factory=lambda: ["harmbench-test", "jbb"],
+        metadata={"help": "Held-out harmful prompt sets for the before/after refusal check."})
+    check_benign: list[str] = field(
+        default_factory=lambda: ["harmless-test"],
+        metadata={"help": "Held-out benign prompt sets for the before/after refusal check."})
+    check_limit: int = field(default=50, metadata={"help": "Prompts per check set (0 skips the check)."})
+    check_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per check answer."})
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise SafesteerError("--resume and --overwrite exclude each other")
+        if self.n_train_prompts < 1 or self.check_limit < 0 or self.check_max_new_tokens < 1:
+            raise SafesteerError("--n-train-prompts and --check-max-new-tokens must be >= 1, "
+                                 "--check-limit >= 0")
+
+
+def _check_run_dir(run: RunArguments) -> Path:
+    output_dir = Path(run.output_dir)
+    existing = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+    if existing and not (run.resume or run.overwrite):
+        raise SafesteerError(f"{output_dir} already holds {', '.join(existing)}; pass --resume to continue "
+                             "that run or --overwrite to start afresh")
+    return output_dir
+
+
+def _same_settings(stage: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    differing = sorted(key for key in current if saved.get(key) != current[key])
+    if differing:
+        raise SafesteerError(f"cannot resume: the saved {stage} was made with other settings "
+                             f"({', '.join(differing)}); use --overwrite or the original settings")
+
+
+def teacher_direction(model: Any, tokenizer: Any, output_dir: Path, run: RunArguments,
+                      config: DirectionConfig, data: DataArguments, name: str) -> Direction:
+    """Stage 1: the direction that turns the base model into the safety teacher."""
+    if run.resume and (output_dir / "direction.json").exists():
+        direction = Direction.load(output_dir)
+        _same_settings("direction", direction.metadata.get("config", {}), asdict(config))
+        direction.check_compatible(model)
+        return direction
+    direction = find_direction(model, tokenizer, config, data, name)
+    direction.save(output_dir)
+    return direction
+
+
+def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: Path, run: RunArguments,
+                  config: TokensConfig, data: DataArguments) -> SafetyTokenSet:
+    """Stage 2: the tokens the distillation loss is restricted to."""
+    if run.resume and (output_dir / "safety_tokens.json").exists():
+        tokens = SafetyTokenSet.load(output_dir)
+        _same_settings("safety tokens", tokens.settings, asdict(config))
+        return tokens
+    prompts = load_prompts(config.vote_prompts, source=data.data_source, field=data.prompt_field,
+                           seed=data.data_seed, limit=config.vote_n_prompts)
+    tokens = select_safety_tokens(model, tokenizer, direction, prompts, config)
+    tokens.save(output_dir)
+    return tokens
+
+
+@contextmanager
+def _as_teacher(model: Any, direction: Direction):
+    with ExitStack() as stack:
+        stack.enter_context(model.disable_adapter())
+        stack.enter_context(direction.steer(model))
+        yield
+
+
+def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
+                 direction_config: DirectionConfig, tokens_config: TokensConfig,
+                 distill_config: DistillConfig) -> dict[str, Any]:
+    """Direction, safety tokens, distillation and the before/after check, in that order."""
+    output_dir = _check_run_dir(run)
+    model, tokenizer = load_model(model_args)
+    direction = teacher_direction(model, tokenizer, output_dir, run, direction_config, data_args,
+                                  model_id(model_args))
+    print(f"teacher: {direction.metadata['method']} direction at layer {direction.layer}, "
+          f"coefficient {direction.coefficient:.4g}")
+    tokens = safety_tokens(model, tokenizer, direction, output_dir, run, tokens_config, data_args)
+    print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
+
+    train_prompts = load_prompts(run.train_prompts, source=data_args.data_source,
+                                 field=data_args.prompt_field, seed=data_args.data_seed,
+                                 limit=run.n_train_prompts)
+    distiller = Distiller(model, tokenizer, direction, train_prompts, distill_config, output_dir,
+                          safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite)
+    distiller.setup()
+    result = distiller.train()
+    print(f"student: {result.student_dir} after {result.step} steps")
+    if run.check_limit == 0:
+        return {}
+    student = distiller.model
+    targets = {"base": student.disable_adapter, "teacher": lambda: _as_teacher(student, direction),
+               "student": nullcontext}
+    prompt_sets = {name: load_prompts(name, source=data_args.data_source, seed=data_args.data_seed,
+                                      limit=run.check_limit)
+                   for name in [*run.check_harmful, *run.check_benign]}
+    results = refusal_check(student, tokenizer, targets, prompt_sets,
+                            max_new_tokens=run.check_max_new_tokens,
+                            batch_size=direction_config.batch_size)
+    summary = {"refusal": results, "harmful_sets": run.check_harmful, "benign_sets": run.check_benign,
+               "judge": "keyword (safesteer.judge)", "max_new_tokens": run.check_max_new_tokens}
+    write_json(output_dir / "check.json", summary)
+    print("\nrefusal rate (keyword judge, greedy):\n" + refusal_table(results))
+    return summary
+
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": (
+        "the embedded SmolLM2-135M on a laptop CPU in minutes (bf16, LoRA, 32-token samples)",
+        {"model": "smollm2-135m", "n_train": 64, "n_val": 16, "response_n_val": 12,
+         "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "samples_per_prompt": 4,
+         "max_new_tokens": 32, "check_limit": 40, "check_max_new_tokens": 32},
+    ),
+    "paper": (
+        "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "
+        "per-completion loss mean); set --learning-rate and --horizon for the family as in "
+        "method.md §7 (Qwen 1e-5 / 7, Llama 1e-6 / 5)",
+        {"n_train_prompts": 100, "samples_per_prompt": 8, "max_new_tokens": 512,
+         "prompts_per_step": 4, "num_safety_tokens": 50, "vote_samples_per_prompt": 8,
+         "horizon": 7, "learning_rate": 1e-5, "use_lora": False, "reduction": "sequence",
+         "micro_batch_size": 1, "gradient_checkpointing": True},
+    ),
+}

@@ -1,0 +1,321 @@
+"""Stage 3 trainer on tiny random models: config, masks, learning, teacher, resume, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
+
+from safesteer.direction import Direction
+from safesteer.distill.config import DistillConfig
+from safesteer.distill.trainer import (
+    Distiller,
+    completion_logits,
+    completion_mask,
+    merge_student,
+)
+from safesteer.errors import SafesteerError
+
+PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",
+           "my neighbour cooks a recipe for bread.", "our team plans the weekly schedule before lunch."]
+SAFETY_IDS = list(range(40, 52))
+ModelFactory = Callable[[str], PreTrainedModel]
+
+
+def make_config(**overrides: object) -> DistillConfig:
+    settings: dict[str, object] = {
+        "learning_rate": 1e-2, "prompts_per_step": 2, "samples_per_prompt": 2, "micro_batch_size": 4,
+        "max_new_tokens": 6, "warmup_ratio": 0.0, "lora_r": 4, "lora_alpha": 8, "seed": 0}
+    return DistillConfig(**{**settings, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def direction() -> Direction:
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1)) * 3
+    return Direction(vector, layer=1, coefficient=1.0, metadata={"num_layers": 2})
+
+
+def make_distiller(model: PreTrainedModel, tokenizer, direction: Direction, output_dir: Path,
+                   config: DistillConfig | None = None, **kwargs: object) -> Distiller:
+    distiller = Distiller(model, tokenizer, direction, PROMPTS, config or make_config(), output_dir,
+                          safety_token_ids=SAFETY_IDS, **kwargs)  # type: ignore[arg-type]
+    distiller.setup()
+    return distiller
+
+
+def probe(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(["<|im_start|>user\na small robot finds a bicycle.<|im_end|>\n"],
+                        return_tensors="pt", add_special_tokens=False)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
+    input_ids, attention_mask = probe(tokenizer)
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+# ------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(("overrides", "flag"), [
+    ({"learning_rate": 0.0}, "--learning-rate"),
+    ({"prompts_per_step": 0}, "--prompts-per-step"),
+    ({"top_p": 0.0}, "--top-p"),
+    ({"mode": "bogus"}, "--mode"),
+    ({"reduction": "mean"}, "--reduction"),
+    ({"alpha": 1.5}, "--alpha"),
+    ({"skip": 3, "keep": 2}, "--keep"),
+    ({"renormalize": True, "mode": "full"}, "--renormalize"),
+    ({"warmup_ratio": 1.0}, "--warmup-ratio"),
+    ({"save_steps": -1}, "--save-steps"),
+    ({"report_to": "mlflow"}, "--report-to"),
+    ({"lora_target_modules": " , "}, "--lora-target-modules"),
+])
+def test_config_rejects_bad_values_naming_the_flag(overrides: dict, flag: str) -> None:
+    with pytest.raises(SafesteerError, match=flag):
+        DistillConfig(**overrides)
+
+
+def test_config_parses_flags_and_documents_every_field() -> None:
+    parser = HfArgumentParser(DistillConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        ["--learning-rate", "1e-3", "--mode", "topk", "--no-use-lora",
+         "--lora-target-modules", "q_proj,v_proj"])
+    assert (config.learning_rate, config.mode, config.use_lora) == (1e-3, "topk", False)
+    assert config.target_modules() == ["q_proj", "v_proj"]
+    assert DistillConfig().target_modules() == "all-linear"
+    undocumented = [f.name for f in DistillConfig.__dataclass_fields__.values() if not f.metadata.get("help")]
+    assert not undocumented
+
+
+# ------------------------------------------------------------------------- pure pieces
+
+
+@pytest.mark.parametrize("pad", [2, 0])
+def test_completion_mask_includes_first_eos_and_excludes_padding(pad: int) -> None:
+    eos = 2
+    generated = torch.tensor([[5, 7, eos, pad, pad],
+                              [eos, pad, pad, pad, pad],
+                              [5, 6, 7, 8, 9],
+                              [5, 9, 3, eos, pad]])
+    expected = torch.tensor([[1, 1, 1, 0, 0],
+                             [1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 0]])
+    assert torch.equal(completion_mask(generated, [eos]), expected)
+    # A second end-of-turn id ends the completion as well.
+    assert completion_mask(generated, [eos, 3])[3].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_completion_logits_score_the_sampled_contexts(tiny_model, tiny_tokenizer) -> None:
+    """Left padding and position ids as in generate(): padded rows score like unpadded ones."""
+    input_ids, _ = probe(tiny_tokenizer)
+    completion = torch.tensor([[40, 41, 42]])
+    sequence = torch.cat([input_ids, completion], 1)
+    padded = torch.cat([torch.full((1, 3), tiny_tokenizer.pad_token_id), sequence], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(sequence)], 1)
+    with torch.no_grad():
+        plain = completion_logits(tiny_model, sequence, torch.ones_like(sequence), 3)
+        left_padded = completion_logits(tiny_model, padded, mask, 3)
+        reference = tiny_model(sequence).logits[:, -4:-1]
+    assert plain.shape == (1, 3, len(tiny_tokenizer))
+    torch.testing.assert_close(plain, reference)
+    torch.testing.assert_close(left_padded, reference, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_on_a_fixed_rollout(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                     direction, tmp_path) -> None:
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                               make_config(num_epochs=2))
+    fixed = distiller.sample(1)
+    before = distiller.backward(fixed)
+    distiller.optimizer.zero_grad()
+    result = distiller.train()
+    after = distiller.backward(fixed)
+    assert result.completed and result.step == 4
+    assert before["loss"] - after["loss"] > 0.2 * abs(before["loss"])
+    # The minimiser on S is p_t/e (method.md §6.6): the student's mass on S heads there.
+    target = before["teacher_mass_s"] / torch.e
+    assert abs(after["student_mass_s"] - target) < abs(before["student_mass_s"] - target)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
+    for key in ("loss", "kl_k3", "student_mass_s", "teacher_mass_s", "refusal_rate", "completion_length",
+                "tokens_per_second", "lr", "grad_norm"):
+        assert all(key in row for row in log), key
+    assert all(row["kl_k3"] >= 0 for row in log)
+
+
+def test_teacher_is_the_steered_base_after_training(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                    direction, tmp_path) -> None:
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+    distiller.train()
+    reference = make_tiny_model("llama")
+    with direction.steer(reference):
+        steered_base = logits(reference, tiny_tokenizer)
+    with distiller.teacher() as teacher:
+        teacher_logits = logits(teacher, tiny_tokenizer)
+    torch.testing.assert_close(teacher_logits, steered_base, atol=1e-6, rtol=0)
+    assert not torch.allclose(steered_base, logits(reference, tiny_tokenizer), atol=1e-3)
+    assert not torch.allclose(logits(distiller.model, tiny_tokenizer), logits(reference, tiny_tokenizer),
+                              atol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_gradient_does_not_depend_on_micro_batch_size(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                      direction, tmp_path, reduction: str) -> None:
+    gradients, samples = [], []
+    for micro_batch_size in (1, 3):
+        config = make_config(reduction=reduction, micro_batch_size=micro_batch_size, max_new_tokens=8)
+        distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction,
+                                   tmp_path / str(micro_batch_size), config)
+        rollout = distiller.sample(1)
+        distiller.backward(rollout)
+        samples.append(rollout.sequences)
+        gradients.append(torch.cat([p.grad.flatten() for p in distiller.trainable_parameters]))
+    assert torch.equal(samples[0], samples[1])
+    assert gradients[0].abs().max() > 0
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-7, rtol=1e-5)
+
+
+def test_lora_adapter_is_float32_on_a_bf16_base(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                direction, tmp_path) -> None:
+    distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,
+                               tmp_path, make_config(num_epochs=1, prompts_per_step=4))
+    assert {p.dtype for p in distiller.trainable_parameters} == {torch.float32}
+    result = distiller.train()
+    assert result.completed and result.last_metrics is not None
+    assert torch.isfinite(torch.tensor(result.last_metrics["loss"]))
+
+
+def test_full_finetune_trains_float32_student_against_frozen_copy(make_tiny_model: ModelFactory,
+                                                                 tiny_tokenizer, direction,
+                                                                 tmp_path) -> None:
+    config = make_config(use_lora=False, learning_rate=1e-3, prompts_per_step=4, gradient_checkpointing=True)
+    distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,
+                               tmp_path, config)
+    teacher_before = logits(distiller.teacher_model, tiny_tokenizer)
+    result = distiller.train()
+    assert {p.dtype for p in distiller.trainable_parameters} == {torch.float32}
+    assert torch.equal(logits(distiller.teacher_model, tiny_tokenizer), teacher_before)
+    assert result.student_dir is not None
+    loaded = AutoModelForCausalLM.from_pretrained(result.student_dir)
+    torch.testing.assert_close(logits(loaded, tiny_tokenizer), logits(distiller.model, tiny_tokenizer))
+
+
+# ------------------------------------------------------------------------- checkpoints and outputs
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(make_tiny_model: ModelFactory,
+                                                                tiny_tokenizer, direction,
+                                                                tmp_path) -> None:
+    config = make_config(num_epochs=2, lora_dropout=0.1, prompts_per_step=3)  # 2 steps per epoch
+    straight = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "a", config)
+    straight.train()
+
+    interrupted = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "b", config)
+    stopped = interrupted.train(max_steps=3)
+    assert not stopped.completed and stopped.student_dir is None
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2", "step-3"]
+    # A crash while writing step 4 leaves only a hidden staging directory, which is ignored.
+    (checkpoints / ".step-4.tmp").mkdir()
+    with (tmp_path / "b" / "train_log.jsonl").open("a") as log:
+        log.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+
+    resumed = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "b", config,
+                             resume=True)
+    assert resumed.step == 3
+    result = resumed.train()
+    assert result.completed and result.step == 4
+    expected = load_file(tmp_path / "a" / "student" / "adapter_model.safetensors")
+    actual = load_file(tmp_path / "b" / "student" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0)
+    log = (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
+    assert steps == [1, 2, 3, 4]
+    assert not (checkpoints / ".step-4.tmp").exists()
+
+
+def test_resume_with_another_config_is_refused(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                               direction, tmp_path) -> None:
+    make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path).train(max_steps=1)
+    with pytest.raises(SafesteerError, match=r"learning_rate.*max_new_tokens"):
+        make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                       make_config(learning_rate=2e-2, max_new_tokens=5), resume=True)
+    with pytest.raises(SafesteerError, match="safety_token_ids"):
+        Distiller(make_tiny_model("llama"), tiny_tokenizer, direction, PROMPTS, make_config(), tmp_path,
+                  safety_token_ids=SAFETY_IDS[:-1], resume=True).setup()
+    with pytest.raises(SafesteerError, match="--overwrite"):
+        make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+
+
+def test_saved_student_loads_with_peft_and_merges(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                  direction, tmp_path) -> None:
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+    result = distiller.train()
+    assert result.student_dir == tmp_path / "student"
+    trained = logits(distiller.model, tiny_tokenizer)
+    reloaded = PeftModel.from_pretrained(make_tiny_model("llama"), result.student_dir)
+    torch.testing.assert_close(logits(reloaded, tiny_tokenizer), trained, atol=1e-6, rtol=0)
+    assert not torch.allclose(logits(make_tiny_model("llama"), tiny_tokenizer), trained, atol=1e-4)
+
+    merged_dir = merge_student(make_tiny_model("llama"), result.student_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    torch.testing.assert_close(logits(merged, tiny_tokenizer), trained, atol=1e-5, rtol=1e-5)
+    assert (merged_dir / "tokenizer_config.json").is_file()
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_refused(make_tiny_model: ModelFactory, tiny_tokenizer, direction, tmp_path) -> None:
+    model = make_tiny_model("llama")
+    with pytest.raises(SafesteerError, match="empty"):
+        Distiller(model, tiny_tokenizer, direction, [], make_config(), tmp_path,
+                  safety_token_ids=SAFETY_IDS).setup()
+    with pytest.raises(SafesteerError, match="--mode subset"):
+        Distiller(model, tiny_tokenizer, direction, PROMPTS, make_config(), tmp_path,
+                  safety_token_ids=[]).setup()
+    with pytest.raises(SafesteerError, match="distinct"):
+        Distiller(model, tiny_tokenizer, direction, PROMPTS, make_config(), tmp_path,
+                  safety_token_ids=[3, 3]).setup()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_tiny_model: ModelFactory,
+                                                                   tiny_tokenizer, direction,
+                                                                   tmp_path) -> None:
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+    distiller.train(max_steps=1)
+    adapter = {n: p.detach().clone() for n, p in distiller.model.named_parameters() if p.requires_grad}
+    direction.vector.fill_(float("nan"))
+    with pytest.raises(SafesteerError, match=r"step 2.*step-1"):
+        distiller.train()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
+    assert not (tmp_path / "student").exists()
+    for name, parameter in distiller.model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.equal(parameter, adapter[name])
+
+
+def test_out_of_memory_while_sampling_names_the_flags(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                      direction, tmp_path, monkeypatch) -> None:
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+
+    def out_of_memory(**_kwargs: object) -> None:
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(distiller.model, "generate", out_of_memory)
+    with pytest.raises(SafesteerError, match=r"--samples-per-prompt.*--max-new-tokens"):
+        distiller.train()
