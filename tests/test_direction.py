@@ -18,9 +18,9 @@ from safesteer.direction import (
     filter_by_refusal,
     find_direction,
     kl_divergence,
-    mean_post_instruction_activations,
     mean_response_activations,
     post_instruction_length,
+    post_instruction_pass,
     prompt_candidate_status,
     refusal_score,
     refusal_token_ids,
@@ -125,13 +125,17 @@ def _naive_block_inputs(model, tokenizer, text):
     return torch.stack([captured[layer][0] for layer in sorted(captured)]).double()  # [L, seq, d]
 
 
-def test_post_instruction_means_match_unbatched_loop(tiny_model, tiny_tokenizer):
+def test_post_instruction_pass_matches_unbatched_loop(tiny_model, tiny_tokenizer):
     prompts = [*HARMFUL[:3], "Short?"]
-    batched = mean_post_instruction_activations(tiny_model, tiny_tokenizer, prompts, 3, batch_size=4)
+    activations, scores = post_instruction_pass(tiny_model, tiny_tokenizer, prompts, 3, [5, 7], batch_size=4)
     rendered = render_prompts(tiny_tokenizer, prompts)
-    naive = sum(_naive_block_inputs(tiny_model, tiny_tokenizer, text)[:, -3:].transpose(0, 1)
-                for text in rendered) / len(prompts)
-    torch.testing.assert_close(batched, naive, atol=1e-4, rtol=1e-4)
+    for row, text in enumerate(rendered):
+        naive = _naive_block_inputs(tiny_model, tiny_tokenizer, text)[:, -3:].transpose(0, 1)
+        torch.testing.assert_close(activations[row].double(), naive, atol=1e-4, rtol=1e-4)
+        encoded = encode_rendered(tiny_tokenizer, [text], torch.device("cpu"))
+        with torch.no_grad():
+            logits = tiny_model(**encoded).logits[:, -1]
+        torch.testing.assert_close(scores[row], refusal_score(logits, [5, 7])[0], atol=1e-4, rtol=1e-4)
 
 
 def test_response_means_match_unbatched_loop(tiny_model, tiny_tokenizer):
@@ -185,6 +189,17 @@ def test_find_direction_end_to_end_and_reproducible(tiny_model, tiny_tokenizer, 
     if method == "auto":
         assert len(meta["reports"]["prompt"]["candidates"]) == (
             meta["reports"]["prompt"]["post_instruction_positions"] * tiny_model.config.num_hidden_layers)
+
+
+def test_induce_screen_only_skips_work(tiny_model, tiny_tokenizer, prompt_files):
+    exact = _config(prompt_files, method="auto", induce_screen_prompts=0)
+    screened = _config(prompt_files, method="auto", induce_screen_prompts=2, induce_screen_margin=0.0)
+    first = find_direction(tiny_model, tiny_tokenizer, exact, DataArguments(), "tiny")
+    second = find_direction(tiny_model, tiny_tokenizer, screened, DataArguments(), "tiny")
+    assert first.layer == second.layer and torch.equal(first.vector, second.vector)
+    report = second.metadata["reports"]["prompt"]
+    assert report["screened_candidates"] > 0
+    assert first.metadata["reports"]["prompt"]["screened_candidates"] == 0
 
 
 def test_prompt_method_fails_clearly_when_nothing_survives(tiny_model, tiny_tokenizer, prompt_files):

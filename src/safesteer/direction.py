@@ -96,6 +96,14 @@ class DirectionConfig:
     prune_layer_fraction: float = field(
         default=0.2, metadata={"help": "Prompt method: discard candidates in the last fraction of "
                                        "layers."})
+    induce_screen_prompts: int = field(
+        default=8, metadata={"help": "Prompt method: first score each candidate's induce on this many "
+                                     "harmless validation prompts and discard it when that mean is below "
+                                     "-induce-screen-margin, without the full evaluation (0 = exact "
+                                     "procedure, every candidate on every prompt)."})
+    induce_screen_margin: float = field(
+        default=2.0, metadata={"help": "Prompt method: refusal-score margin of the induce screen (the full "
+                                       "filter is induce >= 0)."})
     response_n_train: int = field(default=64, metadata={"help": "Response method: prompts whose "
                                                                 "templated answers are contrasted."})
     response_layers: list[int] | None = field(
@@ -108,7 +116,7 @@ class DirectionConfig:
                           "at the steered layer."})
     response_n_val: int = field(default=16, metadata={"help": "Response method: validation prompts "
                                                               "per side, answered by generation."})
-    val_max_new_tokens: int = field(default=24, metadata={"help": "Tokens generated per validation "
+    val_max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per validation "
                                                               "answer when judging refusal."})
     target_refusal: float = field(
         default=0.9,
@@ -123,6 +131,8 @@ class DirectionConfig:
                      "val_max_new_tokens", "response_layer_stride"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.induce_screen_prompts < 0 or self.induce_screen_margin < 0:
+            raise SafesteerError("--induce-screen-prompts and --induce-screen-margin must be >= 0")
         if not 0 <= self.prune_layer_fraction < 1:
             raise SafesteerError("--prune-layer-fraction must be in [0, 1)")
         if not 0 <= self.target_refusal <= 1:
@@ -222,6 +232,7 @@ class PromptCandidate:
     kl: float | None = None
     bypass: float | None = None
     status: str = "pending"
+    screened: bool = False
 
 
 def prompt_candidate_status(candidate: PromptCandidate, total_layers: int,
@@ -274,8 +285,8 @@ def select_response_candidate(candidates: list[ResponseCandidate],
                                           -c.harmful_refusal, c.beta, c.layer))
 
 
-def filter_by_refusal(prompts: list[str], scores: torch.Tensor, refused: bool,
-                      minimum: int) -> tuple[list[str], bool]:
+def filter_by_refusal(prompts: list[Any], scores: torch.Tensor, refused: bool,
+                      minimum: int) -> tuple[list[Any], bool]:
     """Keep prompts the model refuses (``refused``) or answers; all of them if fewer than
     ``minimum`` would remain. Returns the prompts and whether the filter was applied."""
     keep = [prompt for prompt, score in zip(prompts, scores.tolist(), strict=True)
@@ -319,21 +330,23 @@ def last_position_logits(model: nn.Module, tokenizer: Any, prompts: list[str],
 
 
 @torch.inference_mode()
-def mean_post_instruction_activations(model: nn.Module, tokenizer: Any, prompts: list[str],
-                                      positions: int, batch_size: int,
-                                      desc: str | None = None) -> torch.Tensor:
-    """Mean block input at the last ``positions`` tokens: ``[positions, layers, d]``, float64."""
-    total: torch.Tensor | None = None
+def post_instruction_pass(model: nn.Module, tokenizer: Any, prompts: list[str], positions: int,
+                          refusal_ids: list[int], batch_size: int,
+                          desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward per batch giving both what extraction and the refusal filter need.
+
+    Returns every block's input at the last ``positions`` tokens, ``[n, positions, layers, d]``
+    (float32, cpu), and each prompt's refusal score ``[n]`` (float64).
+    """
+    activations, scores = [], []
     rendered = render_prompts(tokenizer, prompts)
     for batch in tqdm(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
         encoded = encode_rendered(tokenizer, batch, model_device(model))
         with record_block_inputs(model) as captured:
-            _forward_last(model, encoded)
-        stacked = torch.stack([captured[layer][:, -positions:] for layer in sorted(captured)], 2)
-        batch_sum = stacked.double().sum(0).cpu()
-        total = batch_sum if total is None else total + batch_sum
-    assert total is not None
-    return total / len(prompts)
+            scores.append(refusal_score(_forward_last(model, encoded), refusal_ids).cpu())
+        activations.append(torch.stack([captured[layer][:, -positions:].float().cpu()
+                                        for layer in sorted(captured)], 2))
+    return torch.cat(activations), torch.cat(scores)
 
 
 @torch.inference_mode()
@@ -415,32 +428,36 @@ def run_prompt_method(model: nn.Module, tokenizer: Any, data: DirectionData,
     refusal_ids = refusal_token_ids(tokenizer)
     positions = post_instruction_length(tokenizer)
     total_layers = num_layers(model)
-    harmful_train = data.harmful_train[:config.n_train]
-    harmless_train = data.harmless_train[:config.n_train]
-    harmful_val = data.harmful_val[:config.n_val]
-    harmless_val = data.harmless_val[:config.n_val]
+    sets = {"harmful_train": (data.harmful_train[:config.n_train], True),
+            "harmless_train": (data.harmless_train[:config.n_train], False),
+            "harmful_val": (data.harmful_val[:config.n_val], True),
+            "harmless_val": (data.harmless_val[:config.n_val], False)}
+    kept: dict[str, list[int]] = {}
     filtered: dict[str, bool] = {}
-    if config.filter_by_score:
-        sets = {"harmful_train": (harmful_train, True), "harmless_train": (harmless_train, False),
-                "harmful_val": (harmful_val, True), "harmless_val": (harmless_val, False)}
-        kept = {}
-        for role, (prompts, refused) in sets.items():
-            scores = refusal_score(last_position_logits(model, tokenizer, prompts,
-                                                        config.batch_size), refusal_ids)
-            kept[role], filtered[role] = filter_by_refusal(prompts, scores, refused, minimum=4)
+    train_activations: dict[str, torch.Tensor] = {}
+    for role, (prompts, refused) in sets.items():
+        if role.endswith("train"):
+            train_activations[role], scores = post_instruction_pass(
+                model, tokenizer, prompts, positions, refusal_ids, config.batch_size,
+                desc=f"prompt: {role} activations")
+        elif config.filter_by_score:
+            scores = refusal_score(last_position_logits(model, tokenizer, prompts, config.batch_size),
+                                   refusal_ids)
+        indices = list(range(len(prompts)))
+        kept[role], filtered[role] = indices, False
+        if config.filter_by_score:
+            kept[role], filtered[role] = filter_by_refusal(indices, scores, refused, minimum=4)
             if not filtered[role]:
                 logger.warning("refusal-score filter would leave fewer than 4 %s prompts; "
                                "using all %d unfiltered", role, len(prompts))
-        harmful_train, harmless_train = kept["harmful_train"], kept["harmless_train"]
-        harmful_val, harmless_val = kept["harmful_val"], kept["harmless_val"]
-
-    candidates_by_pos = (
-        mean_post_instruction_activations(model, tokenizer, harmful_train, positions,
-                                          config.batch_size, desc="prompt: harmful activations")
-        - mean_post_instruction_activations(model, tokenizer, harmless_train, positions,
-                                            config.batch_size, desc="prompt: harmless activations")
-    )
+    harmful_val = [sets["harmful_val"][0][i] for i in kept["harmful_val"]]
+    harmless_val = [sets["harmless_val"][0][i] for i in kept["harmless_val"]]
+    candidates_by_pos = difference_of_means(train_activations["harmful_train"][kept["harmful_train"]],
+                                            train_activations["harmless_train"][kept["harmless_train"]])
     base_harmless = last_position_logits(model, tokenizer, harmless_val, config.batch_size)
+    screen = harmless_val[:config.induce_screen_prompts]
+    if len(screen) == len(harmless_val):
+        screen = []
     candidates = [PromptCandidate(position=pos - positions, layer=layer)
                   for pos in range(positions) for layer in range(total_layers)]
 
@@ -454,8 +471,13 @@ def run_prompt_method(model: nn.Module, tokenizer: Any, data: DirectionData,
             continue
         vector = candidates_by_pos[candidate.position + positions, candidate.layer].float()
         with add_to_block_input(model, candidate.layer, vector):
-            steered = last_position_logits(model, tokenizer, harmless_val, config.batch_size)
-        candidate.induce = refusal_score(steered, refusal_ids).mean().item()
+            if screen:
+                steered = last_position_logits(model, tokenizer, screen, config.batch_size)
+                candidate.induce = refusal_score(steered, refusal_ids).mean().item()
+                candidate.screened = candidate.induce < -config.induce_screen_margin
+            if not candidate.screened:
+                steered = last_position_logits(model, tokenizer, harmless_val, config.batch_size)
+                candidate.induce = refusal_score(steered, refusal_ids).mean().item()
         candidate.status = status(candidate)
         if candidate.status != "pending":
             continue
@@ -474,9 +496,8 @@ def run_prompt_method(model: nn.Module, tokenizer: Any, data: DirectionData,
         "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
         "post_instruction_positions": positions,
         "filter_applied": filtered,
-        "filtered_counts": {"harmful_train": len(harmful_train),
-                            "harmless_train": len(harmless_train),
-                            "harmful_val": len(harmful_val), "harmless_val": len(harmless_val)},
+        "filtered_counts": {role: len(indices) for role, indices in kept.items()},
+        "screened_candidates": sum(candidate.screened for candidate in candidates),
         "candidates": [asdict(candidate) for candidate in candidates],
     }
     if chosen is None:

@@ -81,28 +81,30 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Ten
 
 
 def completion_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor,
-                      completion_length: int) -> Tensor:
+                      completion_length: int, temperature: float = 1.0) -> Tensor:
     """Next-token logits at the positions that predict the last ``completion_length`` tokens.
 
     ``sequences`` and ``attention_mask`` are [batch, P + T] (left-padded prompt, then completion);
-    returns [batch, T, vocab] in the model's dtype. Only these positions are materialised
-    (``logits_to_keep``), and position ids come from the attention mask exactly as ``generate``
-    builds them, so the scored contexts are the sampled ones.
+    returns [batch, T, vocab] in the model's dtype, divided by ``temperature`` (no copy at 1).
+    Only these positions are materialised (``logits_to_keep``), and position ids come from the
+    attention mask exactly as ``generate`` builds them, so the scored contexts are the sampled ones.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=sequences[:, :-1], attention_mask=attention_mask[:, :-1],
                    position_ids=position_ids[:, :-1], logits_to_keep=completion_length,
                    use_cache=False)
-    return output.logits
+    return output.logits if temperature == 1.0 else output.logits / temperature
 
 
-def token_statistics(student_logits: Tensor, teacher_logits: Tensor, sampled_ids: Tensor,
-                     safety_token_ids: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor | None,
-                                                                                Tensor | None]:
+def token_statistics(
+    student_logits: Tensor, teacher_logits: Tensor, sampled_ids: Tensor,
+    safety_token_ids: Tensor | None, chunk_size: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-token diagnostics, no gradient: k3 KL estimate and the probability mass on S.
 
-    With y the sampled token (drawn from the student), r = p_t(y)/p_s(y) and k3 = (r − 1) − log r,
-    an unbiased, non-negative estimate of KL(student‖teacher) (Schulman's k3). Logits are
+    With y the sampled token, r = p_t(y)/p_s(y) and k3 = (r − 1) − log r, a non-negative estimate
+    of KL(student‖teacher) (Schulman's k3), unbiased when y was drawn from exactly these
+    (temperature-scaled) student logits, i.e. with --top-p 1. Logits are
     [batch, T, vocab], ``sampled_ids`` [batch, T]; returns [batch, T] float64 k3 and, when S is
     given, the student's and teacher's full-vocabulary mass Σ_{v∈S} p(v), each [batch, T].
     """
@@ -483,9 +485,9 @@ class Distiller:
             completions = completions[:, :length]
             sampled = sequences[:, -length:]
             with torch.no_grad(), self.teacher() as teacher:
-                teacher_logits = completion_logits(teacher, sequences, attention, length) / cfg.temperature
+                teacher_logits = completion_logits(teacher, sequences, attention, length, cfg.temperature)
             self.model.train()
-            student_logits = completion_logits(self.model, sequences, attention, length) / cfg.temperature
+            student_logits = completion_logits(self.model, sequences, attention, length, cfg.temperature)
             per_token = divergence(
                 student_logits, teacher_logits, mode=cfg.mode,  # type: ignore[arg-type]
                 token_ids=self.safety_ids_tensor if cfg.mode == "subset" else None,
@@ -624,7 +626,7 @@ class Distiller:
         torch.save(self._rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             if self.config.use_lora:
-                self.model.save_pretrained(staging)  # type: ignore[operator]
+                self.model.save_pretrained(staging, save_embedding_layers=False)  # type: ignore[operator]
             else:
                 save_model(self.model, str(staging / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
@@ -677,7 +679,10 @@ class Distiller:
         if self.accelerator.is_main_process:
             staging = self.output_dir / f".{STUDENT_DIR}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
-            self.model.save_pretrained(staging)  # type: ignore[operator]
+            # save_embedding_layers=False: base embeddings are never trained, and peft's "auto" check
+            # would look the base model up on the hub.
+            extra = {"save_embedding_layers": False} if self.config.use_lora else {}
+            self.model.save_pretrained(staging, **extra)  # type: ignore[operator]
             self.tokenizer.save_pretrained(staging)
             _publish_dir(staging, final)
         self.accelerator.wait_for_everyone()
