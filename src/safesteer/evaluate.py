@@ -1,6 +1,6 @@
 """Before/after refusal check: base, steered teacher and student scored identically.
 
-The three targets share one set of weights: with a LoRA student, the base is the model with the
+With a LoRA student the three targets share one set of weights: the base is the model with the
 adapter disabled, the teacher is that plus the steering hook, and the student is the model as is.
 This module is the quick check that ``safesteer run`` ends with; the full harness grows here.
 """
@@ -16,22 +16,22 @@ from torch import nn
 from safesteer.judge import refusal_rate
 from safesteer.models import generate_responses
 
-Target = Callable[[], AbstractContextManager[Any]]
+Target = Callable[[], AbstractContextManager[nn.Module]]
 
 
-def refusal_check(model: nn.Module, tokenizer: Any, targets: dict[str, Target],
+def refusal_check(tokenizer: Any, targets: dict[str, Target],
                   prompt_sets: dict[str, list[str]], *, max_new_tokens: int,
                   batch_size: int) -> dict[str, dict[str, dict[str, float]]]:
     """Greedy answers of every target to every prompt set, judged by the keyword judge.
 
-    ``targets`` maps a name to a factory of the context in which the model *is* that target.
+    ``targets`` maps a name to a factory of a context that yields the model as that target.
     Returns ``{target: {prompt_set: {"n": count, "refusal": rate}}}``.
     """
     results: dict[str, dict[str, dict[str, float]]] = {}
     for target, context in targets.items():
         results[target] = {}
         for name, prompts in prompt_sets.items():
-            with context():
+            with context() as model:
                 answers = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                              batch_size=batch_size, desc=f"{target}: {name}")
             results[target][name] = {"n": len(prompts), "refusal": refusal_rate(answers)}

@@ -362,7 +362,7 @@ def encode_rendered(
 
 
 @contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed sampling on ``device`` for the block only; the caller's RNG states come back after."""
     if seed is None:
         yield
@@ -408,7 +408,7 @@ def generate_responses(
     device = model_device(model)
     responses = [""] * len(prompts)
     progress = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
-    with progress, _seeded(seed, device), torch.no_grad():
+    with progress, seeded(seed, device), torch.no_grad():
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = encode_rendered(tokenizer, [rendered[index] for index in indices], device)

@@ -12,7 +12,7 @@ it was made with the same settings; training continues from its last complete ch
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,14 +105,6 @@ def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: 
     return tokens
 
 
-@contextmanager
-def _as_teacher(model: Any, direction: Direction):
-    with ExitStack() as stack:
-        stack.enter_context(model.disable_adapter())
-        stack.enter_context(direction.steer(model))
-        yield
-
-
 def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
                  direction_config: DirectionConfig, tokens_config: TokensConfig,
                  distill_config: DistillConfig) -> dict[str, Any]:
@@ -136,13 +128,12 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     print(f"student: {result.student_dir} after {result.step} steps")
     if run.check_limit == 0:
         return {}
-    student = distiller.model
-    targets = {"base": student.disable_adapter, "teacher": lambda: _as_teacher(student, direction),
-               "student": nullcontext}
+    targets = {"base": distiller.base, "teacher": distiller.teacher,
+               "student": lambda: nullcontext(distiller.model)}
     prompt_sets = {name: load_prompts(name, source=data_args.data_source, seed=data_args.data_seed,
                                       limit=run.check_limit)
                    for name in [*run.check_harmful, *run.check_benign]}
-    results = refusal_check(student, tokenizer, targets, prompt_sets,
+    results = refusal_check(tokenizer, targets, prompt_sets,
                             max_new_tokens=run.check_max_new_tokens,
                             batch_size=direction_config.batch_size)
     summary = {"refusal": results, "harmful_sets": run.check_harmful, "benign_sets": run.check_benign,

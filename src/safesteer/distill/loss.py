@@ -39,7 +39,7 @@ def _seq_chunks(seq_len: int, chunk_size: int | None) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, seq_len, chunk_size)]
 
 
-def _log_softmax_at(logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
+def log_softmax_at(logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
     """Full-vocabulary log-softmax of ``logits`` [batch, seq, vocab], read only at ``index``.
 
     The logsumexp over the vocabulary runs in at least float32, ``chunk_size`` positions at a time,
@@ -58,7 +58,7 @@ def _log_softmax_at(logits: Tensor, index: Tensor, chunk_size: int | None) -> Te
 
 
 class _GatheredLogSoftmax(torch.autograd.Function):
-    """``_log_softmax_at`` for the student, with a chunked backward that recomputes the softmax.
+    """``log_softmax_at`` for the student, with a chunked backward that recomputes the softmax.
 
     Plain autograd would save a float32 copy of bf16 logits and build several full-size
     temporaries in backward; this saves nothing new and allocates only the gradient.
@@ -69,7 +69,7 @@ class _GatheredLogSoftmax(torch.autograd.Function):
     def forward(ctx: Any, logits: Tensor, index: Tensor, chunk_size: int | None) -> Tensor:
         ctx.save_for_backward(logits, index)
         ctx.chunk_size = chunk_size
-        return _log_softmax_at(logits, index, chunk_size)
+        return log_softmax_at(logits, index, chunk_size)
 
     @staticmethod
     @once_differentiable
@@ -193,7 +193,7 @@ def divergence(
         index = teacher_logits.topk(top_k, dim=-1).indices
 
     student = _GatheredLogSoftmax.apply(student_logits, index, chunk_size)
-    teacher = _log_softmax_at(teacher_logits, index, chunk_size)
+    teacher = log_softmax_at(teacher_logits, index, chunk_size)
     if renormalize:
         student = student - student.logsumexp(-1, keepdim=True)
         teacher = teacher - teacher.logsumexp(-1, keepdim=True)

@@ -44,11 +44,11 @@ from safesteer import __version__
 from safesteer.data import prompts_sha256
 from safesteer.direction import Direction
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.loss import _log_softmax_at, divergence, loss_mask, reduce_loss
+from safesteer.distill.loss import divergence, log_softmax_at, loss_mask, reduce_loss
 from safesteer.errors import SafesteerError
 from safesteer.io import guard_output_dir, write_json
 from safesteer.judge import is_refusal
-from safesteer.models import _seeded, model_device, render_prompts
+from safesteer.models import model_device, render_prompts, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def token_statistics(
     index = sampled_ids.unsqueeze(-1)
     if safety_token_ids is not None:
         index = torch.cat([index, safety_token_ids.view(1, 1, -1).expand(*sampled_ids.shape, -1)], -1)
-    student = _log_softmax_at(student_logits.detach(), index, chunk_size).double()
-    teacher = _log_softmax_at(teacher_logits.detach(), index, chunk_size).double()
+    student = log_softmax_at(student_logits.detach(), index, chunk_size).double()
+    teacher = log_softmax_at(teacher_logits.detach(), index, chunk_size).double()
     log_ratio = teacher[..., 0] - student[..., 0]
     k3 = log_ratio.exp() - 1 - log_ratio
     if safety_token_ids is None:
@@ -389,7 +389,7 @@ class Distiller:
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                               target_modules=cfg.target_modules(), task_type="CAUSAL_LM")
             # The adapter's random initialisation is drawn from --seed, leaving the caller's RNG alone.
-            with _seeded(cfg.seed, self.device):
+            with seeded(cfg.seed, self.device):
                 self.model: nn.Module = get_peft_model(base, lora)
             self.teacher_model: nn.Module = self.model
         else:
@@ -400,15 +400,20 @@ class Distiller:
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
 
     @contextmanager
-    def teacher(self) -> Iterator[nn.Module]:
-        """The steered teacher, in eval mode: base weights (adapter off) plus the direction."""
+    def base(self) -> Iterator[nn.Module]:
+        """The unsteered base model, in eval mode: the adapter disabled, or the frozen copy."""
         self.teacher_model.eval()
         if self.teacher_model is self.model:
-            with self.model.disable_adapter(), self.direction.steer(self.model):  # type: ignore[operator]
+            with self.model.disable_adapter():  # type: ignore[operator]
                 yield self.model
         else:
-            with self.direction.steer(self.teacher_model):
-                yield self.teacher_model
+            yield self.teacher_model
+
+    @contextmanager
+    def teacher(self) -> Iterator[nn.Module]:
+        """The steered teacher, in eval mode: the base weights plus the direction."""
+        with self.base() as base, self.direction.steer(base):
+            yield base
 
     # ----------------------------------------------------------------- one step
 
@@ -439,7 +444,7 @@ class Distiller:
         seed = random.Random(f"{cfg.seed}:{step}:{self.accelerator.process_index}").getrandbits(63)
         self.model.eval()
         try:
-            with torch.no_grad(), _seeded(seed, self.device):
+            with torch.no_grad(), seeded(seed, self.device):
                 sequences = self.model.generate(  # type: ignore[operator]
                     input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
