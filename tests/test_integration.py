@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from safesteer.cli import main
@@ -14,12 +19,14 @@ from safesteer.models import generate_responses, load_model
 pytestmark = pytest.mark.integration
 
 
+DIRECTION_FLAGS = ["--n-train", "64", "--n-val", "16", "--response-n-val", "12"]
+
+
 @pytest.fixture(scope="module")
 def direction_run(tmp_path_factory):
     """The default ``auto`` direction, with smaller prompt sets so it fits CI's budget."""
     output_dir = tmp_path_factory.mktemp("direction")
-    code = main(["direction", "--output-dir", str(output_dir), "--n-train", "64", "--n-val", "16",
-                 "--response-n-val", "12", "--val-max-new-tokens", "16"])
+    code = main(["direction", "--output-dir", str(output_dir), *DIRECTION_FLAGS])
     assert code == 0
     return output_dir
 
@@ -42,3 +49,30 @@ def test_chat_answers_side_by_side(direction_run, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert ">>> Name a fruit." in out and "teacher |" in out
+
+
+def test_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path, capsys):
+    """`safesteer run` at CI size, reusing the direction above (--resume skips a finished stage)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("direction.json", "direction.safetensors"):
+        shutil.copy(direction_run / name, run_dir / name)
+    code = main(["run", "--output-dir", str(run_dir), "--resume", *DIRECTION_FLAGS,
+                 "--vote-n-prompts", "4", "--vote-samples-per-prompt", "2", "--horizon", "3",
+                 "--n-train-prompts", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2",
+                 "--max-new-tokens", "8", "--check-limit", "4", "--check-max-new-tokens", "8"])
+    assert code == 0, capsys.readouterr().err
+    assert (run_dir / "check.json").is_file()
+    script = textwrap.dedent(f"""
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from safesteer.wheels import cache_dir
+        base = AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / "smollm2-135m")
+        student = PeftModel.from_pretrained(base, {str(run_dir / "student")!r})
+        tokenizer = AutoTokenizer.from_pretrained({str(run_dir / "student")!r})
+        ids = tokenizer("Hello", return_tensors="pt").input_ids
+        assert student(ids).logits.isfinite().all()
+        print("loaded")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
