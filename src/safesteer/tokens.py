@@ -54,7 +54,7 @@ class SafetyTokenVotes:
     scores: list[float]
     teacher_mean_probs: list[float]
     base_mean_probs: list[float]
-    aggregation: Literal["vote", "kl-vote", "mean"]
+    aggregation: Literal["vote", "mean"]
     num_valid: int
 
 
@@ -108,8 +108,7 @@ class VoteAccumulator:
     with ``banned`` set, to vote; then :meth:`select`.
     """
 
-    def __init__(self, vocab_size: int, inner_top_k: int = 200, banned: Tensor | None = None,
-                 weight_by_teacher: bool = False):
+    def __init__(self, vocab_size: int, inner_top_k: int = 200, banned: Tensor | None = None):
         if inner_top_k < 0:
             raise ValueError(f"inner_top_k must be >= 0, got {inner_top_k}")
         if banned is not None and (banned.shape != (vocab_size,) or banned.dtype != torch.bool):
@@ -118,7 +117,6 @@ class VoteAccumulator:
         self.vocab_size = vocab_size
         self.inner_top_k = inner_top_k
         self.banned = banned
-        self.weight_by_teacher = weight_by_teacher
         self.counts = torch.zeros(vocab_size, dtype=torch.int64)
         self.num_valid = 0
         self._teacher_prob_sum = torch.zeros(vocab_size, dtype=torch.float64)
@@ -150,8 +148,6 @@ class VoteAccumulator:
         self._contrast_sum += contrast.sum(dim=0).cpu()
         if self.inner_top_k == 0:
             return
-        if self.weight_by_teacher:
-            contrast = teacher.exp() * contrast
         if self.banned is not None:
             contrast.masked_fill_(self.banned.to(contrast.device), float("-inf"))
         self.counts += _inner_top_k_votes(contrast, self.inner_top_k).cpu()
@@ -185,15 +181,14 @@ class VoteAccumulator:
         if banned is None:
             banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         ids = select_top_tokens(self.counts, banned, top_k)
-        aggregation = "kl-vote" if self.weight_by_teacher else "vote"
-        return _result(self, ids, self.counts[ids].tolist(), aggregation)
+        return _result(self, ids, self.counts[ids].tolist(), "vote")
 
 
 def _result(
     accumulator: VoteAccumulator,
     ids: Tensor,
     scores: list[float],
-    aggregation: Literal["vote", "kl-vote", "mean"],
+    aggregation: Literal["vote", "mean"],
 ) -> SafetyTokenVotes:
     return SafetyTokenVotes(
         token_ids=ids.tolist(),
@@ -314,7 +309,7 @@ def end_of_turn_valid_mask(base_argmax: Tensor, end_ids: list[int]) -> Tensor:
 
 # ------------------------------------------------------------------------- the model-facing stage
 
-AGGREGATIONS = ("vote", "kl-vote", "mean")
+AGGREGATIONS = ("vote", "mean")
 SAFETY_TOKENS_FILE = "safety_tokens.json"
 # Special-token names that end an answer: <|im_end|>, <|eot_id|>, <|endoftext|>, <end_of_turn>, ...
 _END_OF_TURN_NAME = re.compile(r"end|eot|eos", re.IGNORECASE)
@@ -349,11 +344,7 @@ class TokensConfig:
     )
     aggregation: str = field(
         default="vote",
-        metadata={"help": "vote (paper): each position votes for its K' highest contrasts; kl-vote: "
-                          "for its K' highest teacher-weighted contrasts p_t (log p_t - log p_0), the "
-                          "tokens' terms of KL(teacher || base), which favours tokens carrying real "
-                          "teacher mass over rare tokens with a large ratio; mean (legacy): highest "
-                          "mean contrast.",
+        metadata={"help": "vote (paper): most-voted tokens; mean (legacy): highest mean contrast.",
                   "choices": AGGREGATIONS},
     )
     vote_temperature: float = field(default=1.0,
@@ -437,7 +428,7 @@ class SafetyTokenSet:
 
     def table(self) -> str:
         """Fixed-width table of S for the terminal: rank, id, token repr, score, p̄_0, p̄_t."""
-        score_name = "mean_delta" if self.settings.get("aggregation", "vote") == "mean" else "votes"
+        score_name = "votes" if self.settings.get("aggregation", "vote") == "vote" else "mean_delta"
         header = (f"{'rank':>4}  {'id':>7}  {'token':<{_TOKEN_COLUMN}}  {score_name:>10}  "
                   f"{'mean_p_base':>11}  {'mean_p_teacher':>14}")
         lines = [header, "-" * len(header)]
@@ -645,8 +636,7 @@ def select_safety_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     if config.aggregation == "mean":
         chosen = _select_by_mean(means, banned, config.num_safety_tokens)
     else:
-        votes = VoteAccumulator(vocab_size, config.inner_top_k, banned,
-                                weight_by_teacher=config.aggregation == "kl-vote")
+        votes = VoteAccumulator(vocab_size, config.inner_top_k, banned)
         _accumulate_batches(model, direction, batches, end_ids, config.horizon, votes,
                             desc="safety tokens: votes")
         chosen = votes.select(config.num_safety_tokens)
