@@ -1,10 +1,10 @@
 # Two entry points for a fresh machine with only Python 3.11+ and pip:
-#   make demo   runs the main job on the embedded default model
+#   make demo   stage-1 demo on the embedded default model: direction, then base vs teacher answers
 #   make test   runs the test suite (unit + integration)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-OUTPUT_DIR ?= runs/demo
+OUTPUT_DIR ?= runs/demo-direction
 # The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 

@@ -106,3 +106,24 @@ def test_failed_run_leaves_no_output_directory(capsys, tmp_path):
     run = tmp_path / "run"
     code, _, _ = _run(capsys, "direction", "--model", "no-such-model", "--output-dir", str(run))
     assert code == 2 and not run.exists()
+
+
+def test_yaml_values_parse_like_flags(tmp_path):
+    from safesteer.cli import parse
+    from safesteer.direction import DirectionConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nresponse_betas: 0.25\nfilter_by_score: false\n")
+    _, parsed = parse("direction", ["--config", str(config)])
+    direction = next(item for item in parsed if isinstance(item, DirectionConfig))
+    assert direction.response_betas == [0.25] and direction.filter_by_score is False
+    _, parsed = parse("direction", ["--config", str(config), "--response-betas", "0.5", "0.7"])
+    direction = next(item for item in parsed if isinstance(item, DirectionConfig))
+    assert direction.response_betas == [0.5, 0.7]
+
+
+def test_unknown_flag_is_a_one_line_error(capsys, tmp_path):
+    code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path), "--no-such-flag", "1")
+    assert code == 2 and "--no-such-flag" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path), "--preset", "demo")
+    assert code == 2 and "--preset" in err

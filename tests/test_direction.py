@@ -227,3 +227,14 @@ def test_config_validation():
         DirectionConfig(n_train=0)
     with pytest.raises(SafesteerError, match="--response-betas"):
         DirectionConfig(response_betas=[0.0])
+
+
+def test_damaged_direction_files_give_clear_errors(tmp_path):
+    Direction(torch.ones(4), 0, 1.0, {}).save(tmp_path)
+    (tmp_path / "direction.json").write_text('{"coefficient": 1.0}')
+    with pytest.raises(SafesteerError, match="'layer'"):
+        Direction.load(tmp_path)
+    (tmp_path / "direction.json").write_text('{"layer": 0, "coefficient": 1.0}')
+    (tmp_path / "direction.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SafesteerError, match="safetensors"):
+        Direction.load(tmp_path)

@@ -118,12 +118,6 @@ def tokens_command(model_args: ModelArguments, data_args: DataArguments, config:
     print(f"wrote {run_dir / 'safety_tokens.json'}")
 
 
-def run_command(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
-                direction_config: DirectionConfig, tokens_config: TokensConfig,
-                distill_config: DistillConfig) -> None:
-    run_pipeline(model_args, data_args, run, direction_config, tokens_config, distill_config)
-
-
 @dataclass
 class ExportArguments:
     """Which student to merge and where the plain model goes."""
@@ -151,7 +145,7 @@ COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
              "Answer prompts side by side with the base model and the steered teacher."),
     "tokens": (tokens_command, (ModelArguments, DataArguments, TokensConfig, TokensArguments),
                "Select the safety tokens by voting over steered rollouts; print them as a table."),
-    "run": (run_command,
+    "run": (run_pipeline,
             (ModelArguments, DataArguments, RunArguments, DirectionConfig, TokensConfig, DistillConfig),
             "The whole method: direction, safety tokens, distillation, before/after check."),
     "export": (export_command, (ModelArguments, ExportArguments),
@@ -166,8 +160,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _yaml_defaults(path: str, dataclass_types: Sequence[type]) -> dict[str, Any]:
-    """Option values from a flat YAML mapping, checked against the command's options."""
+def _yaml_arguments(path: str, dataclass_types: Sequence[type]) -> list[str]:
+    """A flat YAML mapping as command-line tokens, so its values are parsed exactly like flags
+    (types, lists, required options); placed before the real flags, which therefore win."""
     try:
         loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError as missing:
@@ -182,7 +177,14 @@ def _yaml_defaults(path: str, dataclass_types: Sequence[type]) -> dict[str, Any]
     unknown = sorted(key for key in loaded if key.replace("-", "_") not in known)
     if unknown:
         raise SafesteerError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return {key.replace("-", "_"): value for key, value in loaded.items()}
+    tokens: list[str] = []
+    for key, value in loaded.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        tokens += [f"--{key.replace('-', '_')}",
+                   *(str(item).lower() if isinstance(item, bool) else str(item) for item in values)]
+    return tokens
 
 
 def parse(command: str, argv: Sequence[str]) -> tuple[Callable[..., None], list[Any]]:
@@ -198,13 +200,17 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Callable[..., None], list[
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--config")
     early.add_argument("--preset")
+    # ``--preset`` on another command falls through to the unknown-option error below.
     known = early.parse_known_args(list(argv))[0]
     if known.preset in PRESETS and command == "run":
         parser.set_defaults(**PRESETS[known.preset][1])
+    arguments = list(argv)
     if known.config:
-        parser.set_defaults(**_yaml_defaults(known.config, dataclass_types))
-    *parsed, _extra = parser.parse_args_into_dataclasses(list(argv))
-    return handler, parsed
+        arguments = _yaml_arguments(known.config, dataclass_types) + arguments
+    *parsed, remaining = parser.parse_args_into_dataclasses(arguments, return_remaining_strings=True)
+    if remaining:
+        raise SafesteerError(f"unknown option(s) {' '.join(remaining)}; see `safesteer {command} --help`")
+    return handler, [item for item in parsed if not isinstance(item, argparse.Namespace)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from safesteer.models import (
     hidden_size,
     model_device,
     num_layers,
+    position_ids,
     render_prompts,
 )
 from safesteer.steering import ablate_direction, add_to_block_input, record_block_inputs
@@ -190,8 +191,17 @@ class Direction:
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise SafesteerError(f"{meta_path}: line {error.lineno}: invalid JSON") from error
-        vector = load_file(str(tensor_path))["direction"]
-        return cls(vector, int(metadata["layer"]), float(metadata["coefficient"]), metadata)
+        try:
+            layer, coefficient = int(metadata["layer"]), float(metadata["coefficient"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SafesteerError(f"{meta_path}: expected an object with numeric 'layer' and "
+                                 "'coefficient'") from error
+        try:
+            vector = load_file(str(tensor_path))["direction"]
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            raise SafesteerError(f"{tensor_path}: not a safetensors file with a 'direction' tensor "
+                                 f"({error})") from error
+        return cls(vector, layer, coefficient, metadata)
 
 
 # ---------------------------------------------------------------- shared numerics (pure functions)
@@ -307,10 +317,9 @@ def post_instruction_length(tokenizer: Any) -> int:
 
 
 def _forward_last(model: nn.Module, encoded: Any) -> torch.Tensor:
-    """Last-position logits of a left-padded batch, with positions counted from each row's first
-    real token so that models with absolute position embeddings see the same inputs unpadded."""
-    position_ids = (encoded["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    return model(**encoded, position_ids=position_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+    """Last-position logits of a left-padded batch."""
+    positions = position_ids(encoded["attention_mask"])
+    return model(**encoded, position_ids=positions, use_cache=False, logits_to_keep=1).logits[:, -1]
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:

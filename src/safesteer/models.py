@@ -351,6 +351,12 @@ def render_prompts(
     return rendered
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token of a left-padded batch ``[batch, seq]``,
+    so that models with absolute position embeddings see a padded row as they would unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def encode_rendered(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str
 ) -> BatchEncoding:

@@ -96,7 +96,9 @@ def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: 
     """Stage 2: the tokens the distillation loss is restricted to."""
     if run.resume and (output_dir / "safety_tokens.json").exists():
         tokens = SafetyTokenSet.load(output_dir)
-        _same_settings("safety tokens", tokens.settings, asdict(config))
+        _same_settings("safety tokens", tokens.settings,
+                       {**asdict(config), "direction_layer": direction.layer,
+                        "direction_coefficient": direction.coefficient})
         return tokens
     prompts = load_prompts(config.vote_prompts, source=data.data_source, field=data.prompt_field,
                            seed=data.data_seed, limit=config.vote_n_prompts)
@@ -129,9 +131,9 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     if run.check_limit == 0:
         return {}
     targets = {"base": distiller.base, "teacher": distiller.teacher,
-               "student": lambda: nullcontext(distiller.model)}
-    prompt_sets = {name: load_prompts(name, source=data_args.data_source, seed=data_args.data_seed,
-                                      limit=run.check_limit)
+               "student": lambda: nullcontext(distiller.model.eval())}
+    prompt_sets = {name: load_prompts(name, source=data_args.data_source, field=data_args.prompt_field,
+                                      seed=data_args.data_seed, limit=run.check_limit)
                    for name in [*run.check_harmful, *run.check_benign]}
     results = refusal_check(tokenizer, targets, prompt_sets,
                             max_new_tokens=run.check_max_new_tokens,

@@ -106,8 +106,9 @@ def _named_child(block: nn.Module, names: tuple[str, ...]) -> nn.Module:
 def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None]:
     """Remove the component along ``direction`` from every block input, attention and MLP output.
 
-    This is Arditi et al.'s directional ablation: with all three hooked, no block can write the
-    direction back into the residual stream, at any position.
+    This is Arditi et al.'s directional ablation, plus each block's output: models that normalise
+    the attention/MLP output before the residual add (Gemma 2/3) could otherwise write the
+    direction back through the norm's weight, and the last block's output reaches the logits.
     """
     _check_width(direction, model)
     unit = direction.detach().float() / (direction.detach().float().norm() + 1e-8)
@@ -121,15 +122,14 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
             return (project_out(output[0], unit), *output[1:])
         return project_out(output, unit)
 
+    blocks = decoder_layers(model)
+    outputs = [module for block in blocks
+               for module in (_named_child(block, _ATTENTION_NAMES), _named_child(block, _MLP_NAMES), block)]
     with ExitStack() as stack:
-        for block in decoder_layers(model):
-            handles = [
-                block.register_forward_pre_hook(pre_hook, with_kwargs=True),
-                _named_child(block, _ATTENTION_NAMES).register_forward_hook(output_hook),
-                _named_child(block, _MLP_NAMES).register_forward_hook(output_hook),
-            ]
-            for handle in handles:
-                stack.callback(handle.remove)
+        for block in blocks:
+            stack.callback(block.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
+        for module in outputs:
+            stack.callback(module.register_forward_hook(output_hook).remove)
         yield
 
 

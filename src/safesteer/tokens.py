@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
 from safesteer.io import write_json
-from safesteer.models import encode_rendered, model_device, render_prompts
+from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
 
 if TYPE_CHECKING:
     from safesteer.direction import Direction
@@ -479,12 +479,6 @@ def token_strings(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[s
     return [*decoded, *[""] * (vocab_size - known)]
 
 
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted from each row's first real token: left padding shifts no absolute
-    position embedding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _sample_next_tokens(logits: Tensor, temperature: float, top_p: float, blocked_ids: list[int],
                         generator: torch.Generator) -> Tensor:
     """One token per row of [rows, V] logits: temperature, then nucleus (the smallest set of most
@@ -520,13 +514,13 @@ def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int,
     """
     attention_mask = encoded["attention_mask"]
     next_input = encoded["input_ids"]
-    position_ids = _position_ids(attention_mask)
+    positions = position_ids(attention_mask)
     cache_keyword = _cache_keyword(model)
     cache = None
     sampled = []
     for _ in range(steps):
         output = model(input_ids=next_input, attention_mask=attention_mask,
-                       position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                       position_ids=positions, use_cache=True, logits_to_keep=1,
                        **{cache_keyword: cache})
         cache = getattr(output, cache_keyword)
         tokens = _sample_next_tokens(output.logits[:, -1], temperature, top_p, blocked_ids,
@@ -534,7 +528,7 @@ def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int,
         sampled.append(tokens)
         next_input = tokens[:, None].to(attention_mask.device)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_input)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
+        positions = positions[:, -1:] + 1
     if not sampled:
         return torch.zeros(attention_mask.shape[0], 0, dtype=torch.int64)
     return torch.stack(sampled, dim=1)
@@ -579,7 +573,7 @@ def answer_logprobs(model: nn.Module, direction: Direction, input_ids: Tensor,
     """
     device = model_device(model)
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-              "position_ids": _position_ids(attention_mask).to(device)}
+              "position_ids": position_ids(attention_mask).to(device)}
 
     def logprobs() -> Tensor:
         logits = model(**inputs, use_cache=False, logits_to_keep=horizon).logits

