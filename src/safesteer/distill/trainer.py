@@ -441,7 +441,7 @@ class Distiller:
         if not prompts:
             empty = input_ids.new_zeros(0, 0)
             return Rollout(input_ids, attention_mask, empty, [])
-        seed = random.Random(f"{cfg.seed}:{step}:{self.accelerator.process_index}").getrandbits(63)
+        seed = self._step_seed("sample", step)
         self.model.eval()
         try:
             with torch.no_grad(), seeded(seed, self.device):
@@ -563,7 +563,10 @@ class Distiller:
                 step = self.step + 1
                 started = time.perf_counter()
                 rollout = self.sample(step)
-                metrics = self.backward(rollout)
+                # Dropout draws from a step-derived seed, so a resumed run needs no saved RNG state
+                # and the caller's global RNG is left as it was.
+                with seeded(self._step_seed("backward", step), self.device):
+                    metrics = self.backward(rollout)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm)
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm.item())):
                     self.optimizer.zero_grad(set_to_none=True)
@@ -628,7 +631,6 @@ class Distiller:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        torch.save(self._rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             if self.config.use_lora:
                 self.model.save_pretrained(staging, save_embedding_layers=False)  # type: ignore[operator]
@@ -646,12 +648,10 @@ class Distiller:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
-    def _rng_state(self) -> dict[str, Tensor]:
-        """The global RNG states the step consumes (dropout); sampling uses its own seeded RNG."""
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type != "cpu":
-            state["device"] = torch.get_device_module(self.device.type).get_rng_state(self.device)
-        return state
+    def _step_seed(self, purpose: str, step: int) -> int:
+        """A seed for one step's sampling or dropout, from (--seed, purpose, step, process)."""
+        key = f"{self.config.seed}:{purpose}:{step}:{self.accelerator.process_index}"
+        return random.Random(key).getrandbits(63)
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
         if self.config.use_lora:
@@ -661,10 +661,6 @@ class Distiller:
             load_model(self.model, str(checkpoint / "model.safetensors"), device=str(self.device))
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        rng = torch.load(checkpoint / f"rng_state_{self.accelerator.process_index}.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "device" in rng:
-            torch.get_device_module(self.device.type).set_rng_state(rng["device"], self.device)
         self.step = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"]
         if self.accelerator.is_main_process:
             self._truncate_log()
