@@ -20,7 +20,6 @@ from transformers import HfArgumentParser
 
 from safesteer import __version__
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import load_prompts
 from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig, find_direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import merge_student
@@ -82,7 +81,7 @@ def chat_command(model_args: ModelArguments, data_args: DataArguments,
                  chat: ChatArguments) -> None:
     prompts = list(chat.prompt or [])
     if chat.prompts_file:
-        prompts += load_prompts(chat.prompts_file, field=data_args.prompt_field)
+        prompts += data_args.load(chat.prompts_file)
     direction = Direction.load(chat.run_dir)
     model, tokenizer = load_model(model_args)
     direction.check_compatible(model)
@@ -108,8 +107,7 @@ def tokens_command(model_args: ModelArguments, data_args: DataArguments, config:
                    run: TokensArguments) -> None:
     run_dir = guard_output_dir(Path(run.run_dir), ("safety_tokens.json",), run.overwrite)
     direction = Direction.load(run_dir)
-    prompts = load_prompts(config.vote_prompts, source=data_args.data_source, field=data_args.prompt_field,
-                           seed=data_args.data_seed, limit=config.vote_n_prompts)
+    prompts = data_args.load(config.vote_prompts, config.vote_n_prompts)
     model, tokenizer = load_model(model_args)
     direction.check_compatible(model)
     tokens = select_safety_tokens(model, tokenizer, direction, prompts, config)

@@ -63,6 +63,13 @@ class DataArguments:
     )
     data_seed: int = field(default=42, metadata={"help": "Seed for sampling and splitting prompt sets."})
 
+    def load(self, name_or_path: str, limit: int | None = None) -> list[str]:
+        """A prompt set (registry name or file) read with these settings."""
+        from safesteer.data import load_prompts  # imported here: safesteer.data imports this module
+
+        return load_prompts(name_or_path, source=self.data_source, field=self.prompt_field,
+                            seed=self.data_seed, limit=limit)
+
     def __post_init__(self) -> None:
         if self.data_source not in DATA_SOURCES:
             raise SafesteerError(

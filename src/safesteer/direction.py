@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from safesteer import __version__
 from safesteer.config import DataArguments
-from safesteer.data import load_prompts, prompts_sha256
+from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_write, write_json
 from safesteer.judge import refusal_rate
@@ -408,8 +408,7 @@ class DirectionData:
     @classmethod
     def load(cls, config: DirectionConfig, data: DataArguments) -> DirectionData:
         def get(name: str, limit: int) -> list[str]:
-            return load_prompts(name, source=data.data_source, field=data.prompt_field,
-                                seed=data.data_seed, limit=limit)
+            return data.load(name, limit)
 
         n_train = max(config.n_train, config.response_n_train)
         n_val = max(config.n_val, config.response_n_val)

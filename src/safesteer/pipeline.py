@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import load_prompts
 from safesteer.direction import Direction, DirectionConfig, find_direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller
@@ -100,8 +99,7 @@ def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: 
                        {**asdict(config), "direction_layer": direction.layer,
                         "direction_coefficient": direction.coefficient})
         return tokens
-    prompts = load_prompts(config.vote_prompts, source=data.data_source, field=data.prompt_field,
-                           seed=data.data_seed, limit=config.vote_n_prompts)
+    prompts = data.load(config.vote_prompts, config.vote_n_prompts)
     tokens = select_safety_tokens(model, tokenizer, direction, prompts, config)
     tokens.save(output_dir)
     return tokens
@@ -120,9 +118,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     tokens = safety_tokens(model, tokenizer, direction, output_dir, run, tokens_config, data_args)
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
-    train_prompts = load_prompts(run.train_prompts, source=data_args.data_source,
-                                 field=data_args.prompt_field, seed=data_args.data_seed,
-                                 limit=run.n_train_prompts)
+    train_prompts = data_args.load(run.train_prompts, run.n_train_prompts)
     distiller = Distiller(model, tokenizer, direction, train_prompts, distill_config, output_dir,
                           safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite)
     distiller.setup()
@@ -132,8 +128,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
         return {}
     targets = {"base": distiller.base, "teacher": distiller.teacher,
                "student": lambda: nullcontext(distiller.model.eval())}
-    prompt_sets = {name: load_prompts(name, source=data_args.data_source, field=data_args.prompt_field,
-                                      seed=data_args.data_seed, limit=run.check_limit)
+    prompt_sets = {name: data_args.load(name, run.check_limit)
                    for name in [*run.check_harmful, *run.check_benign]}
     results = refusal_check(tokenizer, targets, prompt_sets,
                             max_new_tokens=run.check_max_new_tokens,
