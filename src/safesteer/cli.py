@@ -20,14 +20,14 @@ from transformers import HfArgumentParser
 
 from safesteer import __version__
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig, find_direction
+from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import merge_student
 from safesteer.errors import SafesteerError
 from safesteer.io import guard_output_dir
 from safesteer.models import generate_responses, load_model, model_id
-from safesteer.pipeline import PRESETS, RunArguments, run_pipeline
-from safesteer.tokens import TokensConfig, select_safety_tokens
+from safesteer.pipeline import PRESETS, RunArguments, run_pipeline, safety_tokens, teacher_direction
+from safesteer.tokens import TokensConfig
 
 
 @dataclass
@@ -61,8 +61,8 @@ def direction_command(model_args: ModelArguments, data_args: DataArguments,
                       config: DirectionConfig, output: OutputArguments) -> None:
     output_dir = guard_output_dir(Path(output.output_dir), DIRECTION_FILES, output.overwrite)
     model, tokenizer = load_model(model_args)
-    direction = find_direction(model, tokenizer, config, data_args, model_id(model_args))
-    direction.save(output_dir)
+    direction = teacher_direction(model, tokenizer, output_dir, False, config, data_args,
+                                  model_id(model_args))
     meta = direction.metadata
     print(f"method: {meta['method']} ({meta['selection_reason']})")
     print(f"layer: {direction.layer}  position: {meta['position']}  "
@@ -107,11 +107,9 @@ def tokens_command(model_args: ModelArguments, data_args: DataArguments, config:
                    run: TokensArguments) -> None:
     run_dir = guard_output_dir(Path(run.run_dir), ("safety_tokens.json",), run.overwrite)
     direction = Direction.load(run_dir)
-    prompts = data_args.load(config.vote_prompts, config.vote_n_prompts)
     model, tokenizer = load_model(model_args)
     direction.check_compatible(model)
-    tokens = select_safety_tokens(model, tokenizer, direction, prompts, config)
-    tokens.save(run_dir)
+    tokens = safety_tokens(model, tokenizer, direction, run_dir, False, config, data_args)
     print(tokens.table())
     print(f"wrote {run_dir / 'safety_tokens.json'}")
 

@@ -43,3 +43,10 @@ def guard_output_dir(output_dir: Path, artifacts: Iterable[str], overwrite: bool
             "or choose another --output-dir"
         )
     return output_dir
+
+
+def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key (saved -> current)`` for each setting of ``current`` that ``saved`` records otherwise;
+    what a resume must refuse on. Keys only in ``saved`` (derived records) are not compared."""
+    return [f"{key} ({saved.get(key)!r} -> {value!r})"
+            for key, value in sorted(current.items()) if saved.get(key) != value]

@@ -23,7 +23,7 @@ from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
-from safesteer.io import write_json
+from safesteer.io import differing_settings, write_json
 from safesteer.models import load_model, model_id
 from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
 
@@ -71,16 +71,17 @@ def _check_run_dir(run: RunArguments) -> Path:
 
 
 def _same_settings(stage: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    differing = sorted(key for key in current if saved.get(key) != current[key])
+    differing = differing_settings(saved, current)
     if differing:
         raise SafesteerError(f"cannot resume: the saved {stage} was made with other settings "
-                             f"({', '.join(differing)}); use --overwrite or the original settings")
+                             f"({'; '.join(differing)}); use --overwrite or the original settings")
 
 
-def teacher_direction(model: Any, tokenizer: Any, output_dir: Path, run: RunArguments,
+def teacher_direction(model: Any, tokenizer: Any, output_dir: Path, resume: bool,
                       config: DirectionConfig, data: DataArguments, name: str) -> Direction:
-    """Stage 1: the direction that turns the base model into the safety teacher."""
-    if run.resume and (output_dir / "direction.json").exists():
+    """Stage 1: the direction that turns the base model into the safety teacher, saved in
+    ``output_dir`` (or, with ``resume``, loaded from there when it was made with ``config``)."""
+    if resume and (output_dir / "direction.json").exists():
         direction = Direction.load(output_dir)
         _same_settings("direction", direction.metadata.get("config", {}), asdict(config))
         direction.check_compatible(model)
@@ -90,10 +91,11 @@ def teacher_direction(model: Any, tokenizer: Any, output_dir: Path, run: RunArgu
     return direction
 
 
-def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: Path, run: RunArguments,
+def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: Path, resume: bool,
                   config: TokensConfig, data: DataArguments) -> SafetyTokenSet:
-    """Stage 2: the tokens the distillation loss is restricted to."""
-    if run.resume and (output_dir / "safety_tokens.json").exists():
+    """Stage 2: the tokens the distillation loss is restricted to, saved in ``output_dir`` (or, with
+    ``resume``, loaded from there when made with ``config`` and ``direction``)."""
+    if resume and (output_dir / "safety_tokens.json").exists():
         tokens = SafetyTokenSet.load(output_dir)
         _same_settings("safety tokens", tokens.settings,
                        {**asdict(config), "direction_layer": direction.layer,
@@ -111,11 +113,11 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     """Direction, safety tokens, distillation and the before/after check, in that order."""
     output_dir = _check_run_dir(run)
     model, tokenizer = load_model(model_args)
-    direction = teacher_direction(model, tokenizer, output_dir, run, direction_config, data_args,
+    direction = teacher_direction(model, tokenizer, output_dir, run.resume, direction_config, data_args,
                                   model_id(model_args))
     print(f"teacher: {direction.metadata['method']} direction at layer {direction.layer}, "
           f"coefficient {direction.coefficient:.4g}")
-    tokens = safety_tokens(model, tokenizer, direction, output_dir, run, tokens_config, data_args)
+    tokens = safety_tokens(model, tokenizer, direction, output_dir, run.resume, tokens_config, data_args)
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
     train_prompts = data_args.load(run.train_prompts, run.n_train_prompts)

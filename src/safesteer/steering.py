@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers
+from safesteer.models import decoder_layers, hidden_size
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -49,7 +49,7 @@ def _broadcastable(vector: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _check_width(vector: torch.Tensor, model: nn.Module) -> None:
-    width = model.get_input_embeddings().weight.shape[-1]
+    width = hidden_size(model)
     if vector.shape[-1] != width:
         raise SafesteerError(
             f"steering vector has size {vector.shape[-1]} but the model's hidden size is {width}"

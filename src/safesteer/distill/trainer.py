@@ -46,7 +46,7 @@ from safesteer.direction import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.loss import divergence, log_softmax_at, loss_mask, reduce_loss
 from safesteer.errors import SafesteerError
-from safesteer.io import guard_output_dir, write_json
+from safesteer.io import differing_settings, guard_output_dir, write_json
 from safesteer.judge import is_refusal
 from safesteer.models import model_device, position_ids, render_prompts, seeded
 
@@ -122,12 +122,6 @@ def token_statistics(
 
 def _sha256(tensor: Tensor) -> str:
     return hashlib.sha256(tensor.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
-
-
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{key} ({saved.get(key)!r} -> {current.get(key)!r})"
-            for key in keys if saved.get(key) != current.get(key)]
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
@@ -344,7 +338,7 @@ class Distiller:
         if self.resume and config_path.is_file():
             for path, current in ((config_path, config), (inputs_path, inputs)):
                 saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-                differences = _differences(saved, current)
+                differences = differing_settings(saved, current)
                 if differences:
                     raise SafesteerError(
                         f"cannot resume {self.output_dir}: {path.name} differs in "
