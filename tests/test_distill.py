@@ -73,6 +73,8 @@ def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
     ({"alpha": 1.5}, "--alpha"),
     ({"skip": 3, "keep": 2}, "--keep"),
     ({"renormalize": True, "mode": "full"}, "--renormalize"),
+    ({"complement": True, "mode": "full"}, "--complement"),
+    ({"complement": True, "renormalize": True}, "--complement"),
     ({"warmup_ratio": 1.0}, "--warmup-ratio"),
     ({"save_steps": -1}, "--save-steps"),
     ({"report_to": "mlflow"}, "--report-to"),

@@ -12,8 +12,11 @@ SAFETY_IDS = [1, 4, 7, 8]
 TOP_K = 3
 MODES = ["full", "topk", "subset"]
 ALPHAS = [0.0, 0.3, 1.0]
-# Renormalising over the full vocabulary is rejected, so "full" runs without it only.
+# Renormalising over the full vocabulary is rejected, so "full" runs without it only; the
+# complement outcome needs a slice and excludes renormalisation.
 MODE_RENORMALIZE = [(m, r) for m in MODES for r in (False, True) if not (m == "full" and r)]
+MODE_RENORMALIZE_COMPLEMENT = [(m, r, False) for m, r in MODE_RENORMALIZE] + [
+    ("topk", False, True), ("subset", False, True)]
 
 
 def slice_options(mode: str) -> dict:
@@ -30,8 +33,10 @@ def naive_divergence(
     mode: str,
     alpha: float,
     renormalize: bool,
+    complement: bool = False,
 ) -> torch.Tensor:
-    """Position by position, full softmax in float64, the formulas of method.md §6.2–6.4."""
+    """Position by position, full softmax in float64, the formulas of method.md §6.2–6.4; with
+    ``complement`` the rest of the vocabulary is one more outcome, 1 − Σ_slice p."""
     rows = []
     for b in range(student_logits.shape[0]):
         row = []
@@ -47,6 +52,9 @@ def naive_divergence(
             p, q = p_student[ids], p_teacher[ids]
             if renormalize:
                 p, q = p / p.sum(), q / q.sum()
+            if complement:
+                p = torch.cat([p, (1 - p.sum()).view(1)])
+                q = torch.cat([q, (1 - q.sum()).view(1)])
             if alpha == 1.0:
                 value = (p * (p.log() - q.log())).sum()
             elif alpha == 0.0:
@@ -67,17 +75,18 @@ def logits() -> tuple[torch.Tensor, torch.Tensor]:
     return student, teacher
 
 
-@pytest.mark.parametrize(("mode", "renormalize"), MODE_RENORMALIZE)
+@pytest.mark.parametrize(("mode", "renormalize", "complement"), MODE_RENORMALIZE_COMPLEMENT)
 @pytest.mark.parametrize("alpha", ALPHAS)
-def test_divergence_matches_naive_reference_value_and_gradient(mode, alpha, renormalize, logits):
+def test_divergence_matches_naive_reference_value_and_gradient(mode, alpha, renormalize, complement,
+                                                               logits):
     student, teacher = logits
     student_a = student.clone().requires_grad_(True)
     student_b = student.clone().requires_grad_(True)
     weights = torch.randn(BATCH, SEQ, dtype=torch.float64)
 
     loss = divergence(student_a, teacher, mode=mode, alpha=alpha, renormalize=renormalize,
-                      **slice_options(mode))
-    expected = naive_divergence(student_b, teacher, mode, alpha, renormalize)
+                      complement=complement, **slice_options(mode))
+    expected = naive_divergence(student_b, teacher, mode, alpha, renormalize, complement)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
 
     (loss * weights).sum().backward()
@@ -166,6 +175,61 @@ def test_gradient_descent_converges_to_teacher_over_e():
     torch.testing.assert_close(p_s, p_t / math.e, rtol=1e-4, atol=1e-6)
 
 
+def test_complement_fixed_point_is_the_teacher_on_subset(logits):
+    """With the rest as one outcome, p_s = p_t on S is a zero of the loss and of its gradient,
+    whatever shape the student gives the tokens outside S."""
+    _, teacher = logits
+    ids = torch.tensor(SAFETY_IDS)
+    p_t = torch.softmax(teacher, -1)
+    p_s = torch.rand(BATCH, SEQ, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    p_s[..., ids] = 0
+    p_s = p_s / p_s.sum(-1, keepdim=True) * (1 - p_t[..., ids].sum(-1, keepdim=True))
+    p_s[..., ids] = p_t[..., ids]
+    student = p_s.log().requires_grad_(True)
+
+    loss = divergence(student, teacher, token_ids=ids, complement=True)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, torch.zeros_like(loss), rtol=0, atol=1e-12)
+    torch.testing.assert_close(student.grad, torch.zeros_like(student.grad), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_complement_moves_tokens_outside_s_as_one_block(alpha, logits):
+    """Off S the gradient is p_s(u) times one factor per position: their relative shape is kept."""
+    student, teacher = logits
+    student = student.clone().requires_grad_(True)
+    divergence(student, teacher, token_ids=torch.tensor(SAFETY_IDS), alpha=alpha,
+               complement=True).sum().backward()
+    outside = [v for v in range(VOCAB) if v not in SAFETY_IDS]
+    ratio = student.grad[..., outside] / torch.softmax(student.detach(), -1)[..., outside]
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-9, atol=1e-12)
+    assert ratio.abs().min() > 0
+
+
+def test_gradient_descent_with_complement_converges_to_the_teacher():
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(1, 1, 6, generator=generator, dtype=torch.float64)
+    student = torch.zeros(1, 1, 6, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 2, 3])
+    optimizer = torch.optim.Adam([student], lr=0.05)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        divergence(student, teacher, token_ids=ids, complement=True).sum().backward()
+        optimizer.step()
+    p_s = torch.softmax(student.detach(), -1)[0, 0, ids]
+    p_t = torch.softmax(teacher, -1)[0, 0, ids]
+    torch.testing.assert_close(p_s, p_t, rtol=1e-4, atol=1e-6)
+
+
+def test_complement_of_a_slice_holding_all_mass_stays_finite():
+    student = torch.tensor([[[40.0, -40.0, -40.0]]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[[0.0, 1.0, 2.0]]], dtype=torch.float64)
+    for alpha in ALPHAS:
+        loss = divergence(student, teacher, token_ids=torch.tensor([0]), alpha=alpha, complement=True)
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_teacher_gets_no_gradient(mode, logits):
     student, teacher = (x.clone().requires_grad_(True) for x in logits)
@@ -217,6 +281,8 @@ def test_chunked_equals_unchunked(mode, renormalize, chunk_size, logits):
         {"mode": "topk"},
         {"mode": "topk", "top_k": VOCAB + 1},
         {"mode": "full", "renormalize": True},
+        {"mode": "full", "complement": True},
+        {"mode": "subset", "token_ids": torch.tensor([1]), "renormalize": True, "complement": True},
         {"mode": "vocab"},
         {"mode": "full", "alpha": 1.5},
         {"mode": "full", "chunk_size": 0},

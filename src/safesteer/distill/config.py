@@ -72,6 +72,11 @@ class DistillConfig:
     renormalize: bool = field(
         default=False, metadata={"help": "Renormalise both models' probabilities over the slice (off "
                                          "in the paper; needs --mode topk or subset)."})
+    complement: bool = field(
+        default=False, metadata={"help": "Add the rest of the vocabulary as one more outcome of the "
+                                          "slice, so the student matches the teacher's probabilities "
+                                          "on S (minimiser p_s = p_t) instead of the paper's p_t/e; "
+                                          "needs --mode topk or subset, excludes --renormalize."})
     skip: int = field(default=0, metadata={"help": "Leave each completion's first this-many tokens "
                                                    "out of the loss."})
     keep: int = field(default=0, metadata={"help": "When > 0, only each completion's first this-many "
@@ -141,6 +146,9 @@ class DistillConfig:
         if self.renormalize and self.mode == "full":
             raise SafesteerError("--renormalize needs --mode topk or subset; over the full vocabulary "
                                  "it changes nothing")
+        if self.complement and (self.mode == "full" or self.renormalize):
+            raise SafesteerError("--complement needs --mode topk or subset and excludes --renormalize "
+                                 "(a renormalised slice already sums to 1)")
         if 0 < self.keep <= self.skip:
             raise SafesteerError(f"--keep must exceed --skip when set, got keep={self.keep}, "
                                  f"skip={self.skip}")

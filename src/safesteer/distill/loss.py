@@ -12,6 +12,12 @@ complement absorbs the rest), where ℓ_t = −Σ_{v∈S} p_t(v)/e < 0 (method.m
 be negative, a safety token is pushed up only while p_s(v) < p_t(v)/e, and tokens outside S still
 get gradient, −p_s(u)·G, through the softmax normaliser. Renormalising over S removes the fixed
 point but makes the loss blind to how much mass the student puts on S.
+
+``complement=True`` (this project's option, not the paper's) adds the rest of the vocabulary as
+one more outcome, log p(V∖S) = log(1 − Σ_{v∈S} p(v)), so the divergence is the KL between the
+two models' (|S|+1)-outcome distributions. Its minimiser is p_s = p_t on S: the student matches
+the teacher's safety-token probabilities, and the tokens outside S still move only as one block
+(gradient ∝ p_s(u), a common factor), so their relative shape is left alone.
 """
 
 from __future__ import annotations
@@ -84,6 +90,18 @@ class _GatheredLogSoftmax(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def _log1mexp(log_mass: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x ≤ 0, stable at both ends; x is kept ≤ −1e-6 so a slice holding all of
+    the mass gives a large finite negative log, not −inf (whose gradient would be NaN)."""
+    x = log_mass.clamp(max=-1e-6)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _with_complement(logprobs: Tensor) -> Tensor:
+    """Append log p(rest) = log(1 − Σ_slice p) to slice log-probabilities: [..., K] -> [..., K+1]."""
+    return torch.cat([logprobs, _log1mexp(logprobs.logsumexp(-1, keepdim=True))], dim=-1)
+
+
 def _kl_on_slice(logp: Tensor, logq: Tensor) -> Tensor:
     """Σ_v p(v)·[log p(v) − log q(v)] over the last dimension (the slice): [..., K] -> [...]."""
     return (logp.exp() * (logp - logq)).sum(-1)
@@ -108,6 +126,7 @@ def divergence(
     top_k: int | None = None,
     alpha: float = 1.0,
     renormalize: bool = False,
+    complement: bool = False,
     chunk_size: int | None = None,
 ) -> Tensor:
     """Per-token student-teacher divergence over a vocabulary slice (method.md §6.2–6.4).
@@ -128,6 +147,9 @@ def divergence(
             log p(v) − log Σ_{u∈slice} p(u) (off in the paper; not allowed with mode "full",
             where it would be the identity). Without it, p_s and p_t are full-vocabulary
             probabilities and the loss has the p_t/e fixed point described in the module docstring.
+        complement: add the slice's complement as one outcome (mode "topk" or "subset", not with
+            ``renormalize``): the divergence of the (K+1)-outcome distributions, minimised by
+            p_s = p_t on the slice (see the module docstring). Off in the paper.
         chunk_size: positions per chunk along seq for the vocabulary-wide work, whose largest
             temporary is one [batch, chunk_size, vocab] float32 tensor; None = all at once.
             Results do not depend on it.
@@ -154,6 +176,9 @@ def divergence(
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
     if (token_ids is not None) != (mode == "subset"):
         raise ValueError(f"token_ids is required for mode 'subset' and only for it (mode {mode!r})")
+    if complement and (mode == "full" or renormalize):
+        raise ValueError("complement needs mode 'topk' or 'subset' and excludes renormalize (the "
+                         "renormalised slice already sums to 1)")
     if (top_k is not None) != (mode == "topk"):
         raise ValueError(f"top_k is required for mode 'topk' and only for it (mode {mode!r})")
     batch, seq, vocab = student_logits.shape
@@ -197,6 +222,8 @@ def divergence(
     if renormalize:
         student = student - student.logsumexp(-1, keepdim=True)
         teacher = teacher - teacher.logsumexp(-1, keepdim=True)
+    if complement:
+        student, teacher = _with_complement(student), _with_complement(teacher)
     return _slice_divergence(student, teacher, alpha)
 
 

@@ -491,7 +491,8 @@ class Distiller:
                 student_logits, teacher_logits, mode=cfg.mode,  # type: ignore[arg-type]
                 token_ids=self.safety_ids_tensor if cfg.mode == "subset" else None,
                 top_k=cfg.top_k if cfg.mode == "topk" else None, alpha=cfg.alpha,
-                renormalize=cfg.renormalize, chunk_size=cfg.loss_chunk_size)
+                renormalize=cfg.renormalize, complement=cfg.complement,
+                chunk_size=cfg.loss_chunk_size)
             loss = reduce_loss(per_token, masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                num_items_in_step=items)
             self.accelerator.backward(loss)
