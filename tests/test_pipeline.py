@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from safesteer.cli import main
 
@@ -71,3 +75,82 @@ def test_preset_then_yaml_then_flags(tmp_path):
                               "--output-dir", "x"])
     assert get(parsed, DistillConfig).max_new_tokens == 20
     assert get(parsed, RunArguments).check_limit == 7
+    # The embedded default is a Llama: the paper preset takes Llama's learning rate.
+    _, parsed = parse("run", ["--preset", "paper", "--output-dir", "x"])
+    assert get(parsed, DistillConfig).learning_rate == 1e-6
+
+
+# A real `safesteer run` process, SIGKILLed at a chosen point of training: in the middle of step 3
+# (after checkpoint 2 is complete) or while checkpoint 3 is being written (staged, not yet renamed).
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+from safesteer.distill import trainer
+from safesteer.cli import main
+
+torch.set_num_threads(1)
+where = sys.argv[1]
+original_backward, original_publish = trainer.Distiller.backward, trainer._publish_dir
+
+def backward(self, rollout):
+    if where == "step" and self.step + 1 == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_backward(self, rollout)
+
+def publish(staging, final):
+    if where == "checkpoint" and final.name == "step-3":
+        os.kill(os.getpid(), signal.SIGKILL)
+    original_publish(staging, final)
+
+trainer.Distiller.backward, trainer._publish_dir = backward, publish
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("where", ["step", "checkpoint"])
+def test_kill_9_during_training_then_resume_gives_the_uninterrupted_adapter(where, tmp_path, run_setup,
+                                                                          capsys):
+    from safetensors.torch import load_file
+
+    flags = [*run_setup, "--n-train-prompts", "8", "--prompts-per-step", "2", "--check-limit", "0"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(["run", *flags, "--output-dir", str(straight)]) == 0, capsys.readouterr().err
+
+    process = subprocess.run([sys.executable, "-c", _KILLED_RUN, where, "run", *flags,
+                              "--output-dir", str(killed)], capture_output=True, text=True, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    checkpoints = sorted(path.name for path in (killed / "checkpoints").iterdir())
+    assert checkpoints == (["step-1", "step-2"] if where == "step" else [".step-3.tmp", "step-1", "step-2"])
+    assert not (killed / "student").exists()
+
+    assert main(["run", *flags, "--output-dir", str(killed), "--resume"]) == 0, capsys.readouterr().err
+    expected = load_file(straight / "student" / "adapter_model.safetensors")
+    actual = load_file(killed / "student" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("architecture", "learning_rate", "horizon", "p_min"), [
+    ("llama", 1e-6, 5, 1e-7), ("qwen2", 1e-5, 7, 1e-8), ("gemma2", 1e-5, 7, 1e-8)])
+def test_paper_preset_takes_the_family_settings_of_the_model(architecture, learning_rate, horizon, p_min,
+                                                             make_tiny_model, tmp_path, caplog):
+    from safesteer.cli import parse
+    from safesteer.distill.config import DistillConfig
+    from safesteer.tokens import TokensConfig
+
+    model_dir = tmp_path / architecture
+    make_tiny_model(architecture).save_pretrained(model_dir)
+    _, parsed = parse("run", ["--preset", "paper", "--model", str(model_dir), "--output-dir", "x"])
+    distill = next(item for item in parsed if isinstance(item, DistillConfig))
+    tokens = next(item for item in parsed if isinstance(item, TokensConfig))
+    assert (distill.learning_rate, tokens.horizon, tokens.p_min) == (learning_rate, horizon, p_min)
+    assert (distill.samples_per_prompt, distill.max_new_tokens, distill.use_lora) == (8, 512, False)
+    assert ("no per-family settings" in caplog.text) == (architecture == "gemma2")
+
+    _, parsed = parse("run", ["--preset", "paper", "--model", str(model_dir), "--mode", "full",
+                              "--learning-rate", "3e-6", "--output-dir", "x"])
+    distill = next(item for item in parsed if isinstance(item, DistillConfig))
+    assert (distill.learning_rate, distill.mode) == (3e-6, "full")

@@ -26,7 +26,14 @@ from safesteer.distill.trainer import merge_student
 from safesteer.errors import SafesteerError
 from safesteer.io import guard_output_dir
 from safesteer.models import generate_responses, load_model, model_id
-from safesteer.pipeline import PRESETS, RunArguments, run_pipeline, safety_tokens, teacher_direction
+from safesteer.pipeline import (
+    PRESETS,
+    RunArguments,
+    preset_defaults,
+    run_pipeline,
+    safety_tokens,
+    teacher_direction,
+)
 from safesteer.tokens import TokensConfig
 
 
@@ -193,16 +200,19 @@ def parse(command: str, argv: Sequence[str]) -> tuple[Callable[..., None], list[
         parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                             help="Defaults for a whole run, overridden by --config and flags: "
                                  + "; ".join(f"{name}: {text}" for name, (text, _) in PRESETS.items()))
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--config")
     early.add_argument("--preset")
+    early.add_argument("--model")
     # ``--preset`` on another command falls through to the unknown-option error below.
     known = early.parse_known_args(list(argv))[0]
-    if known.preset in PRESETS and command == "run":
-        parser.set_defaults(**PRESETS[known.preset][1])
     arguments = list(argv)
     if known.config:
         arguments = _yaml_arguments(known.config, dataclass_types) + arguments
+    if known.preset in PRESETS and command == "run":
+        model = (early.parse_known_args(arguments)[0].model or PRESETS[known.preset][1].get("model")
+                 or ModelArguments.model)
+        parser.set_defaults(**preset_defaults(known.preset, model))
     *parsed, remaining = parser.parse_args_into_dataclasses(arguments, return_remaining_strings=True)
     if remaining:
         raise SafesteerError(f"unknown option(s) {' '.join(remaining)}; see `safesteer {command} --help`")

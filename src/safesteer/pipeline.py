@@ -12,6 +12,7 @@ it was made with the same settings; training continues from its last complete ch
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
 from safesteer.io import differing_settings, write_json
-from safesteer.models import load_model, model_id
+from safesteer.models import load_model, model_id, model_type
 from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
 
 logger = logging.getLogger(__name__)
@@ -107,17 +108,34 @@ def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: 
     return tokens
 
 
+class _Laps:
+    """Wall seconds of each stage: ``laps("name")`` records the time since the previous call."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._last, 1)
+        self._last = now
+
+
 def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
                  direction_config: DirectionConfig, tokens_config: TokensConfig,
                  distill_config: DistillConfig) -> dict[str, Any]:
     """Direction, safety tokens, distillation and the before/after check, in that order."""
     output_dir = _check_run_dir(run)
+    laps = _Laps()
     model, tokenizer = load_model(model_args)
+    laps("load")
     direction = teacher_direction(model, tokenizer, output_dir, run.resume, direction_config, data_args,
                                   model_id(model_args))
+    laps("direction")
     print(f"teacher: {direction.metadata['method']} direction at layer {direction.layer}, "
           f"coefficient {direction.coefficient:.4g}")
     tokens = safety_tokens(model, tokenizer, direction, output_dir, run.resume, tokens_config, data_args)
+    laps("tokens")
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
     train_prompts = data_args.load(run.train_prompts, run.n_train_prompts)
@@ -125,9 +143,10 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
                           safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite)
     distiller.setup()
     result = distiller.train()
+    laps("train")
     print(f"student: {result.student_dir} after {result.step} steps")
     if run.check_limit == 0:
-        return {}
+        return {"stage_seconds": laps.seconds}
     targets = {"base": distiller.base, "teacher": distiller.teacher,
                "student": lambda: nullcontext(distiller.model.eval())}
     prompt_sets = {name: data_args.load(name, run.check_limit)
@@ -135,27 +154,54 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     results = refusal_check(tokenizer, targets, prompt_sets,
                             max_new_tokens=run.check_max_new_tokens,
                             batch_size=direction_config.batch_size)
+    laps("check")
     summary = {"refusal": results, "harmful_sets": run.check_harmful, "benign_sets": run.check_benign,
-               "judge": "keyword (safesteer.judge)", "max_new_tokens": run.check_max_new_tokens}
+               "judge": "keyword (safesteer.judge)", "max_new_tokens": run.check_max_new_tokens,
+               "stage_seconds": laps.seconds}
     write_json(output_dir / "check.json", summary)
     print("\nrefusal rate (keyword judge, greedy):\n" + refusal_table(results))
+    print("wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in laps.seconds.items())
+          + f"; total {sum(laps.seconds.values()):.0f} s")
     return summary
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": (
-        "the embedded SmolLM2-135M on a laptop CPU in minutes (bf16, LoRA, 32-token samples)",
+        "the embedded SmolLM2-135M on a 2-core CPU in under 10 minutes (LoRA, 32-token samples, "
+        "--p-min 1e-3 --inner-top-k 20 --complement, chosen on the validation sets)",
         {"model": "smollm2-135m", "n_train": 64, "n_val": 16, "response_n_val": 12,
-         "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "samples_per_prompt": 4,
-         "max_new_tokens": 32, "check_limit": 40, "check_max_new_tokens": 32},
+         "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "p_min": 1e-3, "inner_top_k": 20,
+         "samples_per_prompt": 4, "max_new_tokens": 32, "complement": True, "check_limit": 40,
+         "check_max_new_tokens": 32},
     ),
     "paper": (
         "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "
-        "per-completion loss mean); set --learning-rate and --horizon for the family as in "
-        "method.md §7 (Qwen 1e-5 / 7, Llama 1e-6 / 5)",
+        "per-completion loss mean) with the learning rate, horizon and p_min of --model's family "
+        "(method.md §7: Llama 1e-6 / 5 / 1e-7, Qwen 1e-5 / 7 / 1e-8; Qwen's for other families)",
         {"n_train_prompts": 100, "samples_per_prompt": 8, "max_new_tokens": 512,
          "prompts_per_step": 4, "num_safety_tokens": 50, "vote_samples_per_prompt": 8,
          "horizon": 7, "learning_rate": 1e-5, "use_lora": False, "reduction": "sequence",
          "micro_batch_size": 1, "gradient_checkpointing": True},
     ),
 }
+
+# method.md §7: the paper's per-family settings, keyed by the prefix of the config's model_type.
+PAPER_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"learning_rate": 1e-6, "horizon": 5, "p_min": 1e-7},
+    "qwen": {"learning_rate": 1e-5, "horizon": 7, "p_min": 1e-8},
+}
+
+
+def preset_defaults(name: str, model: str) -> dict[str, Any]:
+    """The option defaults of preset ``name``; for ``paper``, completed with --model's family."""
+    defaults = dict(PRESETS[name][1])
+    if name == "paper":
+        kind = model_type(model) or ""
+        family = next((prefix for prefix in PAPER_FAMILIES if kind.startswith(prefix)), None)
+        if family is None:
+            logger.warning("--preset paper: no per-family settings for model type %r; using Qwen's "
+                           "(learning rate 1e-5, horizon 7, p_min 1e-8). Set --learning-rate, "
+                           "--horizon and --p-min to override", kind or "unknown")
+            family = "qwen"
+        defaults.update(PAPER_FAMILIES[family])
+    return defaults
