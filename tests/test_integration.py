@@ -51,13 +51,14 @@ def test_chat_answers_side_by_side(direction_run, capsys):
     assert ">>> Name a fruit." in out and "teacher |" in out
 
 
-def test_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path, capsys):
-    """`safesteer run` at CI size, reusing the direction above (--resume skips a finished stage)."""
+def test_demo_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path, capsys):
+    """`safesteer run --preset demo` reduced to CI size, reusing the direction above (the preset's
+    direction settings are DIRECTION_FLAGS, so --resume accepts it and skips that stage)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in ("direction.json", "direction.safetensors"):
         shutil.copy(direction_run / name, run_dir / name)
-    code = main(["run", "--output-dir", str(run_dir), "--resume", *DIRECTION_FLAGS,
+    code = main(["run", "--preset", "demo", "--output-dir", str(run_dir), "--resume",
                  "--vote-n-prompts", "4", "--vote-samples-per-prompt", "2", "--horizon", "3",
                  "--n-train-prompts", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2",
                  "--max-new-tokens", "8", "--check-limit", "4", "--check-max-new-tokens", "8"])

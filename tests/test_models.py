@@ -303,7 +303,7 @@ def test_bad_local_paths_are_rejected(tmp_path: Path) -> None:
 def test_device_and_dtype_resolution() -> None:
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
-    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("float16", cpu) == torch.float16
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
         assert resolve_device("auto") == cpu

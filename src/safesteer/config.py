@@ -24,8 +24,9 @@ class ModelArguments:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weight dtype: auto (bfloat16 where supported), bfloat16, float16, "
-                          "float32.", "choices": DTYPES},
+        metadata={"help": "Weight dtype: auto (float32 on CPU, where bfloat16 is slower; "
+                          "bfloat16 on accelerators that support it, else float16), bfloat16, "
+                          "float16, float32.", "choices": DTYPES},
     )
     device: str = field(
         default="auto",
