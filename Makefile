@@ -1,10 +1,10 @@
 # Two entry points for a fresh machine with only Python 3.11+ and pip:
-#   make demo   stage-1 demo on the embedded default model: direction, then base vs teacher answers
+#   make demo   the whole method on the embedded default model (safesteer run --preset demo)
 #   make test   runs the test suite (unit + integration)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-OUTPUT_DIR ?= runs/demo-direction
+OUTPUT_DIR ?= runs/demo
 # The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -20,9 +20,7 @@ $(BIN)/safesteer: pyproject.toml
 install: $(BIN)/safesteer
 
 demo: install
-	$(BIN)/safesteer direction --model smollm2-135m --output-dir $(OUTPUT_DIR) --overwrite
-	$(BIN)/safesteer chat --run-dir $(OUTPUT_DIR) --max-new-tokens 40 \
-		--prompts-file examples/demo_prompts.txt
+	$(BIN)/safesteer run --preset demo --output-dir $(OUTPUT_DIR) --overwrite
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -154,3 +155,26 @@ def test_paper_preset_takes_the_family_settings_of_the_model(architecture, learn
                               "--learning-rate", "3e-6", "--output-dir", "x"])
     distill = next(item for item in parsed if isinstance(item, DistillConfig))
     assert (distill.learning_rate, distill.mode) == (3e-6, "full")
+
+
+def test_two_processes_make_the_stages_once_and_train_together(tmp_path, run_setup, capsys):
+    """`safesteer run` in two CPU processes (torchrun, as `accelerate launch` starts a multi-CPU
+    run): the main process makes the direction and tokens, which equal a one-process run's, and
+    each optimizer step trains on both processes' samples."""
+    flags = [*run_setup, "--check-limit", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["run", *flags, "--output-dir", str(one)]) == 0, capsys.readouterr().err
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "safesteer.cli", "run", *flags, "--output-dir", str(two)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stderr.count("selected 8 safety tokens") == 1
+    assert (two / "direction.safetensors").read_bytes() == (one / "direction.safetensors").read_bytes()
+    assert json.loads((two / "safety_tokens.json").read_text())["ids"] == \
+        json.loads((one / "safety_tokens.json").read_text())["ids"]
+    assert json.loads((two / "distill_inputs.json").read_text())["num_processes"] == 2
+    log = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
+    assert [record["completion_tokens"] for record in log] == [12, 12]  # 2 prompts x 2 samples x 3
+    assert (two / "student" / "adapter_model.safetensors").is_file()

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from accelerate import Accelerator
 
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction import Direction, DirectionConfig, find_direction
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.trainer import Distiller
+from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
 from safesteer.io import differing_settings, write_json
@@ -30,6 +33,7 @@ from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 RUN_ARTIFACTS = ("direction.json", "safety_tokens.json", "distill_config.json", "student", "check.json")
 
 
@@ -108,6 +112,14 @@ def safety_tokens(model: Any, tokenizer: Any, direction: Direction, output_dir: 
     return tokens
 
 
+def _on_main_process(state: Accelerator, make: Callable[[], T], load: Callable[[], T]) -> T:
+    """Run a stage once, on the main process; under ``accelerate launch`` the others wait for it
+    and then read its artifact, so every process trains with the same direction and tokens."""
+    result = make() if state.is_main_process else None
+    state.wait_for_everyone()
+    return result if result is not None else load()
+
+
 class _Laps:
     """Wall seconds of each stage: ``laps("name")`` records the time since the previous call."""
 
@@ -124,28 +136,40 @@ class _Laps:
 def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunArguments,
                  direction_config: DirectionConfig, tokens_config: TokensConfig,
                  distill_config: DistillConfig) -> dict[str, Any]:
-    """Direction, safety tokens, distillation and the before/after check, in that order."""
+    """Direction, safety tokens, distillation and the before/after check, in that order.
+
+    Under ``accelerate launch`` stages 1, 2 and the check run on the main process only; every
+    process trains its share of each step.
+    """
     output_dir = _check_run_dir(run)
+    state = make_accelerator(distill_config, output_dir)  # before loading: "cuda" = this process's GPU
+    state.wait_for_everyone()  # every process checks the directory before the main one writes
     laps = _Laps()
     model, tokenizer = load_model(model_args)
     laps("load")
-    direction = teacher_direction(model, tokenizer, output_dir, run.resume, direction_config, data_args,
-                                  model_id(model_args))
+    direction = _on_main_process(
+        state, lambda: teacher_direction(model, tokenizer, output_dir, run.resume, direction_config,
+                                         data_args, model_id(model_args)),
+        lambda: Direction.load(output_dir))
     laps("direction")
     print(f"teacher: {direction.metadata['method']} direction at layer {direction.layer}, "
           f"coefficient {direction.coefficient:.4g}")
-    tokens = safety_tokens(model, tokenizer, direction, output_dir, run.resume, tokens_config, data_args)
+    tokens = _on_main_process(
+        state, lambda: safety_tokens(model, tokenizer, direction, output_dir, run.resume, tokens_config,
+                                     data_args),
+        lambda: SafetyTokenSet.load(output_dir))
     laps("tokens")
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
     train_prompts = data_args.load(run.train_prompts, run.n_train_prompts)
     distiller = Distiller(model, tokenizer, direction, train_prompts, distill_config, output_dir,
-                          safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite)
+                          safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite,
+                          accelerator=state)
     distiller.setup()
     result = distiller.train()
     laps("train")
     print(f"student: {result.student_dir} after {result.step} steps")
-    if run.check_limit == 0:
+    if run.check_limit == 0 or not state.is_main_process:
         return {"stage_seconds": laps.seconds}
     targets = {"base": distiller.base, "teacher": distiller.teacher,
                "student": lambda: nullcontext(distiller.model.eval())}

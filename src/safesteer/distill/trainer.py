@@ -131,6 +131,12 @@ def _publish_dir(staging: Path, final: Path) -> None:
     os.replace(staging, final)
 
 
+def make_accelerator(config: DistillConfig, output_dir: str | Path) -> Accelerator:
+    """The run's Accelerator: one process, or each of ``accelerate launch``'s (multi-CPU too)."""
+    return Accelerator(log_with=None if config.report_to == "none" else config.report_to,
+                       project_dir=str(output_dir))
+
+
 # ------------------------------------------------------------------------- the recipe
 
 
@@ -240,8 +246,7 @@ class Distiller:
         cfg = self.config
         self._check_inputs()
         if self.accelerator is None:
-            self.accelerator = Accelerator(log_with=None if cfg.report_to == "none" else cfg.report_to,
-                                           project_dir=str(self.output_dir))
+            self.accelerator = make_accelerator(cfg, self.output_dir)
         accelerator = self.accelerator
         if accelerator.num_processes > 1:
             self.base_model.to(accelerator.device)
