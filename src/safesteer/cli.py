@@ -24,6 +24,7 @@ from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import merge_student
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.harness import EvalArguments, evaluate_targets
 from safesteer.io import guard_output_dir
 from safesteer.models import generate_responses, load_model, model_id
 from safesteer.pipeline import (
@@ -153,6 +154,9 @@ COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
             "The whole method: direction, safety tokens, distillation, before/after check."),
     "export": (export_command, (ModelArguments, ExportArguments),
                "Merge a run's LoRA student into a full model directory."),
+    "eval": (evaluate_targets, (ModelArguments, DataArguments, EvalArguments),
+             "Score base, teacher, student (or any model) on safety, jailbreak, over-refusal and "
+             "capability benchmarks."),
 }
 
 

@@ -159,6 +159,16 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
+def pretrained_location(model: str) -> str:
+    """What ``from_pretrained`` (and tools built on it, like lm-eval) can load for ``--model``:
+    the converted directory of an embedded model, a local directory or a hub id."""
+    source = _resolve_source(model)
+    if source.kind == "gguf":
+        raise SafesteerError(f"--model {model}: a .gguf file cannot be passed on to from_pretrained; "
+                             "convert it to a model directory first")
+    return str(_converted_embedded_model(model)) if source.kind == "embedded" else source.location
+
+
 def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``args.model`` in eval mode with a left-padding tokenizer that has a pad token.
 

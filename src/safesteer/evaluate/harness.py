@@ -1,0 +1,452 @@
+"""``safesteer eval``: base, steered teacher and student scored identically, side by side.
+
+Every target answers the same prompts with the same greedy decoding and is judged by the same
+judge; capability measures are teacher-forced on the same gold answers. Completions are saved as
+JSONL, one file per target and benchmark, so a rerun (or a resumed run) reuses them and only
+generates what is missing; the numbers are recomputed from the saved files each time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from peft import PeftModel
+from torch import nn
+
+from safesteer.config import DataArguments, ModelArguments
+from safesteer.data import remove_near
+from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
+from safesteer.evaluate import Target
+from safesteer.evaluate.capability import (
+    GSM8KProblem,
+    extract_code,
+    gold_nll_per_token,
+    gsm8k_exact_match,
+    load_gsm8k,
+    load_humaneval,
+    load_mmlu,
+    mean_confidence_interval,
+    mean_kl_to_base,
+    multiple_choice_accuracy,
+    wilson_interval,
+)
+from safesteer.evaluate.lm_eval import write_handoff
+from safesteer.evaluate.sandbox import humaneval_pass
+from safesteer.io import write_json
+from safesteer.judge import is_refusal
+from safesteer.models import generate_responses, load_model, pretrained_location
+from safesteer.report import plot_results
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["safety", "jailbreak", "over-refusal", "capability"]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One row of the results table: what it measures and which direction is better."""
+
+    name: str
+    kind: Kind
+    metric: str
+    higher_is_better: bool
+    description: str
+
+
+def _refusal(name: str, kind: Kind, description: str) -> Benchmark:
+    return Benchmark(name, kind, "refusal rate", kind != "over-refusal", description)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    _refusal("harmbench-test", "safety", "HarmBench test, standard behaviours"),
+    _refusal("harmbench-test-contextual", "safety", "HarmBench test, contextual behaviours"),
+    _refusal("jbb", "safety", "JailbreakBench harmful behaviours"),
+    _refusal("strongreject", "safety", "StrongREJECT forbidden prompts"),
+    _refusal("advbench-heldout", "safety", "AdvBench items not used for the direction"),
+    _refusal("donotanswer-heldout", "safety", "Do-Not-Answer harmful areas not used for training"),
+    _refusal("jbb-past-tense", "jailbreak", "JBB behaviours rephrased in the past tense"),
+    _refusal("jbb-future-tense", "jailbreak", "JBB behaviours rephrased in the future tense"),
+    _refusal("jbb-templates", "jailbreak", "in-the-wild/DAN templates (PyRIT) on a JBB subset"),
+    _refusal("jbb-gcg", "jailbreak", "GCG transfer suffixes on a JBB subset"),
+    _refusal("xstest-proxy", "over-refusal", "XSTest-style benign-but-edgy prompts (a proxy, "
+                                              "not comparable with XSTest)"),
+    _refusal("harmless-test", "over-refusal", "plain benign instructions (harmless test split)"),
+    Benchmark("mmlu-stem", "capability", "accuracy", True, "MMLU STEM, zero-shot letter likelihood"),
+    Benchmark("mmlu", "capability", "accuracy", True, "MMLU, all subjects, zero-shot letter likelihood"),
+    Benchmark("mmlu-nll", "capability", "NLL / token", False, "NLL of the MMLU-STEM gold letter"),
+    Benchmark("gsm8k-nll", "capability", "NLL / token", False, "NLL of GSM8K reference solutions"),
+    Benchmark("humaneval-nll", "capability", "NLL / token", False,
+              "NLL of HumanEval canonical solutions"),
+    Benchmark("gsm8k", "capability", "exact match", True, "GSM8K (offline 100), greedy"),
+    Benchmark("humaneval", "capability", "pass@1", True, "HumanEval, greedy, sandboxed execution"),
+    Benchmark("kl-benign", "capability", "KL / token", False,
+              "KL(target || base) on the base model's answers to benign prompts"),
+)}
+DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-heldout", "donotanswer-heldout",
+                      "jbb-past-tense", "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll",
+                      "gsm8k-nll", "humaneval-nll", "gsm8k", "kl-benign"]
+BUILT_IN_TARGETS = ("base", "teacher", "student")
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class EvalArguments:
+    """What to evaluate, on which benchmarks, how much of each."""
+
+    output_dir: str = field(metadata={"help": "Directory for results.json, results.md, the plots and "
+                                              "the saved completions."})
+    targets: list[str] = field(
+        default_factory=lambda: list(BUILT_IN_TARGETS),
+        metadata={"help": "base (--model), teacher (base + the direction of --run-dir), student "
+                          "(--run-dir/student), or a model directory / LoRA adapter directory / hub "
+                          "id, evaluated the same way."})
+    run_dir: str | None = field(default=None, metadata={"help": "A `safesteer run` directory: its "
+                                                                 "direction and student."})
+    benchmarks: list[str] = field(
+        default_factory=lambda: list(DEFAULT_BENCHMARKS),
+        metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS)})
+    limit: int = field(default=50, metadata={"help": "Prompts per safety, jailbreak and over-refusal "
+                                                     "benchmark (seeded sample; 0 = all)."})
+    capability_limit: int = field(default=100, metadata={"help": "Items per capability benchmark "
+                                                                 "(seeded sample; 0 = all)."})
+    gsm8k_limit: int = field(default=30, metadata={"help": "GSM8K problems answered by generation "
+                                                           "(0 = all 100)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per safety answer."})
+    gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per GSM8K / HumanEval "
+                                                                     "answer."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation or forward batch."})
+    exclude_near: list[str] = field(
+        default_factory=lambda: ["safesteer-train", "direction-harmful-train", "direction-harmful-val"],
+        metadata={"help": "Prompt sets the models were trained or selected on: harmful benchmark "
+                          "prompts with Jaccard >= 0.6 to any of them are dropped and counted."})
+    eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
+    lm_eval_tasks: str | None = field(
+        default=None, metadata={"help": "Comma-separated lm-evaluation-harness tasks: writes "
+                                        "lm_eval/commands.sh (one lm-eval call per target) and the "
+                                        "teacher in lm-eval's `steered` format; run it where lm-eval "
+                                        "and the hub are available."})
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
+        if unknown:
+            raise SafesteerError(f"unknown benchmark(s) {', '.join(unknown)}; known: "
+                                 f"{', '.join(BENCHMARKS)}")
+        if not self.targets:
+            raise SafesteerError("--targets needs at least one target")
+        for name in ("limit", "capability_limit", "gsm8k_limit"):
+            if getattr(self, name) < 0:
+                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+# ------------------------------------------------------------------------- targets
+
+
+@contextmanager
+def _steered(model: nn.Module, direction: Direction) -> Iterator[nn.Module]:
+    with direction.steer(model):
+        yield model
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+class Targets:
+    """The evaluated models, built around one loaded base model.
+
+    A LoRA student (or any adapter target) is attached to the base weights as a named PEFT adapter,
+    so base, teacher and every adapter share one copy of the weights: the base is the model with
+    the adapters disabled, the teacher that plus the steering hook. A full model directory or hub
+    id is loaded on its own when its turn comes and released afterwards.
+    """
+
+    def __init__(self, names: Sequence[str], model_args: ModelArguments, run_dir: str | None) -> None:
+        self.model_args = model_args
+        self.model, self.tokenizer = load_model(model_args)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.direction: Direction | None = None
+        self.paths: dict[str, Path | str] = {}
+        self.peft: PeftModel | None = None
+        for name in names:
+            if name == "teacher":
+                self.direction = Direction.load(self._run_path("teacher", "direction.json").parent)
+                self.direction.check_compatible(self.model)
+            elif name == "student":
+                self.paths[name] = self._run_path("student", "student")
+            elif name != "base":
+                self.paths[name] = self._target_path(name)
+        for name, path in self.paths.items():
+            if isinstance(path, Path) and _is_adapter(path):
+                self._attach(name, path)
+
+    def _run_path(self, target: str, relative: str) -> Path:
+        if self.run_dir is None:
+            raise SafesteerError(f"target {target!r} needs --run-dir (a `safesteer run` directory)")
+        path = self.run_dir / relative
+        if not path.exists():
+            raise SafesteerError(f"target {target!r}: {path} does not exist; is {self.run_dir} a "
+                                 f"finished `safesteer run` directory?")
+        return path
+
+    @staticmethod
+    def _target_path(name: str) -> Path | str:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (_is_adapter(path) or (path / "config.json").is_file()):
+                raise SafesteerError(f"target {name}: neither a model directory (config.json) nor a "
+                                     "LoRA adapter directory (adapter_config.json)")
+            return path
+        if path.exists() or "/" not in name:
+            raise SafesteerError(f"unknown target {name!r}: use base, teacher, student, a model or "
+                                 "adapter directory, or a hub id")
+        return name
+
+    def _attach(self, name: str, path: Path) -> None:
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=name)
+        self.peft.eval()
+
+    @contextmanager
+    def base(self) -> Iterator[nn.Module]:
+        if self.peft is None:
+            yield self.model
+            return
+        with self.peft.disable_adapter():
+            yield self.peft
+
+    @contextmanager
+    def _adapter(self, name: str) -> Iterator[nn.Module]:
+        assert self.peft is not None
+        self.peft.set_adapter(name)
+        yield self.peft
+
+    @contextmanager
+    def _teacher(self) -> Iterator[nn.Module]:
+        assert self.direction is not None
+        with self.base() as model, self.direction.steer(model):
+            yield model
+
+    @contextmanager
+    def session(self, name: str) -> Iterator[Target]:
+        """The target as a context factory, valid inside this block (a full model is loaded here)."""
+        if name == "base":
+            yield self.base
+        elif name == "teacher":
+            yield self._teacher
+        elif self.peft is not None and name in self.peft.peft_config:
+            yield lambda: self._adapter(name)
+        else:
+            model, _ = load_model(ModelArguments(**{**asdict(self.model_args),
+                                                    "model": str(self.paths[name])}))
+            try:
+                yield lambda: nullcontext(model)
+            finally:
+                del model
+
+
+# ------------------------------------------------------------------------- completions
+
+
+def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]], list[str]]) -> list[str]:
+    """Answers to ``prompts``: those saved in ``path`` (JSONL) are reused, the rest generated and
+    appended, so an interrupted evaluation resumes where it stopped."""
+    saved: dict[str, str] = {}
+    if path.is_file():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                record = json.loads(line)
+                saved[record["prompt"]] = record["response"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                logger.warning("%s: line %d is not a saved completion; it will be regenerated",
+                               path, number)
+    missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in saved]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        answers = generate(missing)
+        with path.open("a", encoding="utf-8") as file:
+            for prompt, answer in zip(missing, answers, strict=True):
+                file.write(json.dumps({"prompt": prompt, "response": answer}) + "\n")
+                saved[prompt] = answer
+    return [saved[prompt] for prompt in prompts]
+
+
+# ------------------------------------------------------------------------- scoring
+
+
+def _rate(name: str, successes: int, n: int, **extra: Any) -> dict[str, Any]:
+    low, high = wilson_interval(successes, n)
+    benchmark = BENCHMARKS[name]
+    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": n,
+            "value": successes / n if n else math.nan, "ci": [low, high],
+            "higher_is_better": benchmark.higher_is_better, **extra}
+
+
+def _mean(name: str, values: Sequence[float], **extra: Any) -> dict[str, Any]:
+    mean, low, high = mean_confidence_interval(values)
+    benchmark = BENCHMARKS[name]
+    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": len(values), "value": mean,
+            "ci": [low, high], "higher_is_better": benchmark.higher_is_better, **extra}
+
+
+class Evaluation:
+    """One ``safesteer eval`` invocation: prompt sets are loaded once and shared by every target."""
+
+    def __init__(self, args: EvalArguments, data_args: DataArguments, targets: Targets) -> None:
+        self.args = args
+        self.data = data_args
+        self.targets = targets
+        self.tokenizer = targets.tokenizer
+        self.output_dir = Path(args.output_dir)
+        self.removed: dict[str, int] = {}
+        self._prompt_sets: dict[str, list[str]] = {}
+        self._references: list[str] | None = None
+
+    def prompts(self, name: str) -> list[str]:
+        """The benchmark's prompts: a seeded sample of --limit, minus near-duplicates of the
+        training and selection sets for the harmful benchmarks."""
+        if name not in self._prompt_sets:
+            prompts = self.data.load(name, None)
+            if BENCHMARKS[name].kind != "over-refusal":
+                prompts, self.removed[name] = remove_near(prompts, self._training_prompts())
+            if self.args.limit and len(prompts) > self.args.limit:
+                prompts = random.Random(self.args.eval_seed).sample(prompts, self.args.limit)
+            self._prompt_sets[name] = prompts
+        return self._prompt_sets[name]
+
+    def _training_prompts(self) -> list[str]:
+        if self._references is None:
+            self._references = [prompt for name in self.args.exclude_near
+                                for prompt in self.data.load(name, None)]
+        return self._references
+
+    def _generate(self, target: Target, label: str, max_new_tokens: int) -> Callable[[list[str]], list[str]]:
+        def generate(prompts: list[str]) -> list[str]:
+            with target() as model:
+                return generate_responses(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                          batch_size=self.args.eval_batch_size, desc=label)
+        return generate
+
+    def _answers(self, target_name: str, target: Target, benchmark: str, prompts: list[str],
+                 max_new_tokens: int) -> list[str]:
+        path = self.output_dir / "completions" / _safe_name(target_name) / f"{benchmark}.jsonl"
+        return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
+                                                          max_new_tokens))
+
+    def score(self, target_name: str, target: Target, name: str) -> dict[str, Any]:
+        args = self.args
+        capability_limit = args.capability_limit or None
+        if BENCHMARKS[name].metric == "refusal rate":
+            prompts = self.prompts(name)
+            answers = self._answers(target_name, target, name, prompts, args.max_new_tokens)
+            extra = {"removed_near_training": self.removed[name]} if name in self.removed else {}
+            return _rate(name, sum(map(is_refusal, answers)), len(answers), **extra)
+        if name in ("mmlu-stem", "mmlu"):
+            questions = load_mmlu("stem" if name == "mmlu-stem" else "all", capability_limit,
+                                  seed=args.eval_seed)
+            with target() as model:
+                correct = multiple_choice_accuracy(model, self.tokenizer, questions,
+                                                   batch_size=args.eval_batch_size)
+            return _rate(name, sum(correct), len(correct))
+        if name.endswith("-nll"):
+            items: Sequence[Any] = {
+                "mmlu-nll": lambda: load_mmlu("stem", capability_limit, seed=args.eval_seed),
+                "gsm8k-nll": lambda: load_gsm8k(capability_limit),
+                "humaneval-nll": lambda: load_humaneval(capability_limit),
+            }[name]()
+            with target() as model:
+                average = gold_nll_per_token(model, self.tokenizer, [item.message for item in items],
+                                             [item.reference for item in items],
+                                             batch_size=args.eval_batch_size)
+            return _mean(name, average.per_item, pooled=average.mean, tokens=average.num_tokens)
+        if name == "gsm8k":
+            problems: list[GSM8KProblem] = load_gsm8k(args.gsm8k_limit or None)
+            answers = self._answers(target_name, target, name, [p.message for p in problems],
+                                    args.gsm8k_max_new_tokens)
+            hits = sum(gsm8k_exact_match(answer, problem.answer)
+                       for answer, problem in zip(answers, problems, strict=True))
+            return _rate(name, hits, len(problems))
+        if name == "humaneval":
+            tasks = load_humaneval(capability_limit)
+            answers = self._answers(target_name, target, name, [task.message for task in tasks],
+                                    args.gsm8k_max_new_tokens)
+            passed = sum(humaneval_pass(task, extract_code(answer)).passed
+                         for task, answer in zip(tasks, answers, strict=True))
+            return _rate(name, passed, len(tasks))
+        # kl-benign: teacher-forced on the base model's own greedy answers to the benign prompts.
+        prompts = self.prompts("harmless-test")
+        responses = self._answers("base", self.targets.base, "harmless-test", prompts, args.max_new_tokens)
+        if target_name == "base":
+            return _mean(name, [0.0] * len(prompts), pooled=0.0)
+        average = mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
+                                  batch_size=args.eval_batch_size)
+        return _mean(name, average.per_item, pooled=average.mean, tokens=average.num_tokens)
+
+
+def _safe_name(target: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_." else "_" for char in target)
+
+
+def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
+                     args: EvalArguments) -> dict[str, Any]:
+    """Every target on every benchmark; writes results.json, results.md and the plots."""
+    targets = Targets(args.targets, model_args, args.run_dir)
+    evaluation = Evaluation(args, data_args, targets)
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.targets:
+        with targets.session(name) as target:
+            results[name] = {benchmark: evaluation.score(name, target, benchmark)
+                             for benchmark in args.benchmarks}
+    summary = {"results": results, "benchmarks": {name: asdict(BENCHMARKS[name]) for name in args.benchmarks},
+               "judge": "keyword (safesteer.judge), greedy decoding",
+               "settings": {"model": model_args.model, **asdict(args)}}
+    output_dir = Path(args.output_dir)
+    write_json(output_dir / RESULTS_FILE, summary)
+    table = results_table(results, args.benchmarks)
+    (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    plot_results(summary, output_dir)
+    print(table)
+    if args.lm_eval_tasks:
+        adapters = {name: Path(path) for name, path in targets.paths.items()
+                    if targets.peft is not None and name in targets.peft.peft_config}
+        script = write_handoff(output_dir, args.lm_eval_tasks, pretrained_location(model_args.model),
+                               targets.direction, targets.model, adapters)
+        print(f"lm-eval hand-off: sh {script}")
+    return summary
+
+
+def results_table(results: dict[str, dict[str, Any]], benchmarks: Sequence[str]) -> str:
+    """Markdown: one row per benchmark, one column per target, value with its 95 % interval."""
+    targets = list(results)
+    lines = ["| benchmark | kind | metric | n | " + " | ".join(targets) + " |",
+             "|---|---|---|---:|" + "---:|" * len(targets)]
+    for name in benchmarks:
+        benchmark = BENCHMARKS[name]
+        arrow = "↑" if benchmark.higher_is_better else "↓"
+        cells = [_cell(results[target][name]) for target in targets]
+        n = results[targets[0]][name]["n"]
+        lines.append(f"| {name} | {benchmark.kind} | {benchmark.metric} {arrow} | {n} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(result: dict[str, Any]) -> str:
+    value, (low, high) = result["value"], result["ci"]
+    if math.isnan(value):
+        return "n/a"
+    if result["metric"] in ("NLL / token", "KL / token"):
+        return f"{value:.3f}" if math.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{value:.1%} [{low:.0%}, {high:.0%}]"

