@@ -37,6 +37,11 @@ def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) 
     assert calls == [["a", "b"], ["c"]]
 
 
+def test_targets_and_benchmarks_accept_commas() -> None:
+    args = EvalArguments(output_dir="x", targets=["base,teacher", "student"], benchmarks=["jbb,gsm8k"])
+    assert (args.targets, args.benchmarks) == (["base", "teacher", "student"], ["jbb", "gsm8k"])
+
+
 def test_unknown_benchmark_lists_the_known_ones() -> None:
     with pytest.raises(SafesteerError, match=r"known: .*harmbench-test.*kl-benign"):
         EvalArguments(output_dir="x", benchmarks=["harmbench-test", "mmlu-pro"])

@@ -77,3 +77,31 @@ def test_demo_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
+
+
+def test_eval_scores_base_teacher_and_student_on_real_benchmarks(direction_run, tmp_path, capsys):
+    """`safesteer eval` on the embedded model with every default benchmark, at CI size; the
+    student is a LoRA adapter with random (non-zero) weights, so it differs from the base."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("direction.json", "direction.safetensors"):
+        shutil.copy(direction_run / name, run_dir / name)
+    model, _ = load_model(ModelArguments())
+    student = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj"]))
+    student.save_pretrained(run_dir / "student", save_embedding_layers=False)
+    out = tmp_path / "eval"
+    flags = ["eval", "--targets", "base,teacher,student", "--run-dir", str(run_dir), "--output-dir",
+             str(out), "--limit", "4", "--capability-limit", "4", "--gsm8k-limit", "2",
+             "--max-new-tokens", "16", "--gsm8k-max-new-tokens", "16"]
+    assert main(flags) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())["results"]
+    kinds = {row["kind"] for row in results["base"].values()}
+    assert kinds == {"safety", "jailbreak", "over-refusal", "capability"}
+    assert results["teacher"]["harmbench-test"]["value"] >= results["base"]["harmbench-test"]["value"]
+    assert results["student"]["kl-benign"]["value"] > 0
+    assert main(flags) == 0  # a rerun reuses every saved completion ...
+    assert json.loads((out / "results.json").read_text())["results"] == results  # ... and agrees

@@ -136,6 +136,9 @@ class EvalArguments:
                                         "and the hub are available."})
 
     def __post_init__(self) -> None:
+        # Both "--targets base teacher" and "--targets base,teacher" work.
+        self.targets = [name for entry in self.targets for name in entry.split(",") if name]
+        self.benchmarks = [name for entry in self.benchmarks for name in entry.split(",") if name]
         unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
         if unknown:
             raise SafesteerError(f"unknown benchmark(s) {', '.join(unknown)}; known: "
