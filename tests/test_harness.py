@@ -17,8 +17,8 @@ from safesteer.evaluate import harness
 from safesteer.evaluate.capability import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
 from safesteer.evaluate.harness import EvalArguments, _completions, results_table
 
-BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "mmlu-stem", "gsm8k-nll", "gsm8k",
-              "kl-benign"]
+BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
+              "gsm8k", "kl-benign"]
 
 
 def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) -> None:

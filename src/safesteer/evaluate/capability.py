@@ -304,14 +304,19 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     return scores
 
 
+def correct_choices(scores: Sequence[Sequence[float]],
+                    questions: Sequence[MultipleChoiceQuestion]) -> list[bool]:
+    """Per question, whether its most likely letter (of its options only; a tie goes to the
+    earlier letter) is the correct one; ``scores`` from :func:`choice_logprobs`."""
+    return [max(range(len(row)), key=row.__getitem__) == question.answer
+            for row, question in zip(scores, questions, strict=True)]
+
+
 def multiple_choice_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                              questions: Sequence[MultipleChoiceQuestion], *,
                              batch_size: int) -> list[bool]:
-    """Per question, whether its most likely letter (of its options only; a tie goes to the
-    earlier letter) is the correct one."""
-    scores = choice_logprobs(model, tokenizer, questions, batch_size=batch_size)
-    return [max(range(len(row)), key=row.__getitem__) == question.answer
-            for row, question in zip(scores, questions, strict=True)]
+    """:func:`correct_choices` of the model's letter log-probabilities."""
+    return correct_choices(choice_logprobs(model, tokenizer, questions, batch_size=batch_size), questions)
 
 
 # --- teacher-forced answers -----------------------------------------------------------------------

@@ -12,12 +12,14 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from peft import PeftModel
 from torch import nn
 
@@ -28,6 +30,9 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
 from safesteer.evaluate.capability import (
     GSM8KProblem,
+    MultipleChoiceQuestion,
+    choice_logprobs,
+    correct_choices,
     extract_code,
     gold_nll_per_token,
     gsm8k_exact_match,
@@ -36,7 +41,6 @@ from safesteer.evaluate.capability import (
     load_mmlu,
     mean_confidence_interval,
     mean_kl_to_base,
-    multiple_choice_accuracy,
     wilson_interval,
 )
 from safesteer.evaluate.lm_eval import write_handoff
@@ -82,7 +86,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _refusal("harmless-test", "over-refusal", "plain benign instructions (harmless test split)"),
     Benchmark("mmlu-stem", "capability", "accuracy", True, "MMLU STEM, zero-shot letter likelihood"),
     Benchmark("mmlu", "capability", "accuracy", True, "MMLU, all subjects, zero-shot letter likelihood"),
-    Benchmark("mmlu-nll", "capability", "NLL / token", False, "NLL of the MMLU-STEM gold letter"),
+    Benchmark("mmlu-nll", "capability", "NLL / token", False,
+              "NLL of the MMLU-STEM gold letter (the same pass as mmlu-stem)"),
     Benchmark("gsm8k-nll", "capability", "NLL / token", False, "NLL of GSM8K reference solutions"),
     Benchmark("humaneval-nll", "capability", "NLL / token", False,
               "NLL of HumanEval canonical solutions"),
@@ -317,6 +322,7 @@ class Evaluation:
         self.removed: dict[str, int] = {}
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None
+        self._letters: dict[tuple[str, str], tuple[list[MultipleChoiceQuestion], list[list[float]]]] = {}
 
     def prompts(self, name: str) -> list[str]:
         """The benchmark's prompts: a seeded sample of --limit, minus near-duplicates of the
@@ -349,6 +355,18 @@ class Evaluation:
         return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
                                                           max_new_tokens))
 
+    def _letter_scores(self, target_name: str, target: Target, subset: Literal["stem", "all"],
+                       ) -> tuple[list[MultipleChoiceQuestion], list[list[float]]]:
+        """MMLU answer-letter log-probabilities, computed once per target for accuracy and NLL."""
+        key = (target_name, subset)
+        if key not in self._letters:
+            questions = load_mmlu(subset, self.args.capability_limit or None, seed=self.args.eval_seed)
+            with target() as model, torch.inference_mode():
+                scores = choice_logprobs(model, self.tokenizer, questions,
+                                         batch_size=self.args.eval_batch_size)
+            self._letters[key] = (questions, scores)
+        return self._letters[key]
+
     def score(self, target_name: str, target: Target, name: str) -> dict[str, Any]:
         args = self.args
         capability_limit = args.capability_limit or None
@@ -357,19 +375,15 @@ class Evaluation:
             answers = self._answers(target_name, target, name, prompts, args.max_new_tokens)
             extra = {"removed_near_training": self.removed[name]} if name in self.removed else {}
             return _rate(name, sum(map(is_refusal, answers)), len(answers), **extra)
-        if name in ("mmlu-stem", "mmlu"):
-            questions = load_mmlu("stem" if name == "mmlu-stem" else "all", capability_limit,
-                                  seed=args.eval_seed)
-            with target() as model:
-                correct = multiple_choice_accuracy(model, self.tokenizer, questions,
-                                                   batch_size=args.eval_batch_size)
+        if name in ("mmlu-stem", "mmlu", "mmlu-nll"):
+            questions, scores = self._letter_scores(target_name, target, "all" if name == "mmlu" else "stem")
+            if name == "mmlu-nll":  # the gold answer is one letter: its NLL is -log p(letter)
+                return _mean(name, [-row[q.answer] for row, q in zip(scores, questions, strict=True)])
+            correct = correct_choices(scores, questions)
             return _rate(name, sum(correct), len(correct))
         if name.endswith("-nll"):
-            items: Sequence[Any] = {
-                "mmlu-nll": lambda: load_mmlu("stem", capability_limit, seed=args.eval_seed),
-                "gsm8k-nll": lambda: load_gsm8k(capability_limit),
-                "humaneval-nll": lambda: load_humaneval(capability_limit),
-            }[name]()
+            items: Sequence[Any] = (load_gsm8k(capability_limit) if name == "gsm8k-nll"
+                                    else load_humaneval(capability_limit))
             with target() as model:
                 average = gold_nll_per_token(model, self.tokenizer, [item.message for item in items],
                                              [item.reference for item in items],
@@ -408,11 +422,14 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     """Every target on every benchmark; writes results.json, results.md and the plots."""
     targets = Targets(args.targets, model_args, args.run_dir)
     evaluation = Evaluation(args, data_args, targets)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {name: {} for name in args.targets}
     for name in args.targets:
         with targets.session(name) as target:
-            results[name] = {benchmark: evaluation.score(name, target, benchmark)
-                             for benchmark in args.benchmarks}
+            for benchmark in args.benchmarks:
+                started = time.perf_counter()
+                results[name][benchmark] = evaluation.score(name, target, benchmark)
+                logger.info("%s / %s: %.4g in %.0f s", name, benchmark, results[name][benchmark]["value"],
+                            time.perf_counter() - started)
     summary = {"results": results, "benchmarks": {name: asdict(BENCHMARKS[name]) for name in args.benchmarks},
                "judge": "keyword (safesteer.judge), greedy decoding",
                "settings": {"model": model_args.model, **asdict(args)}}
