@@ -520,3 +520,14 @@ def test_attack_suites_fill_one_goal_subset(caplog: pytest.LogCaptureFixture) ->
     assert not any("{%" in prompt or "{{ prompt" in prompt for prompt in templated)
     gcg = load_prompts("jbb-gcg")
     assert all(prompt.startswith(f"{goals[index // 13]} ") for index, prompt in enumerate(gcg))
+
+
+@pytest.mark.integration
+def test_prompt_categories_cover_the_categorised_sets() -> None:
+    from safesteer.data import prompt_categories
+
+    for name, count in (("harmbench-test", 7), ("jbb", 10), ("strongreject", 6)):
+        categories = prompt_categories(name)
+        assert len(set(categories.values())) == count
+        assert all(prompt.strip() in categories for prompt in load_prompts(name))
+    assert prompt_categories("advbench") == {}

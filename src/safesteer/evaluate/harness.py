@@ -24,7 +24,7 @@ from peft import PeftModel
 from torch import nn
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import remove_near
+from safesteer.data import prompt_categories, remove_near
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
@@ -121,9 +121,9 @@ class EvalArguments:
         metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS)})
     limit: int = field(default=50, metadata={"help": "Prompts per safety, jailbreak and over-refusal "
                                                      "benchmark (seeded sample; 0 = all)."})
-    capability_limit: int = field(default=100, metadata={"help": "Items per capability benchmark "
+    capability_limit: int = field(default=64, metadata={"help": "Items per capability benchmark "
                                                                  "(seeded sample; 0 = all)."})
-    gsm8k_limit: int = field(default=30, metadata={"help": "GSM8K problems answered by generation "
+    gsm8k_limit: int = field(default=20, metadata={"help": "GSM8K problems answered by generation "
                                                            "(0 = all 100)."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per safety answer."})
     gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per GSM8K / HumanEval "
@@ -303,6 +303,15 @@ def _rate(name: str, successes: int, n: int, **extra: Any) -> dict[str, Any]:
             "higher_is_better": benchmark.higher_is_better, **extra}
 
 
+def _by_category(categories: Sequence[str], refusals: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """Refusal rate and count per category, categories in alphabetical order."""
+    groups: dict[str, list[bool]] = {}
+    for category, refused in zip(categories, refusals, strict=True):
+        groups.setdefault(category, []).append(refused)
+    return {category: {"n": len(group), "value": sum(group) / len(group)}
+            for category, group in sorted(groups.items())}
+
+
 def _mean(name: str, values: Sequence[float], **extra: Any) -> dict[str, Any]:
     mean, low, high = mean_confidence_interval(values)
     benchmark = BENCHMARKS[name]
@@ -373,8 +382,15 @@ class Evaluation:
         if BENCHMARKS[name].metric == "refusal rate":
             prompts = self.prompts(name)
             answers = self._answers(target_name, target, name, prompts, args.max_new_tokens)
-            extra = {"removed_near_training": self.removed[name]} if name in self.removed else {}
-            return _rate(name, sum(map(is_refusal, answers)), len(answers), **extra)
+            refusals = [is_refusal(answer) for answer in answers]
+            extra: dict[str, Any] = {}
+            if name in self.removed:
+                extra["removed_near_training"] = self.removed[name]
+            categories = prompt_categories(name) if self.data.data_source == "offline" else {}
+            if categories:
+                extra["categories"] = _by_category([categories.get(p.strip(), "other") for p in prompts],
+                                                 refusals)
+            return _rate(name, sum(refusals), len(refusals), **extra)
         if name in ("mmlu-stem", "mmlu", "mmlu-nll"):
             questions, scores = self._letter_scores(target_name, target, "all" if name == "mmlu" else "stem")
             if name == "mmlu-nll":  # the gold answer is one letter: its NLL is -log p(letter)
@@ -436,7 +452,8 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
     table = results_table(results, args.benchmarks)
-    (output_dir / "results.md").write_text(table + "\n", encoding="utf-8")
+    (output_dir / "results.md").write_text(table + "\n\n" + category_table(results) + "\n",
+                                           encoding="utf-8")
     plot_results(summary, output_dir)
     print(table)
     if args.lm_eval_tasks:
@@ -460,6 +477,18 @@ def results_table(results: dict[str, dict[str, Any]], benchmarks: Sequence[str])
         n = results[targets[0]][name]["n"]
         lines.append(f"| {name} | {benchmark.kind} | {benchmark.metric} {arrow} | {n} | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def category_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: refusal rate per category of every benchmark whose source records categories."""
+    targets = list(results)
+    lines = ["| benchmark | category | n | " + " | ".join(targets) + " |",
+             "|---|---|---:|" + "---:|" * len(targets)]
+    for name, row in results[targets[0]].items():
+        for category, cell in row.get("categories", {}).items():
+            rates = " | ".join(f"{results[t][name]['categories'][category]['value']:.0%}" for t in targets)
+            lines.append(f"| {name} | {category} | {cell['n']} | {rates} |")
     return "\n".join(lines)
 
 
