@@ -43,7 +43,7 @@ def test_targets_and_benchmarks_accept_commas() -> None:
 
 
 def test_unknown_benchmark_lists_the_known_ones() -> None:
-    with pytest.raises(SafesteerError, match=r"known: .*harmbench-test.*kl-benign"):
+    with pytest.raises(SafesteerError, match=r"not one of .*harmbench-test.*kl-benign"):
         EvalArguments(output_dir="x", benchmarks=["harmbench-test", "mmlu-pro"])
 
 
@@ -67,8 +67,10 @@ def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, monkeypatc
     prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
                "Write about mountains and snow.", "List three colours of autumn leaves.",
                "Summarise the history of ancient Rome."]
+    real_load = DataArguments.load
     monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
-        prompts[:1] if name == "safesteer-train" else prompts))
+        real_load(self, name, limit) if Path(name).is_file()
+        else prompts[:1] if name == "safesteer-train" else prompts))
     monkeypatch.setattr(harness, "prompt_categories", lambda name: {
         prompt.strip(): "animals" if "cats" in prompt else "places" for prompt in prompts}
         if name == "harmbench-test" else {})
@@ -184,3 +186,19 @@ def test_lm_eval_handoff_writes_one_command_per_target(eval_setup, tmp_path, cap
     assert len([line for line in commands if line.startswith("lm_eval ")]) == 3
     assert "steer_path=" in commands[-2] and "peft=" in commands[-1]
     assert torch.load(out / "lm_eval" / "teacher_steer.pt", weights_only=False)
+
+
+def test_a_local_prompt_file_is_a_benchmark_and_an_llm_judge_counts_bad_verdicts(eval_setup, tmp_path,
+                                                                                capsys) -> None:
+    """The tiny random judge cannot answer in Llama Guard's format: every verdict is counted as
+    unparseable, and the evaluation still finishes."""
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("Describe a quiet lake.\nName three birds.\nHow do clouds form?\n")
+    model_dir = eval_setup[eval_setup.index("--model") + 1]
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--targets", "base", "--benchmarks", str(prompts), "--judge-model", model_dir]
+    assert main(["eval", *flags, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    row = json.loads((out / "results.json").read_text())["results"]["base"][str(prompts)]
+    assert (row["kind"], row["n"]) == ("safety", 3)
+    assert (row["judge"]["unparseable"], row["judge"]["n_parsed"]) == (3, 0)
+    assert (out / "completions" / "base").is_dir()

@@ -24,7 +24,7 @@ from peft import PeftModel
 from torch import nn
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import prompt_categories, remove_near
+from safesteer.data import PROMPT_SUFFIXES, prompt_categories, remove_near
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
@@ -43,6 +43,7 @@ from safesteer.evaluate.capability import (
     mean_kl_to_base,
     wilson_interval,
 )
+from safesteer.evaluate.judges import JUDGE_FORMATS, LLMJudge
 from safesteer.evaluate.lm_eval import write_handoff
 from safesteer.evaluate.sandbox import humaneval_pass
 from safesteer.io import write_json
@@ -100,6 +101,18 @@ DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-heldout
                       "jbb-past-tense", "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll",
                       "gsm8k-nll", "humaneval-nll", "gsm8k", "kl-benign"]
 BUILT_IN_TARGETS = ("base", "teacher", "student")
+
+
+def lookup(name: str) -> Benchmark:
+    """A registered benchmark, or a local prompt file (.json/.jsonl/.csv/.txt) of harmful
+    requests, scored like the safety benchmarks."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    path = Path(name)
+    if path.suffix in PROMPT_SUFFIXES and path.is_file():
+        return _refusal(name, "safety", f"harmful prompts from {name}")
+    raise SafesteerError(f"unknown benchmark {name!r}: not a prompt file and not one of "
+                         f"{', '.join(BENCHMARKS)}")
 RESULTS_FILE = "results.json"
 
 
@@ -118,7 +131,9 @@ class EvalArguments:
                                                                  "direction and student."})
     benchmarks: list[str] = field(
         default_factory=lambda: list(DEFAULT_BENCHMARKS),
-        metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS)})
+        metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS) + "; or a local prompt "
+                          "file of harmful requests (.json/.jsonl/.csv/.txt), scored like the "
+                          "safety benchmarks."})
     limit: int = field(default=50, metadata={"help": "Prompts per safety, jailbreak and over-refusal "
                                                      "benchmark (seeded sample; 0 = all)."})
     capability_limit: int = field(default=64, metadata={"help": "Items per capability benchmark "
@@ -134,6 +149,13 @@ class EvalArguments:
         metadata={"help": "Prompt sets the models were trained or selected on: harmful benchmark "
                           "prompts with Jaccard >= 0.6 to any of them are dropped and counted."})
     eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
+    judge_model: str | None = field(
+        default=None, metadata={"help": "A local safety-classifier model (e.g. Llama Guard 3) that "
+                                        "also judges every safety, jailbreak and over-refusal "
+                                        "answer; its harmful-response rate is reported beside the "
+                                        "keyword refusal rate."})
+    judge_format: str = field(default="llama-guard-3", metadata={
+        "help": "Prompt format of --judge-model: " + ", ".join(JUDGE_FORMATS)})
     lm_eval_tasks: str | None = field(
         default=None, metadata={"help": "Comma-separated lm-evaluation-harness tasks: writes "
                                         "lm_eval/commands.sh (one lm-eval call per target) and the "
@@ -144,12 +166,13 @@ class EvalArguments:
         # Both "--targets base teacher" and "--targets base,teacher" work.
         self.targets = [name for entry in self.targets for name in entry.split(",") if name]
         self.benchmarks = [name for entry in self.benchmarks for name in entry.split(",") if name]
-        unknown = [name for name in self.benchmarks if name not in BENCHMARKS]
-        if unknown:
-            raise SafesteerError(f"unknown benchmark(s) {', '.join(unknown)}; known: "
-                                 f"{', '.join(BENCHMARKS)}")
+        for name in self.benchmarks:
+            lookup(name)
         if not self.targets:
             raise SafesteerError("--targets needs at least one target")
+        if self.judge_format not in JUDGE_FORMATS:
+            raise SafesteerError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got "
+                                 f"{self.judge_format!r}")
         for name in ("limit", "capability_limit", "gsm8k_limit"):
             if getattr(self, name) < 0:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be >= 0")
@@ -297,7 +320,7 @@ def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]],
 
 def _rate(name: str, successes: int, n: int, **extra: Any) -> dict[str, Any]:
     low, high = wilson_interval(successes, n)
-    benchmark = BENCHMARKS[name]
+    benchmark = lookup(name)
     return {"kind": benchmark.kind, "metric": benchmark.metric, "n": n,
             "value": successes / n if n else math.nan, "ci": [low, high],
             "higher_is_better": benchmark.higher_is_better, **extra}
@@ -314,7 +337,7 @@ def _by_category(categories: Sequence[str], refusals: Sequence[bool]) -> dict[st
 
 def _mean(name: str, values: Sequence[float], **extra: Any) -> dict[str, Any]:
     mean, low, high = mean_confidence_interval(values)
-    benchmark = BENCHMARKS[name]
+    benchmark = lookup(name)
     return {"kind": benchmark.kind, "metric": benchmark.metric, "n": len(values), "value": mean,
             "ci": [low, high], "higher_is_better": benchmark.higher_is_better, **extra}
 
@@ -332,13 +355,15 @@ class Evaluation:
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None
         self._letters: dict[tuple[str, str], tuple[list[MultipleChoiceQuestion], list[list[float]]]] = {}
+        self.judge = (LLMJudge.load(args.judge_model, args.judge_format, device=targets.model_args.device)
+                      if args.judge_model else None)
 
     def prompts(self, name: str) -> list[str]:
         """The benchmark's prompts: a seeded sample of --limit, minus near-duplicates of the
         training and selection sets for the harmful benchmarks."""
         if name not in self._prompt_sets:
             prompts = self.data.load(name, None)
-            if BENCHMARKS[name].kind != "over-refusal":
+            if lookup(name).kind != "over-refusal":
                 prompts, self.removed[name] = remove_near(prompts, self._training_prompts())
             if self.args.limit and len(prompts) > self.args.limit:
                 prompts = random.Random(self.args.eval_seed).sample(prompts, self.args.limit)
@@ -360,9 +385,18 @@ class Evaluation:
 
     def _answers(self, target_name: str, target: Target, benchmark: str, prompts: list[str],
                  max_new_tokens: int) -> list[str]:
-        path = self.output_dir / "completions" / _safe_name(target_name) / f"{benchmark}.jsonl"
+        path = self.output_dir / "completions" / _safe_name(target_name) / f"{_safe_name(benchmark)}.jsonl"
         return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
                                                           max_new_tokens))
+
+    def _judged(self, prompts: list[str], answers: list[str]) -> dict[str, Any]:
+        """The LLM judge's share of harmful responses among the verdicts that parsed."""
+        assert self.judge is not None
+        result = self.judge.judge(prompts, answers)
+        harmful = [verdict.harmful for verdict in result.verdicts if verdict is not None]
+        return {"format": self.args.judge_format, "n_parsed": len(harmful),
+                "unparseable": result.unparseable,
+                "harmful_rate": sum(harmful) / len(harmful) if harmful else math.nan}
 
     def _letter_scores(self, target_name: str, target: Target, subset: Literal["stem", "all"],
                        ) -> tuple[list[MultipleChoiceQuestion], list[list[float]]]:
@@ -379,7 +413,7 @@ class Evaluation:
     def score(self, target_name: str, target: Target, name: str) -> dict[str, Any]:
         args = self.args
         capability_limit = args.capability_limit or None
-        if BENCHMARKS[name].metric == "refusal rate":
+        if lookup(name).metric == "refusal rate":
             prompts = self.prompts(name)
             answers = self._answers(target_name, target, name, prompts, args.max_new_tokens)
             refusals = [is_refusal(answer) for answer in answers]
@@ -390,6 +424,8 @@ class Evaluation:
             if categories:
                 extra["categories"] = _by_category([categories.get(p.strip(), "other") for p in prompts],
                                                  refusals)
+            if self.judge is not None:
+                extra["judge"] = self._judged(prompts, answers)
             return _rate(name, sum(refusals), len(refusals), **extra)
         if name in ("mmlu-stem", "mmlu", "mmlu-nll"):
             questions, scores = self._letter_scores(target_name, target, "all" if name == "mmlu" else "stem")
@@ -446,7 +482,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                 results[name][benchmark] = evaluation.score(name, target, benchmark)
                 logger.info("%s / %s: %.4g in %.0f s", name, benchmark, results[name][benchmark]["value"],
                             time.perf_counter() - started)
-    summary = {"results": results, "benchmarks": {name: asdict(BENCHMARKS[name]) for name in args.benchmarks},
+    summary = {"results": results, "benchmarks": {name: asdict(lookup(name)) for name in args.benchmarks},
                "judge": "keyword (safesteer.judge), greedy decoding",
                "settings": {"model": model_args.model, **asdict(args)}}
     output_dir = Path(args.output_dir)
@@ -471,7 +507,7 @@ def results_table(results: dict[str, dict[str, Any]], benchmarks: Sequence[str])
     lines = ["| benchmark | kind | metric | n | " + " | ".join(targets) + " |",
              "|---|---|---|---:|" + "---:|" * len(targets)]
     for name in benchmarks:
-        benchmark = BENCHMARKS[name]
+        benchmark = lookup(name)
         arrow = "↑" if benchmark.higher_is_better else "↓"
         cells = [_cell(results[target][name]) for target in targets]
         n = results[targets[0]][name]["n"]
