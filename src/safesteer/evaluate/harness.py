@@ -184,12 +184,6 @@ class EvalArguments:
 # ------------------------------------------------------------------------- targets
 
 
-@contextmanager
-def _steered(model: nn.Module, direction: Direction) -> Iterator[nn.Module]:
-    with direction.steer(model):
-        yield model
-
-
 def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
