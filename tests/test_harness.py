@@ -29,12 +29,14 @@ def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) 
         calls.append(prompts)
         return [f"answer to {prompt}" for prompt in prompts]
 
-    assert _completions(path, ["a", "b"], generate) == ["answer to a", "answer to b"]
+    assert _completions(path, ["a", "b", "c"], generate, chunk=2) == [
+        "answer to a", "answer to b", "answer to c"]
+    assert calls == [["a", "b"], ["c"]]  # appended chunk by chunk: a kill loses one chunk at most
     with path.open("a") as file:
         file.write("not json\n")
-    assert _completions(path, ["b", "c", "a", "c"], generate) == [
-        "answer to b", "answer to c", "answer to a", "answer to c"]
-    assert calls == [["a", "b"], ["c"]]
+    assert _completions(path, ["b", "d", "a", "d"], generate, chunk=2) == [
+        "answer to b", "answer to d", "answer to a", "answer to d"]
+    assert calls == [["a", "b"], ["c"], ["d"]]
 
 
 def test_targets_and_benchmarks_accept_commas() -> None:

@@ -286,9 +286,11 @@ class Targets:
 # ------------------------------------------------------------------------- completions
 
 
-def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]], list[str]]) -> list[str]:
-    """Answers to ``prompts``: those saved in ``path`` (JSONL) are reused, the rest generated and
-    appended, so an interrupted evaluation resumes where it stopped."""
+def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]], list[str]],
+                 chunk: int) -> list[str]:
+    """Answers to ``prompts``: those saved in ``path`` (JSONL) are reused, the rest generated
+    ``chunk`` at a time and appended after each chunk, so a killed evaluation loses at most one
+    chunk and resumes where it stopped."""
     saved: dict[str, str] = {}
     if path.is_file():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -301,9 +303,11 @@ def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]],
     missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in saved]
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
-        answers = generate(missing)
+    for start in range(0, len(missing), chunk):
+        batch = missing[start:start + chunk]
+        answers = generate(batch)
         with path.open("a", encoding="utf-8") as file:
-            for prompt, answer in zip(missing, answers, strict=True):
+            for prompt, answer in zip(batch, answers, strict=True):
                 file.write(json.dumps({"prompt": prompt, "response": answer}) + "\n")
                 saved[prompt] = answer
     return [saved[prompt] for prompt in prompts]
@@ -381,7 +385,8 @@ class Evaluation:
                  max_new_tokens: int) -> list[str]:
         path = self.output_dir / "completions" / _safe_name(target_name) / f"{_safe_name(benchmark)}.jsonl"
         return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
-                                                          max_new_tokens))
+                                                          max_new_tokens),
+                            chunk=4 * self.args.eval_batch_size)
 
     def _judged(self, prompts: list[str], answers: list[str]) -> dict[str, Any]:
         """The LLM judge's share of harmful responses among the verdicts that parsed."""
