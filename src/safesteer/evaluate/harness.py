@@ -316,12 +316,15 @@ def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]],
 # ------------------------------------------------------------------------- scoring
 
 
-def _rate(name: str, successes: int, n: int, **extra: Any) -> dict[str, Any]:
-    low, high = wilson_interval(successes, n)
+def _row(name: str, n: int, value: float, ci: Sequence[float], **extra: Any) -> dict[str, Any]:
+    """One results.json cell: the benchmark's kind and metric, the value and its 95 % interval."""
     benchmark = lookup(name)
-    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": n,
-            "value": successes / n if n else math.nan, "ci": [low, high],
-            "higher_is_better": benchmark.higher_is_better, **extra}
+    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": n, "value": value,
+            "ci": list(ci), "higher_is_better": benchmark.higher_is_better, **extra}
+
+
+def _rate(name: str, successes: int, n: int, **extra: Any) -> dict[str, Any]:
+    return _row(name, n, successes / n if n else math.nan, wilson_interval(successes, n), **extra)
 
 
 def _by_category(categories: Sequence[str], refusals: Sequence[bool]) -> dict[str, dict[str, float]]:
@@ -335,9 +338,7 @@ def _by_category(categories: Sequence[str], refusals: Sequence[bool]) -> dict[st
 
 def _mean(name: str, values: Sequence[float], **extra: Any) -> dict[str, Any]:
     mean, low, high = mean_confidence_interval(values)
-    benchmark = lookup(name)
-    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": len(values), "value": mean,
-            "ci": [low, high], "higher_is_better": benchmark.higher_is_better, **extra}
+    return _row(name, len(values), mean, (low, high), **extra)
 
 
 class Evaluation:
