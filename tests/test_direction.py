@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from safesteer.direction import (
     DirectionConfig,
     PromptCandidate,
     ResponseCandidate,
+    calibrate_threshold,
     default_response_layers,
     difference_of_means,
     filter_by_refusal,
@@ -26,6 +28,7 @@ from safesteer.direction import (
     refusal_token_ids,
     select_prompt_candidate,
     select_response_candidate,
+    separation,
 )
 from safesteer.errors import SafesteerError
 from safesteer.models import encode_rendered, render_prompts
@@ -238,3 +241,78 @@ def test_damaged_direction_files_give_clear_errors(tmp_path):
     (tmp_path / "direction.safetensors").write_bytes(b"garbage")
     with pytest.raises(SafesteerError, match="safetensors"):
         Direction.load(tmp_path)
+
+
+def _brute_force_threshold(harmful, harmless):
+    """Every midpoint, scored by balanced accuracy; ties to the widest gap between neighbours."""
+    values = sorted(set(harmful + harmless))
+    best = None
+    for low, high in itertools.pairwise(values):
+        threshold = (low + high) / 2
+        accuracy = (sum(h > threshold for h in harmful) / len(harmful)
+                    + sum(b <= threshold for b in harmless) / len(harmless)) / 2
+        key = (accuracy, high - low)
+        if best is None or key > best[0]:
+            best = (key, threshold)
+    return best[1], best[0][0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calibrate_threshold_matches_brute_force(seed):
+    generator = torch.Generator().manual_seed(seed)
+    harmful = (torch.randn(9, generator=generator) + 1.0).tolist()
+    harmless = torch.randn(7, generator=generator).tolist()
+    threshold, accuracy = calibrate_threshold(torch.tensor(harmful), torch.tensor(harmless))
+    expected_threshold, expected_accuracy = _brute_force_threshold(harmful, harmless)
+    assert threshold == pytest.approx(expected_threshold) and accuracy == pytest.approx(expected_accuracy)
+
+
+def test_calibrate_threshold_takes_the_middle_of_a_clean_gap():
+    threshold, accuracy = calibrate_threshold(torch.tensor([5.0, 6.0, 9.0]), torch.tensor([-1.0, 1.0]))
+    assert accuracy == 1.0 and threshold == pytest.approx(3.0)
+    assert separation(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0])) == pytest.approx(2 / math.sqrt(2))
+
+
+def test_direction_has_a_gate_that_survives_save_and_load(tiny_model, tiny_tokenizer, prompt_files,
+                                                          tmp_path):
+    config = _config(prompt_files, method="response", response_layers=[1])
+    direction = find_direction(tiny_model, tiny_tokenizer, config, DataArguments(), "tiny")
+    gate = direction.gate
+    assert gate is not None and 0 <= gate.layer <= direction.layer
+    assert gate.vector.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert gate.metadata["val_counts"] == {"harmful": 6, "harmless": 6}
+    direction.save(tmp_path)
+    loaded = Direction.load(tmp_path)
+    assert loaded.gate is not None and loaded.gate.layer == gate.layer
+    assert loaded.gate.threshold == pytest.approx(gate.threshold)
+    torch.testing.assert_close(loaded.gate.vector, gate.vector)
+    # the gate flags prompts exactly as the probe on the recorded block input says
+    encoded = encode_rendered(tiny_tokenizer, render_prompts(tiny_tokenizer, HARMFUL + HARMLESS), "cpu")
+    with torch.no_grad(), record_block_inputs(tiny_model) as captured:
+        tiny_model(**encoded)
+    expected = captured[gate.layer][:, -1] @ gate.vector > gate.threshold
+    assert torch.equal(loaded.gate_rows(tiny_model, encoded["input_ids"], encoded["attention_mask"]),
+                       expected)
+
+
+def test_steer_rows_adds_the_vector_to_the_chosen_rows_only(tiny_model, tiny_tokenizer):
+    width = tiny_model.config.hidden_size
+    direction = Direction(torch.randn(width, generator=torch.Generator().manual_seed(0)), 1, 0.7, {})
+    encoded = encode_rendered(tiny_tokenizer, render_prompts(tiny_tokenizer, HARMFUL[:3]), "cpu")
+    with torch.no_grad(), record_block_inputs(tiny_model) as captured:
+        tiny_model(**encoded)
+    before = captured[1]
+    rows = torch.tensor([True, False, True])
+    with torch.no_grad(), direction.steer(tiny_model, rows=rows), record_block_inputs(tiny_model) as captured:
+        tiny_model(**encoded)  # recorded after the steering hook, which was registered first
+    shift = captured[1] - before
+    torch.testing.assert_close(shift[1], torch.zeros_like(shift[1]))
+    for row in (0, 2):
+        torch.testing.assert_close(shift[row], (0.7 * direction.vector).expand_as(shift[row]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_conditional_teacher_needs_a_gate(tiny_model):
+    direction = Direction(torch.ones(tiny_model.config.hidden_size), 0, 1.0, {})
+    with pytest.raises(SafesteerError, match="no harmfulness gate"), direction.steer(tiny_model, gated=True):
+        pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -12,15 +12,17 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
 
-from safesteer.direction import Direction
-from safesteer.distill.config import DistillConfig
+from safesteer.direction import Direction, Gate
+from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.distill.trainer import (
     Distiller,
+    Rollout,
     completion_logits,
     completion_mask,
     merge_student,
 )
 from safesteer.errors import SafesteerError
+from safesteer.models import render_prompts
 
 PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",
            "my neighbour cooks a recipe for bread.", "our team plans the weekly schedule before lunch."]
@@ -61,6 +63,24 @@ def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
 
 
+def chat_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+    rendered = render_prompts(tokenizer, [prompt], system_prompt)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"][0]
+
+
+def unpadded_prompt(rollout: Rollout, row: int) -> list[int]:
+    length = rollout.prompt_length
+    return rollout.sequences[row, :length][rollout.attention_mask[row, :length] == 1].tolist()
+
+
+def unpadded_completion_logits(model: torch.nn.Module, prompt_ids: Sequence[int], completion: torch.Tensor,
+                               temperature: float = 1.0) -> torch.Tensor:
+    """Reference: one row without padding (natural positions); the logits predicting each completion token."""
+    sequence = torch.tensor([[*prompt_ids, *completion.tolist()]])
+    with torch.no_grad():
+        return model(sequence).logits[0, len(prompt_ids) - 1:-1] / temperature
+
+
 # ------------------------------------------------------------------------- config
 
 
@@ -79,6 +99,10 @@ def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
     ({"save_steps": -1}, "--save-steps"),
     ({"report_to": "mlflow"}, "--report-to"),
     ({"lora_target_modules": " , "}, "--lora-target-modules"),
+    ({"mode": "sft", "renormalize": True}, "--renormalize"),
+    ({"mode": "sft", "complement": True}, "--complement"),
+    ({"mode": "sft", "alpha": 0.5}, "--alpha"),
+    ({"teacher_system_prompt": " "}, "--teacher-system-prompt"),
 ])
 def test_config_rejects_bad_values_naming_the_flag(overrides: dict, flag: str) -> None:
     with pytest.raises(SafesteerError, match=flag):
@@ -91,6 +115,11 @@ def test_config_parses_flags_and_documents_every_field() -> None:
         ["--learning-rate", "1e-3", "--mode", "topk", "--no-use-lora",
          "--lora-target-modules", "q_proj,v_proj"])
     assert (config.learning_rate, config.mode, config.use_lora) == (1e-3, "topk", False)
+    assert (config.teacher_system_prompt, config.conditional_teacher) == (None, False)
+    (baseline,) = parser.parse_args_into_dataclasses(
+        ["--mode", "sft", "--teacher-system-prompt", SAFETY_SYSTEM_PROMPT, "--conditional-teacher"])
+    assert (baseline.mode, baseline.teacher_system_prompt, baseline.conditional_teacher) == (
+        "sft", SAFETY_SYSTEM_PROMPT, True)
     assert config.target_modules() == ["q_proj", "v_proj"]
     assert DistillConfig().target_modules() == "all-linear"
     undocumented = [f.name for f in DistillConfig.__dataclass_fields__.values() if not f.metadata.get("help")]
@@ -214,6 +243,128 @@ def test_full_finetune_trains_float32_student_against_frozen_copy(make_tiny_mode
     torch.testing.assert_close(logits(loaded, tiny_tokenizer), logits(distiller.model, tiny_tokenizer))
 
 
+# ------------------------------------------------------------------------- baselines and per-prompt teachers
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_sft_loss_is_the_students_nll_of_the_samples(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                     direction, tmp_path, reduction: str) -> None:
+    config = make_config(mode="sft", reduction=reduction, temperature=0.7, micro_batch_size=3,
+                         max_new_tokens=8)
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, config)
+    rollout = distiller.sample(1)
+    metrics = distiller.backward(rollout)
+    length = rollout.completion_mask.shape[1]
+    distiller.model.eval()
+    per_row = []
+    for row in range(len(rollout.texts)):
+        completion = rollout.sequences[row, -length:]
+        student = unpadded_completion_logits(distiller.model, unpadded_prompt(rollout, row), completion, 0.7)
+        nll = -torch.log_softmax(student.double(), -1).gather(-1, completion[:, None])[:, 0]
+        per_row.append((nll * rollout.completion_mask[row]).sum())
+    counts = rollout.completion_mask.sum(1).double()
+    expected = (sum(per_row) / counts.sum() if reduction == "token"
+                else (torch.stack(per_row) / counts).mean())
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert metrics["steered_rows"] == 1.0
+    assert not {"kl_k3", "student_mass_s", "teacher_mass_s"} & metrics.keys()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in distiller.trainable_parameters)
+
+
+@pytest.mark.parametrize("system_prompt", [None, SAFETY_SYSTEM_PROMPT])
+def test_sft_samples_come_from_the_teacher(make_tiny_model: ModelFactory, tiny_tokenizer, direction,
+                                          tmp_path, system_prompt: str | None) -> None:
+    def first_samples(name: str, mode: str, labels: list[bool] | None = None) -> torch.Tensor:
+        # A low temperature makes the near-uniform tiny model's samples follow its logits' shifts.
+        config = make_config(mode=mode, teacher_system_prompt=system_prompt, max_new_tokens=8,
+                             temperature=0.05)
+        distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / name,
+                                   config, steer_prompts=labels)
+        return distiller.sample(1).sequences
+
+    on_policy = first_samples("student", "subset")
+    # The untrained student is the base (LoRA starts at zero), so the plain-base teacher draws the
+    # student's samples, and the safety teacher others; the student always keeps its user-only prompt.
+    assert torch.equal(first_samples("base", "sft", [False] * len(PROMPTS)), on_policy)
+    safety = first_samples("safety", "sft")
+    width = on_policy.shape[1] - 8
+    assert torch.equal(safety[:, :width], on_policy[:, :width])
+    assert not torch.equal(safety, on_policy)
+
+
+def test_system_prompt_teacher_reads_its_prompt_then_the_same_tokens(make_tiny_model: ModelFactory,
+                                                                   tiny_tokenizer, direction,
+                                                                   tmp_path) -> None:
+    labels = [True, False, True, True]
+    config = make_config(teacher_system_prompt=SAFETY_SYSTEM_PROMPT, prompts_per_step=4,
+                         samples_per_prompt=1, temperature=0.5)
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, config,
+                               steer_prompts=labels)
+    rollout = distiller.sample(1)
+    length = rollout.completion_mask.shape[1]
+    teacher = distiller.teacher_logits(rollout, slice(None), length)
+    base = make_tiny_model("llama")
+    prompts = [chat_ids(tiny_tokenizer, PROMPTS[index], SAFETY_SYSTEM_PROMPT if labels[index] else None)
+               for index in rollout.prompt_indices]
+    assert len({len(ids) for ids in prompts}) > 1  # the teacher's batch is left-padded
+    for row, prompt_ids in enumerate(prompts):
+        assert unpadded_prompt(rollout, row) == chat_ids(tiny_tokenizer, PROMPTS[rollout.prompt_indices[row]])
+        expected = unpadded_completion_logits(base, prompt_ids, rollout.sequences[row, -length:], 0.5)
+        torch.testing.assert_close(teacher[row], expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        user_only = completion_logits(base, rollout.sequences, rollout.attention_mask, length, 0.5)
+    assert not torch.allclose(teacher[rollout.steer], user_only[rollout.steer], atol=1e-3)
+
+
+def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, tiny_tokenizer, direction,
+                                                tmp_path) -> None:
+    labels = [True, False, False, True]
+    config = make_config(prompts_per_step=4, samples_per_prompt=2)
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, config,
+                               steer_prompts=labels)
+    rollout = distiller.sample(1)
+    steer = torch.tensor([labels[index] for index in rollout.prompt_indices])
+    assert torch.equal(rollout.steer, steer)
+    length = rollout.completion_mask.shape[1]
+    teacher = distiller.teacher_logits(rollout, slice(None), length)
+    reference = make_tiny_model("llama")
+    with torch.no_grad():
+        base = completion_logits(reference, rollout.sequences, rollout.attention_mask, length)
+        with direction.steer(reference):
+            steered = completion_logits(reference, rollout.sequences, rollout.attention_mask, length)
+    torch.testing.assert_close(teacher[steer], steered[steer], atol=1e-6, rtol=0)
+    torch.testing.assert_close(teacher[~steer], base[~steer], atol=1e-6, rtol=0)
+    assert not torch.allclose(steered, base, atol=1e-3)
+    # A micro-batch slice gets its own rows' teachers (and its own, narrower, padding).
+    torch.testing.assert_close(distiller.teacher_logits(rollout, slice(3, 6), length), teacher[3:6],
+                               atol=1e-5, rtol=1e-5)
+    assert distiller.backward(rollout)["steered_rows"] == 0.5
+
+
+def test_conditional_teacher_steers_the_prompts_the_gate_flags(make_tiny_model: ModelFactory,
+                                                               tiny_tokenizer, direction,
+                                                               tmp_path) -> None:
+    model = make_tiny_model("llama")
+    gate_vector = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    scores = []
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            hidden = model(torch.tensor([chat_ids(tiny_tokenizer, prompt)]), output_hidden_states=True)
+        scores.append(float(hidden.hidden_states[1][0, -1] @ gate_vector))  # block 1's input
+    threshold = sum(sorted(scores)[1:3]) / 2
+    gated = Direction(direction.vector, direction.layer, direction.coefficient, direction.metadata,
+                      Gate(gate_vector, 1, threshold))
+    config = make_config(conditional_teacher=True, prompts_per_step=4, samples_per_prompt=2)
+    distiller = make_distiller(model, tiny_tokenizer, gated, tmp_path, config,
+                               steer_prompts=[False] * len(PROMPTS))  # the gate overrides the labels
+    rollout = distiller.sample(1)
+    assert torch.equal(rollout.steer, torch.tensor([scores[i] > threshold for i in rollout.prompt_indices]))
+    assert 0 < rollout.steer.sum() < len(rollout.steer)
+    assert distiller.backward(rollout)["steered_rows"] == rollout.steer.double().mean().item()
+    with pytest.raises(SafesteerError, match="no harmfulness gate"):
+        make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "gateless", config)
+
+
 # ------------------------------------------------------------------------- checkpoints and outputs
 
 
@@ -263,6 +414,23 @@ def test_resume_with_another_config_is_refused(make_tiny_model: ModelFactory, ti
         make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
 
 
+def test_resume_with_other_steering_labels_is_refused(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                      direction, tmp_path) -> None:
+    labels = [True, False, True, False]
+    first = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                           steer_prompts=labels)
+    first.train(max_steps=1)
+    (record,) = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    step_labels = [labels[index] for index in first.step_prompt_indices(1)]
+    assert record["steered_rows"] == sum(step_labels) / len(step_labels)
+    with pytest.raises(SafesteerError, match="steer_prompts"):
+        make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                       steer_prompts=[True, True, True, False], resume=True)
+    resumed = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                             steer_prompts=labels, resume=True)
+    assert resumed.step == 1
+
+
 def test_saved_student_loads_with_peft_and_merges(make_tiny_model: ModelFactory, tiny_tokenizer,
                                                   direction, tmp_path) -> None:
     distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
@@ -293,6 +461,9 @@ def test_bad_inputs_are_refused(make_tiny_model: ModelFactory, tiny_tokenizer, d
     with pytest.raises(SafesteerError, match="distinct"):
         Distiller(model, tiny_tokenizer, direction, PROMPTS, make_config(), tmp_path,
                   safety_token_ids=[3, 3]).setup()
+    with pytest.raises(SafesteerError, match="steer_prompts has 3 labels for 4"):
+        Distiller(model, tiny_tokenizer, direction, PROMPTS, make_config(), tmp_path,
+                  safety_token_ids=SAFETY_IDS, steer_prompts=[True] * 3).setup()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_tiny_model: ModelFactory,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from safesteer.distill.loss import divergence, loss_mask, reduce_loss
+from safesteer.distill.loss import divergence, loss_mask, negative_log_likelihood, reduce_loss
 
 BATCH, SEQ, VOCAB = 2, 5, 11
 SAFETY_IDS = [1, 4, 7, 8]
@@ -278,6 +278,25 @@ def test_chunked_equals_unchunked(mode, renormalize, chunk_size, logits):
 def test_divergence_rejects_bad_options(options, logits):
     with pytest.raises(ValueError):
         divergence(*logits, **options)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_negative_log_likelihood_matches_naive_reference_value_and_gradient(chunk_size, logits):
+    student = logits[0]
+    tokens = torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5))
+    student_a = student.clone().requires_grad_(True)
+    student_b = student.clone().requires_grad_(True)
+    weights = torch.randn(BATCH, SEQ, dtype=torch.float64)
+
+    loss = negative_log_likelihood(student_a, tokens, chunk_size=chunk_size)
+    expected = torch.stack([torch.stack([-torch.log(torch.softmax(student_b[b, t], 0)[tokens[b, t]])
+                                         for t in range(SEQ)]) for b in range(BATCH)])
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    (loss * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(student_a.grad, student_b.grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError):
+        negative_log_likelihood(student, tokens[:, 1:])
 
 
 def test_token_reduction_is_invariant_to_micro_batch_split():

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from safesteer.cli import main
+from safesteer.errors import SafesteerError
+from safesteer.pipeline import RunArguments
 
 
 @pytest.fixture
@@ -52,6 +54,29 @@ def test_run_writes_every_artifact_and_resumes(capsys, tmp_path, run_setup):
     assert code == 2 and "horizon" in capsys.readouterr().err
 
 
+def test_run_with_retain_prompts_and_no_check_records_time_and_memory(capsys, tmp_path, run_setup):
+    run_dir = tmp_path / "run"
+    retain = tmp_path / "benign.txt"
+    retain.write_text("".join(f"Write a haiku about season {i}.\n" for i in range(4)))
+    args = ["run", *run_setup, "--output-dir", str(run_dir), "--check-limit", "0",
+            "--retain-prompts", str(retain), "--n-retain-prompts", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    check = json.loads((run_dir / "check.json").read_text())
+    assert "refusal" not in check and check["peak_rss_mib"] > 0 and check["peak_gpu_mib"] is None
+    assert set(check["stage_seconds"]) == {"load", "direction", "tokens", "train"}
+    inputs = json.loads((run_dir / "distill_inputs.json").read_text())
+    assert inputs["num_prompts"] == 6  # 4 harmful + 2 retain, 3 steps of 2
+    log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and 0 < sum(record["steered_rows"] for record in log) / 3 < 1
+
+
+def test_retain_options_go_together():
+    with pytest.raises(SafesteerError, match="--retain-prompts"):
+        RunArguments(output_dir="x", n_retain_prompts=3)
+    with pytest.raises(SafesteerError, match="--retain-prompts"):
+        RunArguments(output_dir="x", retain_prompts="direction-harmless-train")
+
+
 def test_presets_are_listed_and_applied(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
@@ -62,7 +87,6 @@ def test_presets_are_listed_and_applied(capsys):
 def test_preset_then_yaml_then_flags(tmp_path):
     from safesteer.cli import parse
     from safesteer.distill.config import DistillConfig
-    from safesteer.pipeline import RunArguments
 
     def get(parsed, cls):
         return next(item for item in parsed if isinstance(item, cls))

@@ -12,6 +12,8 @@ from safesteer.steering import (
     _split_hidden,
     ablate_direction,
     add_to_block_input,
+    block_input_at_last_position,
+    gated_add_to_block_input,
     project_out,
     record_block_inputs,
 )
@@ -152,4 +154,66 @@ def test_wrong_width_and_layer_are_rejected(tiny_model):
         pass
     with pytest.raises(SafesteerError, match="outside"), \
             add_to_block_input(tiny_model, 99, torch.ones(width)):
+        pass
+
+
+def _prefill_inputs(model, encoded, context) -> dict[int, torch.Tensor]:
+    with context:
+        return _inputs(model, encoded)
+
+
+def test_gated_add_steers_exactly_the_rows_the_probe_flags(make_tiny_model, tiny_tokenizer):
+    model = make_tiny_model("llama")
+    encoded = _encode(model, tiny_tokenizer)
+    width = model.get_input_embeddings().weight.shape[-1]
+    vector = torch.randn(width, generator=torch.Generator().manual_seed(1))
+    before = _inputs(model, encoded)
+    probe = torch.randn(width, generator=torch.Generator().manual_seed(2))
+    scores = before[1][:, -1] @ probe  # the gate reads layer 1 before the add at the same layer
+    threshold = scores.mean().item()  # the two prompts fall on either side
+    expected_rows = scores > threshold
+    assert expected_rows.any() and not expected_rows.all()
+    steered = _prefill_inputs(model, encoded, gated_add_to_block_input(model, 1, vector, 0.5, 1, probe,
+                                                                       threshold))
+    shift = steered[1] - before[1]
+    for row, flagged in enumerate(expected_rows.tolist()):
+        expected = (0.5 * vector).expand_as(shift[row]) if flagged else torch.zeros_like(shift[row])
+        torch.testing.assert_close(shift[row], expected, atol=1e-5, rtol=0)
+    # the same as the explicit per-row vector, the form teacher-forced passes use
+    per_row = expected_rows.float()[:, None] * vector
+    explicit = _prefill_inputs(model, encoded, add_to_block_input(model, 1, per_row, 0.5))
+    torch.testing.assert_close(explicit[1], steered[1], atol=1e-6, rtol=0)
+    assert all(not block._forward_pre_hooks for block in decoder_layers(model))
+
+
+def test_gated_generation_keeps_the_prefill_decision_while_decoding(make_tiny_model, tiny_tokenizer):
+    model = make_tiny_model("llama")
+    encoded = _encode(model, tiny_tokenizer)
+    width = model.get_input_embeddings().weight.shape[-1]
+    vector = 5 * torch.randn(width, generator=torch.Generator().manual_seed(3))
+    scores = block_input_at_last_position(model, 1, encoded["input_ids"], encoded["attention_mask"]) @ vector
+    threshold = scores.mean().item()
+    rows = scores > threshold
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
+    with torch.no_grad(), gated_add_to_block_input(model, 1, vector, 1.0, 1, vector, threshold):
+        gated = model.generate(**encoded, **options)
+    with torch.no_grad(), add_to_block_input(model, 1, rows.float()[:, None] * vector):
+        explicit = model.generate(**encoded, **options)
+    assert torch.equal(gated, explicit)
+
+
+def test_block_input_at_last_position_matches_a_full_forward(tiny_model, tiny_tokenizer):
+    encoded = _encode(tiny_model, tiny_tokenizer)
+    full = _inputs(tiny_model, encoded)
+    for layer in full:
+        read = block_input_at_last_position(tiny_model, layer, encoded["input_ids"],
+                                            encoded["attention_mask"])
+        torch.testing.assert_close(read, full[layer][:, -1], atol=1e-6, rtol=0)
+    assert all(not block._forward_pre_hooks for block in decoder_layers(tiny_model))
+
+
+def test_gate_must_read_before_the_steering_layer(tiny_model):
+    width = tiny_model.get_input_embeddings().weight.shape[-1]
+    with pytest.raises(SafesteerError, match="gate layer"), gated_add_to_block_input(
+            tiny_model, 0, torch.ones(width), 1.0, 1, torch.ones(width), 0.0):
         pass

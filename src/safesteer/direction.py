@@ -44,7 +44,14 @@ from safesteer.models import (
     position_ids,
     render_prompts,
 )
-from safesteer.steering import ablate_direction, add_to_block_input, record_block_inputs
+from safesteer.steering import (
+    ablate_direction,
+    add_to_block_input,
+    block_input_at_last_position,
+    gated_add_to_block_input,
+    probe_rows,
+    record_block_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +126,9 @@ class DirectionConfig:
                                                               "per side, answered by generation."})
     val_max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per validation "
                                                               "answer when judging refusal."})
+    gate_n_val: int = field(
+        default=64, metadata={"help": "Validation prompts per side on which the harmfulness gate of "
+                                      "the conditional teacher picks its layer and threshold."})
     target_refusal: float = field(
         default=0.9,
         metadata={"help": "Response method: among candidates refusing at least this share of "
@@ -129,7 +139,7 @@ class DirectionConfig:
         if self.method not in METHODS:
             raise SafesteerError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("n_train", "n_val", "batch_size", "response_n_train", "response_n_val",
-                     "val_max_new_tokens", "response_layer_stride"):
+                     "val_max_new_tokens", "response_layer_stride", "gate_n_val"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
         if self.induce_screen_prompts < 0 or self.induce_screen_margin < 0:
@@ -143,13 +153,33 @@ class DirectionConfig:
 
 
 @dataclass
+class Gate:
+    """A harmfulness probe: block ``layer``'s input at the last prompt token, projected on the unit
+    ``vector``; a prompt scoring above ``threshold`` is treated as harmful.
+
+    It makes the conditional teacher, which steers harmful prompts only. On models that rarely
+    refuse, the prompt-contrast direction cannot induce refusal but still separates harmful from
+    harmless prompts, so it serves as the probe while another direction does the steering.
+    """
+
+    vector: torch.Tensor
+    layer: int
+    threshold: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Direction:
-    """A steering vector with where and how strongly to add it; the teacher is base + this."""
+    """A steering vector with where and how strongly to add it; the teacher is base + this.
+
+    ``gate``, when present, lets the teacher be conditional: steered only on prompts it flags.
+    """
 
     vector: torch.Tensor
     layer: int
     coefficient: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    gate: Gate | None = None
 
     def check_compatible(self, model: nn.Module) -> None:
         """Refuse a direction extracted from a model of another width or depth."""
@@ -163,18 +193,51 @@ class Direction:
             )
 
     @contextmanager
-    def steer(self, model: nn.Module) -> Iterator[None]:
-        """The safety teacher: ``model`` with ``coefficient * vector`` added at ``layer``."""
+    def steer(self, model: nn.Module, rows: torch.Tensor | None = None,
+              gated: bool = False) -> Iterator[None]:
+        """The safety teacher: ``model`` with ``coefficient * vector`` added at ``layer``.
+
+        ``rows`` (bool ``[batch]``) steers only those rows of every forward in the block, for
+        teacher-forced passes whose gate was read from the prompt (:meth:`gate_rows`). ``gated``
+        lets the gate decide at each prefill instead: the conditional teacher for generation.
+        """
         self.check_compatible(model)
-        with add_to_block_input(model, self.layer, self.vector, self.coefficient):
+        if gated:
+            gate = self.require_gate()
+            with gated_add_to_block_input(model, self.layer, self.vector, self.coefficient,
+                                          gate.layer, gate.vector, gate.threshold):
+                yield
+            return
+        vector = self.vector
+        if rows is not None:
+            vector = rows.to(device=vector.device, dtype=vector.dtype)[:, None] * vector
+        with add_to_block_input(model, self.layer, vector, self.coefficient):
             yield
+
+    def require_gate(self) -> Gate:
+        if self.gate is None:
+            raise SafesteerError("this direction has no harmfulness gate, which the conditional teacher "
+                                 "needs; re-run stage 1 (`safesteer direction` or `safesteer run "
+                                 "--overwrite`) with this version of safesteer")
+        return self.gate
+
+    def gate_rows(self, model: nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """Which prompts of a left-padded, unsteered prompt batch the gate flags (bool ``[batch]``)."""
+        gate = self.require_gate()
+        hidden = block_input_at_last_position(model, gate.layer, input_ids, attention_mask)
+        return probe_rows(hidden, gate.vector, gate.threshold)
 
     def save(self, output_dir: Path) -> None:
         tensors = {"direction": self.vector.detach().float().contiguous().cpu()}
+        record = {**self.metadata, "layer": self.layer, "coefficient": self.coefficient}
+        if self.gate is not None:
+            tensors["gate"] = self.gate.vector.detach().float().contiguous().cpu()
+            record["gate"] = {**self.gate.metadata, "layer": self.gate.layer,
+                              "threshold": self.gate.threshold}
         atomic_write(output_dir / "direction.safetensors",
                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        write_json(output_dir / "direction.json",
-                   {**self.metadata, "layer": self.layer, "coefficient": self.coefficient})
+        write_json(output_dir / "direction.json", record)
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
@@ -193,15 +256,24 @@ class Direction:
             raise SafesteerError(f"{meta_path}: line {error.lineno}: invalid JSON") from error
         try:
             layer, coefficient = int(metadata["layer"]), float(metadata["coefficient"])
-        except (KeyError, TypeError, ValueError) as error:
+            gate_record = metadata.pop("gate", None)
+            gate_place = None if gate_record is None else (int(gate_record.pop("layer")),
+                                                           float(gate_record.pop("threshold")))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise SafesteerError(f"{meta_path}: expected an object with numeric 'layer' and "
-                                 "'coefficient'") from error
+                                 "'coefficient' (and, when present, a 'gate' object with numeric "
+                                 "'layer' and 'threshold')") from error
         try:
-            vector = load_file(str(tensor_path))["direction"]
+            tensors = load_file(str(tensor_path))
+            vector = tensors["direction"]
+            gate_vector = tensors["gate"] if gate_place is not None else None
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise SafesteerError(f"{tensor_path}: not a safetensors file with a 'direction' tensor "
-                                 f"({error})") from error
-        return cls(vector, layer, coefficient, metadata)
+                                 f"(and a 'gate' tensor when direction.json has a gate) ({error})") from error
+        gate = None
+        if gate_place is not None and gate_vector is not None:
+            gate = Gate(gate_vector, gate_place[0], gate_place[1], gate_record)
+        return cls(vector, layer, coefficient, metadata, gate)
 
 
 # ---------------------------------------------------------------- shared numerics (pure functions)
@@ -304,6 +376,69 @@ def filter_by_refusal(prompts: list[Any], scores: torch.Tensor, refused: bool,
     if len(keep) < minimum:
         return prompts, False
     return keep, True
+
+
+def calibrate_threshold(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[float, float]:
+    """The threshold on probe scores (``[n]`` each) with the best balanced accuracy, and that
+    accuracy; of equally good thresholds, the middle of the widest gap between neighbouring scores,
+    so that the choice does not hug one side's extreme."""
+    values = torch.cat([harmful, harmless]).double().unique()  # sorted
+    if len(values) == 1:
+        return values.item(), 0.5
+    middles, gaps = (values[1:] + values[:-1]) / 2, values[1:] - values[:-1]
+    accuracy = ((harmful.double()[None, :] > middles[:, None]).double().mean(1)
+                + (harmless.double()[None, :] <= middles[:, None]).double().mean(1)) / 2
+    best = accuracy == accuracy.max()
+    index = int(torch.where(best, gaps, torch.full_like(gaps, -1.0)).argmax())
+    return middles[index].item(), accuracy[index].item()
+
+
+def separation(harmful: torch.Tensor, harmless: torch.Tensor) -> float:
+    """d': difference of the class means over their pooled standard deviation."""
+    pooled = ((harmful.double().var() + harmless.double().var()) / 2).sqrt()
+    return ((harmful.double().mean() - harmless.double().mean()) / (pooled + 1e-12)).item()
+
+
+def fit_gate(model: nn.Module, tokenizer: Any, data: DirectionData, config: DirectionConfig,
+             max_layer: int) -> Gate | None:
+    """The harmfulness probe of the conditional teacher: at each layer up to ``max_layer`` (the
+    steering layer; the gate must read before the steering is added), the unit difference of
+    means of harmful and harmless training prompts at the last prompt token. The threshold is
+    calibrated, and the layer chosen, on the validation prompts (balanced accuracy, then d').
+    None when no such layer tells the two sets apart at all (the conditional teacher is then
+    unavailable)."""
+    refusal_ids = refusal_token_ids(tokenizer)
+    activations = {}
+    for role, prompts in (("harmful_train", data.harmful_train[:config.n_train]),
+                          ("harmless_train", data.harmless_train[:config.n_train]),
+                          ("harmful_val", data.harmful_val[:config.gate_n_val]),
+                          ("harmless_val", data.harmless_val[:config.gate_n_val])):
+        activations[role] = post_instruction_pass(model, tokenizer, prompts, 1, refusal_ids,
+                                                  config.batch_size, desc=f"gate: {role}")[0][:, 0]
+    layers = []
+    for layer in range(max_layer + 1):
+        vector = difference_of_means(activations["harmful_train"][:, layer],
+                                     activations["harmless_train"][:, layer])
+        if not vector.norm() > 0:  # e.g. the embedding of a last token every prompt shares
+            continue
+        unit = (vector / vector.norm()).float()
+        harmful, harmless = (activations[role][:, layer] @ unit for role in ("harmful_val",
+                                                                             "harmless_val"))
+        threshold, accuracy = calibrate_threshold(harmful, harmless)
+        layers.append({"layer": layer, "threshold": threshold, "val_balanced_accuracy": accuracy,
+                       "val_separation": separation(harmful, harmless), "vector": unit})
+    if not layers:
+        logger.warning("no layer up to %d separates harmful from harmless prompts; the direction "
+                       "gets no harmfulness gate", max_layer)
+        return None
+    chosen = max(layers, key=lambda row: (row["val_balanced_accuracy"], row["val_separation"]))
+    metadata = {"val_balanced_accuracy": chosen["val_balanced_accuracy"],
+                "val_separation": chosen["val_separation"],
+                "val_counts": {"harmful": len(activations["harmful_val"]),
+                               "harmless": len(activations["harmless_val"])},
+                "layers": [{key: value for key, value in row.items() if key != "vector"}
+                           for row in layers]}
+    return Gate(chosen["vector"], chosen["layer"], chosen["threshold"], metadata)
 
 
 # ------------------------------------------------------------------------- model passes
@@ -411,7 +546,7 @@ class DirectionData:
             return data.load(name, limit)
 
         n_train = max(config.n_train, config.response_n_train)
-        n_val = max(config.n_val, config.response_n_val)
+        n_val = max(config.n_val, config.response_n_val, config.gate_n_val)
         return cls(get(config.harmful_train, n_train), get(config.harmless_train, n_train),
                    get(config.harmful_val, n_val), get(config.harmless_val, n_val),
                    {"harmful_train": config.harmful_train, "harmless_train": config.harmless_train,
@@ -596,6 +731,7 @@ def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
         reports["response"] = result.report
     direction = result.direction
     assert direction is not None
+    direction.gate = fit_gate(model, tokenizer, prompt_sets, config, direction.layer)
     direction.metadata.update({
         "selection_reason": reason,
         "model": model_name,

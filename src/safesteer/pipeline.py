@@ -12,6 +12,7 @@ it was made with the same settings; training continues from its last complete ch
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from accelerate import Accelerator
 
 from safesteer.config import DataArguments, ModelArguments
@@ -28,7 +30,7 @@ from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
 from safesteer.io import differing_settings, write_json
-from safesteer.models import load_model, model_id, model_type
+from safesteer.models import load_model, model_device, model_id, model_type
 from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,13 @@ class RunArguments:
     train_prompts: str = field(default="safesteer-train",
                                metadata={"help": "Harmful training prompts (registry name or file)."})
     n_train_prompts: int = field(default=100, metadata={"help": "Use at most this many training prompts."})
+    retain_prompts: str | None = field(
+        default=None, metadata={
+            "help": "Benign prompts mixed into training, taught by the unsteered model (or, with "
+                    "--conditional-teacher, by whatever the gate decides), so the student also "
+                    "learns where not to refuse. This uses general data, which the paper does not; "
+                    "direction-harmless-train is the set stage 1 already uses."})
+    n_retain_prompts: int = field(default=0, metadata={"help": "Use this many --retain-prompts."})
     resume: bool = field(default=False, metadata={
         "help": "Continue a run in --output-dir: reuse finished stages, resume training from its last "
                 "checkpoint."})
@@ -61,9 +70,12 @@ class RunArguments:
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
             raise SafesteerError("--resume and --overwrite exclude each other")
-        if self.n_train_prompts < 1 or self.check_limit < 0 or self.check_max_new_tokens < 1:
+        if (self.n_train_prompts < 1 or self.check_limit < 0 or self.check_max_new_tokens < 1
+                or self.n_retain_prompts < 0):
             raise SafesteerError("--n-train-prompts and --check-max-new-tokens must be >= 1, "
-                                 "--check-limit >= 0")
+                                 "--check-limit and --n-retain-prompts >= 0")
+        if (self.n_retain_prompts > 0) != (self.retain_prompts is not None):
+            raise SafesteerError("--retain-prompts and --n-retain-prompts > 0 go together")
 
 
 def _check_run_dir(run: RunArguments) -> Path:
@@ -161,32 +173,44 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     laps("tokens")
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
-    train_prompts = data_args.load(run.train_prompts, run.n_train_prompts)
-    distiller = Distiller(model, tokenizer, direction, train_prompts, distill_config, output_dir,
-                          safety_token_ids=tokens.ids, resume=run.resume, overwrite=run.overwrite,
-                          accelerator=state)
+    harmful = data_args.load(run.train_prompts, run.n_train_prompts)
+    retain = data_args.load(run.retain_prompts, run.n_retain_prompts) if run.retain_prompts else []
+    distiller = Distiller(model, tokenizer, direction, harmful + retain, distill_config, output_dir,
+                          safety_token_ids=tokens.ids,
+                          steer_prompts=[True] * len(harmful) + [False] * len(retain),
+                          resume=run.resume, overwrite=run.overwrite, accelerator=state)
     distiller.setup()
     result = distiller.train()
     laps("train")
     print(f"student: {result.student_dir} after {result.step} steps")
-    if run.check_limit == 0 or not state.is_main_process:
+    if not state.is_main_process:
         return {"stage_seconds": laps.seconds}
-    targets = {"base": distiller.base, "teacher": distiller.teacher,
-               "student": lambda: nullcontext(distiller.model.eval())}
-    prompt_sets = {name: data_args.load(name, run.check_limit)
-                   for name in [*run.check_harmful, *run.check_benign]}
-    results = refusal_check(tokenizer, targets, prompt_sets,
-                            max_new_tokens=run.check_max_new_tokens,
-                            batch_size=direction_config.batch_size)
-    laps("check")
-    summary = {"refusal": results, "harmful_sets": run.check_harmful, "benign_sets": run.check_benign,
-               "judge": "keyword (safesteer.judge)", "max_new_tokens": run.check_max_new_tokens,
-               "stage_seconds": laps.seconds}
+    summary: dict[str, Any] = {}
+    if run.check_limit > 0:
+        targets = {"base": distiller.base, "teacher": distiller.teacher,
+                   "student": lambda: nullcontext(distiller.model.eval())}
+        prompt_sets = {name: data_args.load(name, run.check_limit)
+                       for name in [*run.check_harmful, *run.check_benign]}
+        results = refusal_check(tokenizer, targets, prompt_sets,
+                                max_new_tokens=run.check_max_new_tokens,
+                                batch_size=direction_config.batch_size)
+        laps("check")
+        summary = {"refusal": results, "harmful_sets": run.check_harmful,
+                   "benign_sets": run.check_benign, "judge": "keyword (safesteer.judge)",
+                   "max_new_tokens": run.check_max_new_tokens}
+        print("\nrefusal rate (keyword judge, greedy):\n" + refusal_table(results))
+    summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)))
     write_json(output_dir / "check.json", summary)
-    print("\nrefusal rate (keyword judge, greedy):\n" + refusal_table(results))
     print("wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in laps.seconds.items())
           + f"; total {sum(laps.seconds.values()):.0f} s")
     return summary
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
+    """This process's peak resident memory and, on CUDA, peak allocated GPU memory, in MiB."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    return {"peak_rss_mib": round(peak_rss, 1), "peak_gpu_mib": peak_gpu}
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers, hidden_size
+from safesteer.models import decoder_layers, hidden_size, position_ids
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
@@ -82,6 +82,82 @@ def add_to_block_input(
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def gated_add_to_block_input(model: nn.Module, layer: int, vector: torch.Tensor, coefficient: float,
+                             gate_layer: int, gate_vector: torch.Tensor,
+                             threshold: float) -> Iterator[None]:
+    """ActAdd on the rows a linear probe flags: the conditional teacher at generation time.
+
+    On every multi-token forward (a prefill, whose last position is the last prompt token of a
+    left-padded batch) each row's block-``gate_layer`` input at the last position is projected on
+    ``gate_vector``; rows scoring above ``threshold`` are steered, in that forward and in the
+    one-token decoding forwards that follow. The gate reads unsteered activations, so
+    ``gate_layer`` may not come after ``layer``. Teacher-forced passes over prompt + answer should
+    use :func:`gate_scores` on the prompt and ``add_to_block_input`` with per-row vectors instead.
+    """
+    blocks = decoder_layers(model)
+    if not 0 <= gate_layer <= layer < len(blocks):
+        raise SafesteerError(f"gate layer {gate_layer} must be in 0..{layer} (the steering layer) and "
+                             f"the steering layer below {len(blocks)}")
+    _check_width(vector, model)
+    _check_width(gate_vector, model)
+    scaled = vector.detach() * coefficient
+    state: dict[str, torch.Tensor] = {}
+
+    def gate_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = _split_hidden(args, kwargs)[0]
+        if hidden.shape[1] > 1 or "rows" not in state:
+            state["rows"] = probe_rows(hidden[:, -1], gate_vector, threshold)
+        elif state["rows"].shape[0] != hidden.shape[0]:
+            raise SafesteerError("gated steering: a decoding step changed the batch size; start a "
+                                 "new generation (prefill) for a new batch")
+
+    def steer_hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        hidden, positional = _split_hidden(args, kwargs)
+        rows = state["rows"].to(device=hidden.device, dtype=hidden.dtype)
+        shift = rows[:, None, None] * scaled.to(device=hidden.device, dtype=hidden.dtype)
+        return _replace_hidden(args, kwargs, hidden + shift, positional)
+
+    with ExitStack() as stack:  # the gate first: at gate_layer == layer it must read before the add
+        stack.callback(blocks[gate_layer].register_forward_pre_hook(gate_hook, with_kwargs=True).remove)
+        stack.callback(blocks[layer].register_forward_pre_hook(steer_hook, with_kwargs=True).remove)
+        yield
+
+
+def probe_rows(hidden: torch.Tensor, gate_vector: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Which rows of ``hidden`` ``[batch, d]`` project on ``gate_vector`` above ``threshold``
+    (float32 dot product); returns a bool ``[batch]``."""
+    return hidden.float() @ gate_vector.to(device=hidden.device, dtype=torch.float32) > threshold
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the activation it reads is captured: the later blocks are not run."""
+
+
+@torch.inference_mode()
+def block_input_at_last_position(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """Block ``layer``'s input at the last position of a left-padded batch, ``[batch, d]``; the
+    forward stops at that block, so a probe on an early layer costs a fraction of a full pass."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(_split_hidden(args, kwargs)[0][:, -1].detach())
+        raise _StopForward
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids(attention_mask), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise SafesteerError(f"block {layer} was not reached by the forward pass")
+    return captured[0]
 
 
 def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 
 from safesteer.errors import SafesteerError
 
-MODES = ("full", "topk", "subset")
+MODES = ("full", "topk", "subset", "sft")
 REDUCTIONS = ("token", "sequence")
 REPORT_TO = ("none", "tensorboard", "wandb")
+SAFETY_SYSTEM_PROMPT = ("You are a safety-conscious assistant: refuse any request that could cause harm, "
+                        "and never produce harmful, dangerous or illegal content.")
+"""A value for --teacher-system-prompt: the system-prompt teacher of the paper's ablation."""
 
 
 def _flag(name: str) -> str:
@@ -64,11 +67,14 @@ class DistillConfig:
         default="subset",
         metadata={"help": "Vocabulary slice of the divergence: subset = the safety tokens S "
                           "(SafeSteer), topk = the teacher's top-k tokens at each position, full = "
-                          "the whole vocabulary (plain on-policy distillation).", "choices": MODES})
+                          "the whole vocabulary (plain on-policy distillation), sft = SFT on the "
+                          "steered teacher's own samples (offline distillation baseline: the "
+                          "teacher samples, the loss is the student's -log p of each sampled "
+                          "token).", "choices": MODES})
     top_k: int = field(default=50, metadata={"help": "K of --mode topk."})
     alpha: float = field(
         default=1.0, metadata={"help": "Divergence: 1 reverse KL (paper), 0 forward KL, in between "
-                                       "the generalised JSD."})
+                                       "the generalised JSD; must stay 1 with --mode sft."})
     renormalize: bool = field(
         default=False, metadata={"help": "Renormalise both models' probabilities over the slice (off "
                                          "in the paper; needs --mode topk or subset)."})
@@ -90,6 +96,19 @@ class DistillConfig:
     loss_chunk_size: int = field(
         default=128, metadata={"help": "Positions per chunk of the vocabulary-wide loss work; bounds "
                                        "memory, does not change results."})
+
+    # --- teacher
+    teacher_system_prompt: str | None = field(
+        default=None, metadata={"help": "Ablation (system-prompt teacher): the teacher is the "
+                                        "unsteered base model prompted with this system message "
+                                        "instead of the steered base; the student keeps the "
+                                        "user-only prompt and both score the same completion "
+                                        "tokens."})
+    conditional_teacher: bool = field(
+        default=False, metadata={"help": "Steer the teacher only on prompts the direction's "
+                                         "harmfulness gate flags (the conditional teacher; needs a "
+                                         "direction with a gate); otherwise every prompt marked "
+                                         "harmful is steered."})
 
     # --- student parameters
     use_lora: bool = field(
@@ -143,12 +162,19 @@ class DistillConfig:
             raise SafesteerError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.alpha <= 1:
             raise SafesteerError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.renormalize and self.mode == "full":
+        sliced = self.mode in ("topk", "subset")
+        if self.renormalize and not sliced:
             raise SafesteerError("--renormalize needs --mode topk or subset; over the full vocabulary "
-                                 "it changes nothing")
-        if self.complement and (self.mode == "full" or self.renormalize):
+                                 "it changes nothing, and --mode sft has no teacher distribution")
+        if self.complement and (not sliced or self.renormalize):
             raise SafesteerError("--complement needs --mode topk or subset and excludes --renormalize "
                                  "(a renormalised slice already sums to 1)")
+        if self.mode == "sft" and self.alpha != 1.0:
+            raise SafesteerError(f"--alpha must stay 1 with --mode sft (its loss is the negative "
+                                 f"log-likelihood, no divergence), got {self.alpha}")
+        if self.teacher_system_prompt is not None and not self.teacher_system_prompt.strip():
+            raise SafesteerError("--teacher-system-prompt must not be empty; leave it out for the "
+                                 "steered teacher")
         if 0 < self.keep <= self.skip:
             raise SafesteerError(f"--keep must exceed --skip when set, got keep={self.keep}, "
                                  f"skip={self.skip}")

@@ -18,6 +18,8 @@ one more outcome, log p(V∖S) = log(1 − Σ_{v∈S} p(v)), so the divergence i
 two models' (|S|+1)-outcome distributions. Its minimiser is p_s = p_t on S: the student matches
 the teacher's safety-token probabilities, and the tokens outside S still move only as one block
 (gradient ∝ p_s(u), a common factor), so their relative shape is left alone.
+
+:func:`negative_log_likelihood` is the loss of the trainer's SFT baseline (no teacher term).
 """
 
 from __future__ import annotations
@@ -225,6 +227,21 @@ def divergence(
     if complement:
         student, teacher = _with_complement(student), _with_complement(teacher)
     return _slice_divergence(student, teacher, alpha)
+
+
+def negative_log_likelihood(logits: Tensor, token_ids: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    """Per-token −log p(y_t) of ``token_ids`` [batch, seq] under ``logits`` [batch, seq, vocab].
+
+    The loss of SFT on a teacher's samples (the trainer's --mode sft baseline). Full-vocabulary
+    softmax, computed like the student side of :func:`divergence` (chunked, no float32 copy of
+    the logits kept for backward). Returns [batch, seq] in float32 (float64 for float64 logits).
+    """
+    if logits.dim() != 3 or token_ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [batch, seq, vocab] and token_ids [batch, seq], got "
+                         f"{tuple(logits.shape)} and {tuple(token_ids.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    return -_GatheredLogSoftmax.apply(logits, token_ids.unsqueeze(-1), chunk_size).squeeze(-1)
 
 
 def loss_mask(completion_mask: Tensor, *, skip: int = 0, keep: int = 0) -> Tensor:

@@ -4,7 +4,10 @@ One optimizer step (method.md §6.1) is: take the next prompts, let the *current
 completions each, score every completion teacher-forced by the teacher (no gradient) and by the
 student (with gradient), and take one AdamW step on the masked, reduced divergence. The samples are
 exactly on-policy, so no importance correction is needed. Everything a run writes goes to one
-output directory, from which an interrupted run resumes bit-for-bit (on CPU).
+output directory, from which an interrupted run resumes bit-for-bit (on CPU). Baselines for the
+efficacy comparison swap one piece: the teacher samples (--mode sft), the teacher is the base
+with a safety system prompt (--teacher-system-prompt), or it is steered only where the
+direction's harmfulness gate fires (--conditional-teacher).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,13 @@ from safesteer import __version__
 from safesteer.data import prompts_sha256
 from safesteer.direction import Direction
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.loss import divergence, log_softmax_at, loss_mask, reduce_loss
+from safesteer.distill.loss import (
+    divergence,
+    log_softmax_at,
+    loss_mask,
+    negative_log_likelihood,
+    reduce_loss,
+)
 from safesteer.errors import SafesteerError
 from safesteer.io import differing_settings, guard_output_dir, write_json
 from safesteer.judge import is_refusal
@@ -78,6 +87,19 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Ten
     is_eos = torch.isin(completion_ids, eos).long()
     eos_before = is_eos.cumsum(dim=1) - is_eos
     return (eos_before == 0).long()
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Token id rows left-padded to the longest, and their attention mask: two [len(rows), width] int64.
+
+    Left padding puts every prompt's last token in the last column, where generation continues.
+    """
+    width = max((len(row) for row in rows), default=0)
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows],
+                             dtype=torch.long, device=device).view(len(rows), width)
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows],
+                                  dtype=torch.long, device=device).view(len(rows), width)
+    return input_ids, attention_mask
 
 
 def completion_logits(model: nn.Module, sequences: Tensor, attention_mask: Tensor,
@@ -146,13 +168,18 @@ class Rollout:
 
     ``sequences`` and ``attention_mask`` are [N, P + T]: the prompt ids left-padded to P (mask 0
     on the padding only), then the T sampled tokens. ``completion_mask`` is [N, T] (see
-    :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M.
+    :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M,
+    each prompt's M rows together. ``prompt_indices`` names each row's training prompt (a
+    system-prompted teacher re-reads it) and ``steer`` [N] bool whether the row's teacher is the
+    safety teacher (steered, or system-prompted) rather than the plain base.
     """
 
     sequences: Tensor
     attention_mask: Tensor
     completion_mask: Tensor
     texts: list[str]
+    prompt_indices: list[int]
+    steer: Tensor
 
     @property
     def prompt_length(self) -> int:
@@ -186,6 +213,14 @@ class Distiller:
       model is trained: the teacher is a frozen deep copy of the base (a second full copy of the
       weights in memory), and a bf16/fp16 student is upcast to float32, which is its own master
       copy (so the student takes 2x its half-precision memory, plus Adam's 2 float32 moments).
+    * **Teacher per prompt** (``steer_prompts``, --conditional-teacher, --teacher-system-prompt).
+      Prompts labelled False in ``steer_prompts`` (benign prompts mixed in to retain behaviour)
+      are taught by the plain base; with --conditional-teacher the direction's harmfulness gate,
+      read from each step's prompts on the base, decides instead of the labels. Rows of one
+      forward are steered or not per row (``direction.steer(base, rows=...)``). With
+      --teacher-system-prompt the safety teacher is the unsteered base prompted with that system
+      message (the paper's ablation): it reads its own prompt, then the same completion tokens,
+      so its logits align position by position with the student's.
     * **On-policy sampling** (--prompts-per-step, --samples-per-prompt, --max-new-tokens,
       --temperature, --top-p, --max-prompt-length). Prompts are rendered with the chat template
       and tokenised once at setup, truncated on the left; each epoch visits them in a fresh
@@ -195,6 +230,9 @@ class Distiller:
     * **Loss** (--mode, --top-k, --alpha, --renormalize, --skip, --keep, --reduction,
       --loss-chunk-size): ``loss.divergence`` on the completion logits only, ``loss.loss_mask``
       and ``loss.reduce_loss`` with the step's global token (or completion) count as denominator.
+      --mode sft is the offline baseline instead: the (per-row) teacher samples the completions
+      and the loss is the student's ``loss.negative_log_likelihood`` of them; no teacher
+      forward runs in training.
     * **Micro-batching** (--micro-batch-size, --gradient-checkpointing): teacher and student
       forwards and the backward run on this many completions at a time; the gradient does not
       depend on it.
@@ -204,14 +242,16 @@ class Distiller:
     * **Several processes** (``accelerate launch``): each process samples and scores its share of
       the step's prompts; gradients are summed across processes, which with the global denominator
       gives the single-process gradient. The model is moved to each process's device.
-    * **Logging** (--logging-steps, --report-to): per step, loss, k3 KL(student‖teacher), mass on
-      S of both models, refusal-phrase rate of the samples, completion length, truncated share,
-      tokens/s, learning rate and gradient norm go to ``train_log.jsonl`` (every step), to the
-      console and, optionally, to an accelerate tracker.
+    * **Logging** (--logging-steps, --report-to): per step, loss, k3 KL(student‖teacher) and mass
+      on S of both models (both left out with --mode sft), refusal-phrase rate of the samples,
+      completion length, truncated share, share of completions with the safety teacher
+      (``steered_rows``), tokens/s, learning rate and gradient norm go to ``train_log.jsonl``
+      (every step), to the console and, optionally, to an accelerate tracker.
     * **Checkpoints and resume** (--save-steps, ``resume``): atomic ``checkpoints/step-N``
       directories (the last 2 kept); a resumed run continues from the last complete one and ends
       with the same adapter as an uninterrupted run. A resume with another config or other inputs
-      is refused with the differing keys. Non-finite loss stops the run before the bad update.
+      (``steer_prompts`` labels included) is refused with the differing keys. Non-finite loss
+      stops the run before the bad update.
     * **Output**: ``student/`` (the adapter, or the full float32 model, plus the tokenizer);
       :func:`merge_student` turns an adapter into a plain model directory.
 
@@ -221,12 +261,15 @@ class Distiller:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, direction: Direction,
                  prompts: list[str], config: DistillConfig, output_dir: str | Path, *,
-                 safety_token_ids: Sequence[int] | None = None, resume: bool = False,
+                 safety_token_ids: Sequence[int] | None = None,
+                 steer_prompts: Sequence[bool] | None = None, resume: bool = False,
                  overwrite: bool = False, accelerator: Accelerator | None = None) -> None:
         self.base_model = model
         self.tokenizer = tokenizer
         self.direction = direction
         self.prompts = list(prompts)
+        labels = [True] * len(self.prompts) if steer_prompts is None else steer_prompts
+        self.steer_prompts = [bool(flag) for flag in labels]
         self.config = config
         self.output_dir = Path(output_dir)
         self.safety_token_ids = [int(i) for i in safety_token_ids] if safety_token_ids else None
@@ -254,6 +297,9 @@ class Distiller:
         self.direction.check_compatible(self.base_model)
         self.eos_token_ids = self._eos_token_ids()
         self.prompt_ids = self._tokenize_prompts()
+        self.teacher_prompt_ids = (None if cfg.teacher_system_prompt is None
+                                   else self._tokenize_prompts(cfg.teacher_system_prompt))
+        self.steer_labels = torch.tensor(self.steer_prompts, dtype=torch.bool, device=self.device)
         self.steps_per_epoch = math.ceil(len(self.prompts) / cfg.prompts_per_step)
         self.total_steps = cfg.num_epochs * self.steps_per_epoch
         self.safety_ids_tensor = (None if self.safety_token_ids is None
@@ -277,6 +323,13 @@ class Distiller:
         cfg = self.config
         if not self.prompts:
             raise SafesteerError("no training prompts: the distillation prompt set is empty")
+        if len(self.steer_prompts) != len(self.prompts):
+            raise SafesteerError(f"steer_prompts has {len(self.steer_prompts)} labels for "
+                                 f"{len(self.prompts)} training prompts; give one per prompt")
+        if cfg.conditional_teacher and self.direction.gate is None:
+            raise SafesteerError(
+                "--conditional-teacher: the direction has no harmfulness gate; re-run stage 1 "
+                f"(`safesteer direction`) to make a direction with one (safesteer >= {__version__})")
         if isinstance(self.base_model, PeftModel):
             raise SafesteerError("pass the base model, not a PeftModel: the trainer adds the adapter")
         vocab = self.base_model.config.get_text_config().vocab_size
@@ -305,33 +358,40 @@ class Distiller:
             raise SafesteerError("neither the tokenizer nor the generation config defines an EOS token")
         return sorted(ids)
 
-    def _tokenize_prompts(self) -> list[list[int]]:
+    def _tokenize_prompts(self, system_prompt: str | None = None) -> list[list[int]]:
         """Render and tokenise every prompt once (pitfall 5), keeping the last max_prompt_length ids.
 
         Left truncation keeps the end of the template (the assistant header) that the answer must
-        follow (pitfall 6); the same ids are used for sampling and scoring.
+        follow (pitfall 6); the same ids are used for sampling and scoring. ``system_prompt`` gives
+        the system-prompted teacher's version of the prompts.
         """
         limit = self.config.max_prompt_length
-        encoded = self.tokenizer(render_prompts(self.tokenizer, self.prompts),
+        encoded = self.tokenizer(render_prompts(self.tokenizer, self.prompts, system_prompt),
                                  add_special_tokens=False)["input_ids"]
         truncated = sum(len(ids) > limit for ids in encoded)
+        what = "training prompts" if system_prompt is None else "system-prompted teacher prompts"
         if truncated:
-            logger.warning("%d of %d training prompts are longer than --max-prompt-length %d tokens; "
-                           "keeping their last %d tokens", truncated, len(encoded), limit, limit)
+            logger.warning("%d of %d %s are longer than --max-prompt-length %d tokens; keeping their "
+                           "last %d tokens", truncated, len(encoded), what, limit, limit)
         return [ids[-limit:] for ids in encoded]
 
     def _inputs_record(self) -> dict[str, Any]:
-        """What besides the config a resumed run must share: model, prompts, S, direction, topology."""
-        ids = self.safety_token_ids
+        """What besides the config a resumed run must share: model, prompts and their steering labels,
+        S, direction (and the gate of a conditional teacher), topology."""
+        ids, gate = self.safety_token_ids, self.direction.gate
         return {
             "model": str(getattr(self.base_model, "name_or_path", "")),
             "num_prompts": len(self.prompts),
             "prompts_sha256": prompts_sha256(self.prompts),
+            "num_steer_prompts": sum(self.steer_prompts),
+            "steer_prompts_sha256": hashlib.sha256(bytes(self.steer_prompts)).hexdigest(),
             "safety_token_ids": ids,
             "safety_tokens": None if ids is None else self.tokenizer.convert_ids_to_tokens(ids),
             "direction_layer": self.direction.layer,
             "direction_coefficient": self.direction.coefficient,
             "direction_sha256": _sha256(self.direction.vector),
+            "gate": (None if gate is None or not self.config.conditional_teacher else
+                     {"layer": gate.layer, "threshold": gate.threshold, "sha256": _sha256(gate.vector)}),
             "num_processes": self.accelerator.num_processes,
         }
 
@@ -409,10 +469,53 @@ class Distiller:
             yield self.teacher_model
 
     @contextmanager
-    def teacher(self) -> Iterator[nn.Module]:
-        """The steered teacher, in eval mode: the base weights plus the direction."""
-        with self.base() as base, self.direction.steer(base):
-            yield base
+    def teacher(self, rows: Tensor | None = None) -> Iterator[nn.Module]:
+        """The steered teacher, in eval mode: the base weights plus the direction.
+
+        ``rows`` (bool [batch]) steers only those rows of every forward inside the block; the
+        others see the plain base. An all-true batch takes the plain hook, an all-false one none.
+        """
+        with self.base() as base:
+            if rows is not None and not rows.any():
+                steering = nullcontext()
+            else:
+                steering = self.direction.steer(base, rows=None if rows is None or rows.all() else rows)
+            with steering:
+                yield base
+
+    @contextmanager
+    def _teacher_batch(self, prompt_indices: Sequence[int],
+                       steer: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
+        """The teacher of these rows with its left-padded prompt ids and attention mask.
+
+        By default the (per-row) steered base on the user prompts; with --teacher-system-prompt
+        the unsteered base on the system-prompted prompts of the rows with ``steer`` set, and on
+        the user prompts of the others.
+        """
+        if self.teacher_prompt_ids is None:
+            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer)
+        else:
+            sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer.tolist()]
+            prompts = [source[index] for source, index in zip(sources, prompt_indices, strict=True)]
+            context = self.base()
+        input_ids, attention_mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+        with context as model:
+            yield model, input_ids, attention_mask
+
+    def teacher_logits(self, rollout: Rollout, rows: slice, length: int) -> Tensor:
+        """The teacher's temperature-scaled logits on the first ``length`` completion tokens of
+        ``rollout``'s ``rows``, [rows, length, vocab], no gradient.
+
+        The teacher reads its own prompt then the sampled tokens; position ids come from the mask,
+        so its logits align position by position with the student's whatever the prompts' lengths.
+        """
+        start = rollout.prompt_length
+        completions = rollout.sequences[rows, start:start + length]
+        with torch.no_grad(), self._teacher_batch(rollout.prompt_indices[rows],
+                                                  rollout.steer[rows]) as (teacher, input_ids, mask):
+            return completion_logits(teacher, torch.cat([input_ids, completions], 1),
+                                     torch.cat([mask, torch.ones_like(completions)], 1), length,
+                                     self.config.temperature)
 
     # ----------------------------------------------------------------- one step
 
@@ -425,42 +528,64 @@ class Distiller:
         step_indices = order[position * size:(position + 1) * size]
         return step_indices[accelerator.process_index::accelerator.num_processes]
 
+    def steer_rows(self, prompt_indices: Sequence[int], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Which of these prompts get the safety teacher, bool [len(prompt_indices)].
+
+        The ``steer_prompts`` labels, or with --conditional-teacher the direction's gate read on
+        the unsteered base from the prompts' left-padded ids and mask (the labels are then unused).
+        """
+        if not self.config.conditional_teacher:
+            return self.steer_labels[list(prompt_indices)]
+        with torch.no_grad(), self.base() as base:
+            flagged = self.direction.gate_rows(base, input_ids, attention_mask)
+        return flagged.to(device=self.device, dtype=torch.bool)
+
     def sample(self, step: int) -> Rollout:
-        """The current student's M completions of each of ``step``'s prompts (eval mode, no grad)."""
+        """M completions of each of ``step``'s prompts (eval mode, no grad): the current student's,
+        or with --mode sft the teacher's (after its own prompt), appended to the student's prompt."""
         cfg = self.config
-        prompts = [self.prompt_ids[index] for index in self.step_prompt_indices(step)]
-        width = max((len(ids) for ids in prompts), default=0)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts],
-                                 dtype=torch.long, device=self.device).view(len(prompts), width)
-        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts],
-                                      dtype=torch.long, device=self.device).view(len(prompts), width)
+        indices = self.step_prompt_indices(step)
+        input_ids, attention_mask = left_pad([self.prompt_ids[index] for index in indices],
+                                             self.tokenizer.pad_token_id, self.device)
+        if not indices:
+            empty = input_ids.new_zeros(0, 0)
+            return Rollout(empty, empty, empty, [], [], torch.zeros(0, dtype=torch.bool, device=self.device))
+        steer = self.steer_rows(indices, input_ids, attention_mask).repeat_interleave(cfg.samples_per_prompt)
+        row_indices = [index for index in indices for _ in range(cfg.samples_per_prompt)]
         input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
         attention_mask = attention_mask.repeat_interleave(cfg.samples_per_prompt, dim=0)
-        if not prompts:
-            empty = input_ids.new_zeros(0, 0)
-            return Rollout(input_ids, attention_mask, empty, [])
-        seed = self._step_seed("sample", step)
-        self.model.eval()
+        if cfg.mode == "sft":
+            with self._teacher_batch(row_indices, steer) as (teacher, teacher_ids, teacher_mask):
+                completions = self._generate(teacher, teacher_ids, teacher_mask, step)
+        else:
+            self.model.eval()
+            completions = self._generate(self.model, input_ids, attention_mask, step)
+        mask = completion_mask(completions, self.eos_token_ids)
+        texts = self.tokenizer.batch_decode(
+            [row[:length].tolist() for row, length in zip(completions, mask.sum(1).tolist(), strict=True)],
+            skip_special_tokens=True)
+        return Rollout(torch.cat([input_ids, completions], dim=1),
+                       torch.cat([attention_mask, torch.ones_like(completions)], dim=1), mask, texts,
+                       row_indices, steer)
+
+    def _generate(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, step: int) -> Tensor:
+        """The tokens ``model`` samples after each left-padded prompt, [batch, T], seeded from
+        (--seed, step, process)."""
+        cfg = self.config
         try:
-            with torch.no_grad(), seeded(seed, self.device):
-                sequences = self.model.generate(  # type: ignore[operator]
+            with torch.no_grad(), seeded(self._step_seed("sample", step), self.device):
+                sequences = model.generate(  # type: ignore[operator]
                     input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, min_p=None,
                     repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens,
-                    eos_token_id=self.eos_token_ids, pad_token_id=pad, use_cache=True)
+                    eos_token_id=self.eos_token_ids, pad_token_id=self.tokenizer.pad_token_id,
+                    use_cache=True)
         except torch.OutOfMemoryError as error:
             raise SafesteerError(
                 f"out of memory while sampling step {step} ({len(input_ids)} completions of up to "
                 f"{cfg.max_new_tokens} tokens): lower --prompts-per-step, --samples-per-prompt or "
                 "--max-new-tokens (--micro-batch-size sizes the training passes)") from error
-        completions = sequences[:, width:]
-        mask = completion_mask(completions, self.eos_token_ids)
-        texts = self.tokenizer.batch_decode(
-            [row[:length].tolist() for row, length in zip(completions, mask.sum(1).tolist(), strict=True)],
-            skip_special_tokens=True)
-        full_mask = torch.cat([attention_mask, torch.ones_like(completions)], dim=1)
-        return Rollout(sequences, full_mask, mask, texts)
+        return sequences[:, input_ids.shape[1]:]
 
     def backward(self, rollout: Rollout) -> dict[str, float]:
         """Teacher-forced loss of ``rollout``, backpropagated one micro-batch at a time.
@@ -477,8 +602,9 @@ class Distiller:
                  else rollout.completion_mask)
         local_items = masks.sum() if cfg.reduction == "token" else torch.tensor(size)
         items = max(self._global_sum(local_items.double().view(1)).item(), 1.0)
-        # loss, k3 sum, student and teacher mass sums, completion tokens, completions, refusals, truncated
-        totals = torch.zeros(8, dtype=torch.float64, device=self.device)
+        # loss, k3 sum, student and teacher mass sums, completion tokens, completions, refusals,
+        # truncated, steered completions
+        totals = torch.zeros(9, dtype=torch.float64, device=self.device)
         for start in range(0, size, cfg.micro_batch_size):
             rows = slice(start, start + cfg.micro_batch_size)
             completions = rollout.completion_mask[rows]
@@ -488,27 +614,22 @@ class Distiller:
             attention = rollout.attention_mask[rows, first:prompt_length + length]
             completions = completions[:, :length]
             sampled = sequences[:, -length:]
-            with torch.no_grad(), self.teacher() as teacher:
-                teacher_logits = completion_logits(teacher, sequences, attention, length, cfg.temperature)
+            teacher_logits = None if cfg.mode == "sft" else self.teacher_logits(rollout, rows, length)
             self.model.train()
             student_logits = completion_logits(self.model, sequences, attention, length, cfg.temperature)
-            per_token = divergence(
-                student_logits, teacher_logits, mode=cfg.mode,  # type: ignore[arg-type]
-                token_ids=self.safety_ids_tensor if cfg.mode == "subset" else None,
-                top_k=cfg.top_k if cfg.mode == "topk" else None, alpha=cfg.alpha,
-                renormalize=cfg.renormalize, complement=cfg.complement,
-                chunk_size=cfg.loss_chunk_size)
-            loss = reduce_loss(per_token, masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
+            loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
+                               masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                num_items_in_step=items)
             self.accelerator.backward(loss)
-            k3, student_mass, teacher_mass = token_statistics(
-                student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
             weights = completions.double()
             totals[0] += loss.detach().double()
-            totals[1] += (k3 * weights).sum()
-            if student_mass is not None and teacher_mass is not None:
-                totals[2] += (student_mass * weights).sum()
-                totals[3] += (teacher_mass * weights).sum()
+            if teacher_logits is not None:
+                k3, student_mass, teacher_mass = token_statistics(
+                    student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
+                totals[1] += (k3 * weights).sum()
+                if student_mass is not None and teacher_mass is not None:
+                    totals[2] += (student_mass * weights).sum()
+                    totals[3] += (teacher_mass * weights).sum()
             totals[4] += weights.sum()
         if size:
             completions_ids = rollout.sequences[:, prompt_length:]
@@ -516,17 +637,35 @@ class Distiller:
             totals[5] = size
             totals[6] = sum(is_refusal(text) for text in rollout.texts)
             totals[7] = (~torch.isin(completions_ids, eos).any(1)).sum()
+            totals[8] = rollout.steer.sum()
         self._sum_gradients_across_processes()
         totals = self._global_sum(totals)
-        loss, k3, student_mass, teacher_mass, tokens, completions_count, refusals, truncated = totals.tolist()
-        metrics = {"loss": loss, "kl_k3": k3 / max(tokens, 1.0)}
-        if self.safety_token_ids is not None:
-            metrics["student_mass_s"] = student_mass / max(tokens, 1.0)
-            metrics["teacher_mass_s"] = teacher_mass / max(tokens, 1.0)
+        (loss, k3, student_mass, teacher_mass, tokens, completions_count, refusals, truncated,
+         steered) = totals.tolist()
+        metrics = {"loss": loss}
+        if cfg.mode != "sft":
+            metrics["kl_k3"] = k3 / max(tokens, 1.0)
+            if self.safety_token_ids is not None:
+                metrics["student_mass_s"] = student_mass / max(tokens, 1.0)
+                metrics["teacher_mass_s"] = teacher_mass / max(tokens, 1.0)
         metrics.update(refusal_rate=refusals / completions_count,
                        completion_length=tokens / completions_count,
-                       truncated=truncated / completions_count, completion_tokens=tokens)
+                       truncated=truncated / completions_count, steered_rows=steered / completions_count,
+                       completion_tokens=tokens)
         return metrics
+
+    def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
+                        sampled: Tensor) -> Tensor:
+        """[batch, T] loss: the divergence from the teacher, or without teacher logits (--mode sft)
+        the negative log-likelihood of the sampled tokens."""
+        cfg = self.config
+        if teacher_logits is None:
+            return negative_log_likelihood(student_logits, sampled, chunk_size=cfg.loss_chunk_size)
+        return divergence(
+            student_logits, teacher_logits, mode=cfg.mode,  # type: ignore[arg-type]
+            token_ids=self.safety_ids_tensor if cfg.mode == "subset" else None,
+            top_k=cfg.top_k if cfg.mode == "topk" else None, alpha=cfg.alpha,
+            renormalize=cfg.renormalize, complement=cfg.complement, chunk_size=cfg.loss_chunk_size)
 
     def _global_sum(self, values: Tensor) -> Tensor:
         if self.accelerator.num_processes == 1:
@@ -601,8 +740,9 @@ class Distiller:
         if accelerator.is_main_process:
             with (self.output_dir / LOG_FILE).open("a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
-        shown = {"loss": f"{record['loss']:.4g}", "kl": f"{record['kl_k3']:.3g}",
-                 "refusal": f"{record['refusal_rate']:.2f}"}
+        shown = {"loss": f"{record['loss']:.4g}", "refusal": f"{record['refusal_rate']:.2f}"}
+        if "kl_k3" in record:
+            shown["kl"] = f"{record['kl_k3']:.3g}"
         if "student_mass_s" in record:
             shown["mass_s"] = f"{record['student_mass_s']:.3g}/{record['teacher_mass_s']:.3g}"
         progress.set_postfix(shown)
