@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,32 @@ def _one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Synthetic benchmark data in place of the pinned wheels: every registry prompt set is five
+    benign prompts (``safesteer-train`` the first of them; local files are read for real), MMLU,
+    GSM8K and HumanEval a few made-up items, and the harmbench-test prompts have two categories."""
+    from safesteer.config import DataArguments
+    from safesteer.evaluate import harness
+    from safesteer.evaluate.capability import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
+
+    prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
+               "Write about mountains and snow.", "List three colours of autumn leaves.",
+               "Summarise the history of ancient Rome."]
+    real_load = DataArguments.load
+    monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
+        real_load(self, name, limit) if Path(name).is_file()
+        else prompts[:1] if name == "safesteer-train" else prompts))
+    monkeypatch.setattr(harness, "prompt_categories", lambda name: {
+        prompt.strip(): "animals" if "cats" in prompt else "places" for prompt in prompts}
+        if name == "harmbench-test" else {})
+    monkeypatch.setattr(harness, "load_mmlu", lambda subset, limit, seed: [
+        MultipleChoiceQuestion(f"Question {i}?", ("one", "two", "three", "four"), i % 4, "anatomy")
+        for i in range(4)])
+    problems = [GSM8KProblem(f"What is {i} plus 1?", str(i + 1), f"{i} plus 1 is {i + 1}. The answer is "
+                             f"{i + 1}.") for i in range(3)]
+    monkeypatch.setattr(harness, "load_gsm8k", lambda limit: problems)
+    monkeypatch.setattr(harness, "load_humaneval", lambda limit: [
+        HumanEvalProblem("t/0", "def f():\n", "    return 1\n", "def check(c):\n    assert c() == 1\n", "f")])

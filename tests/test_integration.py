@@ -105,3 +105,25 @@ def test_eval_scores_base_teacher_and_student_on_real_benchmarks(direction_run, 
     assert results["student"]["kl-benign"]["value"] > 0
     assert main(flags) == 0  # a rerun reuses every saved completion ...
     assert json.loads((out / "results.json").read_text())["results"] == results  # ... and agrees
+
+
+def test_quick_compare_tabulates_every_method(tmp_path, capsys):
+    """`safesteer compare --quick`: every default method trained 2 steps, all evaluated on 4 items
+    per benchmark; the table has a finite value on every axis for every method."""
+    import json
+    import math
+
+    from safesteer.compare import DEFAULT_METHODS
+
+    out = tmp_path / "compare"
+    assert main(["compare", "--quick", "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["base", *(method.name for method in DEFAULT_METHODS)]
+    for row in rows:
+        values = [row["harmful_refusal"], row["over_refusal"], row["capability_drift"],
+                  *row["benchmarks"].values()]
+        assert all(math.isfinite(value) for value in values), row
+        assert row["dominated_by"] is not None
+    assert all(row["train_seconds"] > 0 for row in rows if row["method"] not in ("base", "teacher",
+                                                                                  "conditional-teacher"))
+    assert (out / "pareto.png").stat().st_size > 0 and "| sft |" in (out / "compare.md").read_text()

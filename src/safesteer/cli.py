@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from safesteer import __version__
+from safesteer.compare import CompareArguments, compare_methods
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig
 from safesteer.distill.config import DistillConfig
@@ -157,6 +158,9 @@ COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
     "eval": (evaluate_targets, (ModelArguments, DataArguments, EvalArguments),
              "Score base, teacher, student (or any model) on safety, jailbreak, over-refusal and "
              "capability benchmarks."),
+    "compare": (compare_methods, (ModelArguments, DataArguments, CompareArguments),
+                "Train and evaluate several methods on one model and one data set; a paper-style "
+                "table and a safety-vs-capability Pareto plot."),
 }
 
 
@@ -184,8 +188,15 @@ def _yaml_arguments(path: str, dataclass_types: Sequence[type]) -> list[str]:
     unknown = sorted(key for key in loaded if key.replace("-", "_") not in known)
     if unknown:
         raise SafesteerError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return option_flags(loaded)
+
+
+def option_flags(options: Mapping[str, Any]) -> list[str]:
+    """Option values as command-line tokens (``{"top_k": 5, "complement": False}`` ->
+    ``--top_k 5 --complement false``; a list gives one token per item), which the parser reads back
+    exactly like typed flags; a None value is left out, so the option keeps its default."""
     tokens: list[str] = []
-    for key, value in loaded.items():
+    for key, value in options.items():
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]

@@ -1,11 +1,14 @@
-"""Figures of an evaluation: per-benchmark bars and the safety-versus-capability trade-off.
+"""Figures of an evaluation (per-benchmark bars, safety versus capability) and of a comparison of
+methods (the Pareto plot).
 
-Both are drawn from ``results.json`` alone, so they can be redrawn without rerunning anything.
+Each is drawn from a saved file alone (``results.json``, ``compare.json``), so it can be redrawn
+without rerunning anything.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,20 @@ matplotlib.use("Agg")  # files only; never needs a display
 
 import matplotlib.pyplot as plt
 
+from safesteer.io import atomic_write
+
 HARMFUL_KINDS = ("safety", "jailbreak")
+
+
+def mean_of_kinds(results: Mapping[str, Mapping[str, Any]], kinds: Sequence[str]) -> float:
+    """Mean value over the target's benchmarks of these kinds (NaN without any)."""
+    values = [row["value"] for row in results.values() if row["kind"] in kinds]
+    return sum(values) / len(values) if values else math.nan
 
 
 def safety_score(results: dict[str, Any]) -> float:
     """Mean refusal rate over the target's safety and jailbreak benchmarks (NaN without any)."""
-    rates = [row["value"] for row in results.values() if row["kind"] in HARMFUL_KINDS]
-    return sum(rates) / len(rates) if rates else math.nan
+    return mean_of_kinds(results, HARMFUL_KINDS)
 
 
 def capability_score(results: dict[str, Any]) -> tuple[str, float]:
@@ -81,3 +91,56 @@ def plot_results(summary: dict[str, Any], output_dir: str | Path) -> list[Path]:
     figure.savefig(tradeoff, dpi=120)
     plt.close(figure)
     return [bars, tradeoff]
+
+
+PARETO_AXES = ("capability_drift", "harmful_refusal", "over_refusal")
+
+
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write one point per method (the rows of ``compare.json``): capability drift (%) across,
+    mean harmful refusal up, mean over-refusal as the colour; the methods no other method dominates
+    on all three axes (``dominated_by`` empty) are ringed. Rows lacking a value are listed in the
+    title instead."""
+    path = Path(path)
+    shown = [row for row in rows if all(math.isfinite(row[axis]) for axis in PARETO_AXES)]
+    missing = [row["method"] for row in rows if row not in shown]
+    figure, axis = plt.subplots(figsize=(6.4, 4.8))
+    if shown:
+        drift = [row["capability_drift"] for row in shown]
+        refusal = [100 * row["harmful_refusal"] for row in shown]
+        over_refusal = [100 * row["over_refusal"] for row in shown]
+        points = axis.scatter(drift, refusal, c=over_refusal, cmap="viridis", vmin=0,
+                              vmax=max(*over_refusal, 1.0), s=60, zorder=3)
+        figure.colorbar(points, ax=axis, label="mean over-refusal (%) ↓")
+        front = [index for index, row in enumerate(shown) if not row["dominated_by"]]
+        axis.scatter([drift[i] for i in front], [refusal[i] for i in front], s=240, facecolors="none",
+                     edgecolors="crimson", linewidths=1.5, zorder=4)
+        # Methods that land close together share one label, their names on one line.
+        span = (max(drift) - min(drift)) or 1.0
+        clusters: list[list[int]] = []
+        for index in sorted(range(len(shown)), key=lambda i: (refusal[i], drift[i])):
+            near = next((cluster for cluster in clusters if abs(refusal[cluster[0]] - refusal[index]) < 4
+                         and abs(drift[cluster[0]] - drift[index]) < 0.03 * span), None)
+            if near is None:
+                clusters.append([index])
+            else:
+                near.append(index)
+        middle = (max(drift) + min(drift)) / 2
+        for cluster in clusters:
+            x = max(drift[i] for i in cluster)
+            left = x > middle  # labels on the right half go leftwards, inside the axes
+            axis.annotate(", ".join(shown[i]["method"] for i in cluster), (x, refusal[cluster[0]]),
+                          textcoords="offset points", xytext=(-8 if left else 8, -3),
+                          ha="right" if left else "left", fontsize=7)
+    axis.axvline(0.0, color="grey", linewidth=0.6, linestyle=":")
+    axis.set_ylim(-5, 105)
+    axis.set_xlabel("capability drift: gold-answer NLL vs base (%) ↓")
+    axis.set_ylabel("mean harmful refusal (%) ↑")
+    title = "safety vs capability drift; ringed: the Pareto front (on all three axes)"
+    if missing:
+        title += "\nnot shown (a value is missing): " + ", ".join(missing)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=130))
+    plt.close(figure)
+    return path

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,7 +101,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
 DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-heldout", "donotanswer-heldout",
                       "jbb-past-tense", "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll",
                       "gsm8k-nll", "humaneval-nll", "gsm8k", "kl-benign"]
-BUILT_IN_TARGETS = ("base", "teacher", "student")
+BUILT_IN_TARGETS = ("base", "teacher", "conditional-teacher", "student")
+DEFAULT_TARGETS = ("base", "teacher", "student")
 
 
 def lookup(name: str) -> Benchmark:
@@ -123,10 +125,13 @@ class EvalArguments:
     output_dir: str = field(metadata={"help": "Directory for results.json, results.md, the plots and "
                                               "the saved completions."})
     targets: list[str] = field(
-        default_factory=lambda: list(BUILT_IN_TARGETS),
-        metadata={"help": "base (--model), teacher (base + the direction of --run-dir), student "
-                          "(--run-dir/student), or a model directory / LoRA adapter directory / hub "
-                          "id, evaluated the same way."})
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        metadata={"help": "base (--model), teacher (base + the direction of --run-dir), "
+                          "conditional-teacher (the teacher steering only the prompts the "
+                          "direction's harmfulness gate flags), student (--run-dir/student), or a "
+                          "model directory / LoRA adapter directory / hub id, evaluated the same "
+                          "way. NAME=TARGET shows TARGET under NAME (in the tables and the saved "
+                          "completions), e.g. opd=runs/opd/student."})
     run_dir: str | None = field(default=None, metadata={"help": "A `safesteer run` directory: its "
                                                                  "direction and student."})
     benchmarks: list[str] = field(
@@ -170,6 +175,19 @@ class EvalArguments:
             lookup(name)
         if not self.targets:
             raise SafesteerError("--targets needs at least one target")
+        names = []
+        for spec in self.targets:
+            name, source = split_target(spec)
+            if not name or not source:
+                raise SafesteerError(f"--targets: expected NAME=TARGET with both parts, got {spec!r}")
+            if name in BUILT_IN_TARGETS and source != name:
+                raise SafesteerError(f"--targets: {name!r} is the built-in target of that name; "
+                                     f"choose another name for {spec!r}")
+            names.append(name)
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise SafesteerError(f"--targets: each target needs its own name; {', '.join(duplicates)} "
+                                 "appear(s) twice (give one NAME=TARGET)")
         if self.judge_format not in JUDGE_FORMATS:
             raise SafesteerError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got "
                                  f"{self.judge_format!r}")
@@ -188,6 +206,13 @@ def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+def split_target(spec: str) -> tuple[str, str]:
+    """A ``--targets`` entry as (display name, what to evaluate): ``NAME=TARGET`` is shown as NAME,
+    any other entry as itself."""
+    name, equals, source = spec.partition("=")
+    return (name, source) if equals else (spec, spec)
+
+
 class Targets:
     """The evaluated models, built around one loaded base model.
 
@@ -197,24 +222,34 @@ class Targets:
     id is loaded on its own when its turn comes and released afterwards.
     """
 
-    def __init__(self, names: Sequence[str], model_args: ModelArguments, run_dir: str | None) -> None:
+    def __init__(self, specs: Sequence[str], model_args: ModelArguments, run_dir: str | None) -> None:
         self.model_args = model_args
         self.model, self.tokenizer = load_model(model_args)
         self.run_dir = Path(run_dir) if run_dir else None
         self.direction: Direction | None = None
+        self.sources = dict(split_target(spec) for spec in specs)
         self.paths: dict[str, Path | str] = {}
+        self.adapters: dict[str, str] = {}
         self.peft: PeftModel | None = None
-        for name in names:
-            if name == "teacher":
-                self.direction = Direction.load(self._run_path("teacher", "direction.json").parent)
-                self.direction.check_compatible(self.model)
-            elif name == "student":
+        for name, source in self.sources.items():
+            if source in ("teacher", "conditional-teacher"):
+                if self.direction is None:
+                    self.direction = Direction.load(self._run_path(source, "direction.json").parent)
+                    self.direction.check_compatible(self.model)
+                if source == "conditional-teacher":
+                    self.direction.require_gate()  # before anything is evaluated
+            elif source == "student":
                 self.paths[name] = self._run_path("student", "student")
-            elif name != "base":
-                self.paths[name] = self._target_path(name)
+            elif source != "base":
+                self.paths[name] = self._target_path(source)
         for name, path in self.paths.items():
             if isinstance(path, Path) and _is_adapter(path):
                 self._attach(name, path)
+
+    @property
+    def names(self) -> list[str]:
+        """The display names, in the order given."""
+        return list(self.sources)
 
     def _run_path(self, target: str, relative: str) -> Path:
         if self.run_dir is None:
@@ -234,15 +269,17 @@ class Targets:
                                      "LoRA adapter directory (adapter_config.json)")
             return path
         if path.exists() or "/" not in name:
-            raise SafesteerError(f"unknown target {name!r}: use base, teacher, student, a model or "
-                                 "adapter directory, or a hub id")
+            raise SafesteerError(f"unknown target {name!r}: use {', '.join(BUILT_IN_TARGETS)}, a model "
+                                 "or adapter directory, or a hub id")
         return name
 
     def _attach(self, name: str, path: Path) -> None:
+        # PEFT adapter names become module keys, which must not contain "."; display names may.
+        adapter = self.adapters[name] = f"target{len(self.adapters)}"
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter)
         else:
-            self.peft.load_adapter(str(path), adapter_name=name)
+            self.peft.load_adapter(str(path), adapter_name=adapter)
         self.peft.eval()
 
     @contextmanager
@@ -260,20 +297,21 @@ class Targets:
         yield self.peft
 
     @contextmanager
-    def _teacher(self) -> Iterator[nn.Module]:
+    def _teacher(self, gated: bool = False) -> Iterator[nn.Module]:
         assert self.direction is not None
-        with self.base() as model, self.direction.steer(model):
+        with self.base() as model, self.direction.steer(model, gated=gated):
             yield model
 
     @contextmanager
     def session(self, name: str) -> Iterator[Target]:
         """The target as a context factory, valid inside this block (a full model is loaded here)."""
-        if name == "base":
+        source = self.sources[name]
+        if source == "base":
             yield self.base
-        elif name == "teacher":
-            yield self._teacher
-        elif self.peft is not None and name in self.peft.peft_config:
-            yield lambda: self._adapter(name)
+        elif source in ("teacher", "conditional-teacher"):
+            yield partial(self._teacher, gated=source == "conditional-teacher")
+        elif name in self.adapters:
+            yield lambda: self._adapter(self.adapters[name])
         else:
             model, _ = load_model(ModelArguments(**{**asdict(self.model_args),
                                                     "model": str(self.paths[name])}))
@@ -384,7 +422,7 @@ class Evaluation:
 
     def _answers(self, target_name: str, target: Target, benchmark: str, prompts: list[str],
                  max_new_tokens: int) -> list[str]:
-        path = self.output_dir / "completions" / _safe_name(target_name) / f"{_safe_name(benchmark)}.jsonl"
+        path = completions_dir(self.output_dir, target_name) / f"{_safe_name(benchmark)}.jsonl"
         return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
                                                           max_new_tokens),
                             chunk=4 * self.args.eval_batch_size)
@@ -469,21 +507,29 @@ def _safe_name(target: str) -> str:
     return "".join(char if char.isalnum() or char in "-_." else "_" for char in target)
 
 
+def completions_dir(output_dir: str | Path, target: str) -> Path:
+    """Where an evaluation in ``output_dir`` saves the answers of the target shown as ``target``."""
+    return Path(output_dir) / "completions" / _safe_name(target)
+
+
 def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                      args: EvalArguments) -> dict[str, Any]:
     """Every target on every benchmark; writes results.json, results.md and the plots."""
     targets = Targets(args.targets, model_args, args.run_dir)
     evaluation = Evaluation(args, data_args, targets)
-    results: dict[str, dict[str, Any]] = {name: {} for name in args.targets}
-    for name in args.targets:
+    results: dict[str, dict[str, Any]] = {name: {} for name in targets.names}
+    seconds: dict[str, float] = {}
+    for name in targets.names:
+        target_started = time.perf_counter()
         with targets.session(name) as target:
             for benchmark in args.benchmarks:
                 started = time.perf_counter()
                 results[name][benchmark] = evaluation.score(name, target, benchmark)
                 logger.info("%s / %s: %.4g in %.0f s", name, benchmark, results[name][benchmark]["value"],
                             time.perf_counter() - started)
+        seconds[name] = round(time.perf_counter() - target_started, 1)
     summary = {"results": results, "benchmarks": {name: asdict(lookup(name)) for name in args.benchmarks},
-               "judge": "keyword (safesteer.judge), greedy decoding",
+               "judge": "keyword (safesteer.judge), greedy decoding", "seconds": seconds,
                "settings": {"model": model_args.model, **asdict(args)}}
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
@@ -493,8 +539,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     plot_results(summary, output_dir)
     print(table)
     if args.lm_eval_tasks:
-        adapters = {name: Path(path) for name, path in targets.paths.items()
-                    if targets.peft is not None and name in targets.peft.peft_config}
+        adapters = {name: Path(targets.paths[name]) for name in targets.adapters}
         script = write_handoff(output_dir, args.lm_eval_tasks, pretrained_location(model_args.model),
                                targets.direction, targets.model, adapters)
         print(f"lm-eval hand-off: sh {script}")

@@ -1,0 +1,563 @@
+"""``safesteer compare``: several alignment methods on one model and one data set, side by side.
+
+A method is either an inference-time target (``teacher``, ``conditional-teacher``: nothing is
+trained) or a ``safesteer run`` whose options are applied on top of one preset. Every training
+method runs in its own directory ``OUT/runs/NAME``, as a subprocess (its own log and memory peak),
+and all of them reuse the first one's direction and safety tokens, copied in before they start, so
+they differ only in what the method changes. One evaluation then scores the base model, the
+inference-time methods and every student on the same prompts (``OUT/eval``), and the numbers
+become one table (``compare.md``, ``compare.json``) and a Pareto plot (``pareto.png``).
+
+A rerun into the same directory resumes: finished runs are skipped, interrupted ones continue from
+their checkpoints, and saved completions are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safesteer.config import DataArguments, ModelArguments
+from safesteer.direction import DirectionConfig
+from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
+from safesteer.errors import SafesteerError
+from safesteer.evaluate.harness import BUILT_IN_TARGETS, EvalArguments, completions_dir, evaluate_targets
+from safesteer.io import atomic_write, differing_settings, write_json
+from safesteer.models import resolve_device
+from safesteer.pipeline import PRESETS, RunArguments, peak_memory_mib
+from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto
+from safesteer.tokens import TokensConfig
+
+COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-heldout", "donotanswer-heldout",
+                      "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
+                      "humaneval-nll", "kl-benign")
+# Evaluation sizes: (default, with --quick).
+EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (48, 16)}
+# --quick: every training method 2 optimizer steps at a tiny size; stages 1-2 on small sets, the
+# direction by the response method alone (the prompt method scores every layer and position: minutes
+# on a CPU) with one coefficient on every third layer.
+QUICK_RUN: dict[str, Any] = {
+    "method": "response", "n_train": 16, "n_val": 8, "response_n_train": 16, "response_n_val": 4,
+    "response_betas": [0.3], "response_layer_stride": 3, "val_max_new_tokens": 8, "gate_n_val": 8,
+    "vote_n_prompts": 4, "vote_samples_per_prompt": 2, "horizon": 3,
+    "n_train_prompts": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 8,
+    "num_epochs": 1,
+}
+QUICK_RETAIN_PROMPTS = 2
+# The gold-answer NLLs whose mean relative change against the base is the capability drift.
+DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll")
+INFERENCE_TARGETS = ("base", "teacher", "conditional-teacher")
+SHARED_FILES = ("direction.json", "direction.safetensors", "safety_tokens.json")
+SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
+SETTINGS_FILE = "compare_settings.json"  # a finished method's resolved `safesteer run` settings
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _names(*classes: type) -> set[str]:
+    return {item.name for cls in classes for item in fields(cls)}
+
+
+SHARED_STAGE_OPTIONS = _names(DirectionConfig, TokensConfig)
+TRAINING_OPTIONS = _names(RunArguments, DistillConfig)
+COMPARE_OWN_OPTIONS = _names(ModelArguments, DataArguments)
+MANAGED_OPTIONS = {"output_dir", "resume", "overwrite", "check_limit"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One compared method: an inference-time ``target`` (nothing trained) or ``run``, the
+    ``safesteer run`` options that make it (applied on top of the preset)."""
+
+    name: str
+    description: str = ""
+    target: str | None = None
+    run: Mapping[str, Any] = field(default_factory=dict)
+    where: str = "the built-in method list"  # for error messages: file and line
+
+    @property
+    def trains(self) -> bool:
+        return self.target is None
+
+
+DEFAULT_METHODS = (
+    Method("teacher", "inference-time steering alone (the teacher)", target="teacher"),
+    Method("conditional-teacher", "inference-time steering of the prompts the harmfulness gate "
+                                  "flags", target="conditional-teacher"),
+    Method("safesteer", "SafeSteer: the preset as is", run={}),
+    Method("safesteer-conditional", "SafeSteer from the conditional teacher; uses general data "
+                                    "(benign prompts taught by the unsteered model)",
+           run={"conditional_teacher": True, "retain_prompts": "direction-harmless-train",
+                "n_retain_prompts": 28}),
+    Method("opd-full", "on-policy distillation over the whole vocabulary",
+           run={"mode": "full", "complement": False}),
+    Method("opd-topk", "on-policy distillation over the teacher's top 50 tokens",
+           run={"mode": "topk", "top_k": 50, "complement": False}),
+    Method("subset-renormalize", "the safety-token slice renormalised (no complement)",
+           run={"renormalize": True, "complement": False}),
+    Method("forward-kl", "SafeSteer with the forward KL", run={"alpha": 0.0}),
+    Method("system-prompt-teacher", "the teacher is a safety system prompt instead of steering",
+           run={"teacher_system_prompt": SAFETY_SYSTEM_PROMPT}),
+    Method("sft", "SFT on the steered teacher's samples (offline distillation)",
+           run={"mode": "sft", "complement": False}),
+)
+
+
+@dataclass
+class CompareArguments:
+    """Where the comparison goes, which methods it trains, and how much it evaluates."""
+
+    output_dir: str = field(metadata={
+        "help": "Directory for runs/ (one `safesteer run` per training method), eval/, compare.md, "
+                "compare.json and pareto.png; a rerun into it resumes."})
+    methods: str | None = field(default=None, metadata={
+        "help": "YAML file of the methods (see the README, 'Comparing methods'); default: "
+                + ", ".join(method.name for method in DEFAULT_METHODS) + "."})
+    preset: str = field(default="demo", metadata={
+        "help": "The `safesteer run --preset` every training method starts from.",
+        "choices": sorted(PRESETS)})
+    quick: bool = field(default=False, metadata={
+        "help": "A tiny version for CI: stages 1-2 on small sets (response-method direction), every "
+                "method trained 2 steps on 4 prompts with 8-token samples, 4 items per benchmark, "
+                "16-token answers."})
+    benchmarks: list[str] = field(default_factory=lambda: list(COMPARE_BENCHMARKS), metadata={
+        "help": "Benchmarks of the evaluation (see `safesteer eval --help`)."})
+    limit: int | None = field(default=None, metadata={
+        "help": "Prompts per safety and over-refusal benchmark (default 40, 4 with --quick; 0 = all)."})
+    capability_limit: int | None = field(default=None, metadata={
+        "help": "Items per capability benchmark (default 48, 4 with --quick; 0 = all)."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens generated per evaluated answer (default 48, 16 with --quick)."})
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise SafesteerError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        for name, sizes in EVAL_SIZES.items():
+            if getattr(self, name) is None:
+                setattr(self, name, sizes[self.quick])
+        self.evaluation(["base"], None)  # checks the benchmarks and sizes now, before anything runs
+
+    def evaluation(self, targets: list[str], run_dir: str | None) -> EvalArguments:
+        """The arguments of the closing evaluation (``OUT/eval``)."""
+        assert self.limit is not None and self.capability_limit is not None and self.max_new_tokens
+        return EvalArguments(output_dir=str(Path(self.output_dir) / "eval"), targets=targets,
+                             run_dir=run_dir, benchmarks=self.benchmarks, limit=self.limit,
+                             capability_limit=self.capability_limit, max_new_tokens=self.max_new_tokens)
+
+
+# ------------------------------------------------------------------------- the methods file
+
+
+def _located(path: str, line: int | None, message: str) -> SafesteerError:
+    return SafesteerError(f"{path}: line {line}: {message}" if line else f"{path}: {message}")
+
+
+def _children(node: yaml.Node) -> dict[str, tuple[int, yaml.Node]]:
+    """Each key of a YAML mapping node with its 1-based line and its value node."""
+    assert isinstance(node, yaml.MappingNode)
+    return {str(key.value): (key.start_mark.line + 1, value) for key, value in node.value}
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def run_option_problem(key: str, shared: bool) -> str | None:
+    """Why ``key`` cannot be a method's ``safesteer run`` option (``shared``: one applied to every
+    method), or None when it can."""
+    if key in MANAGED_OPTIONS:
+        return f"{key} is set by `safesteer compare` itself"
+    if key in COMPARE_OWN_OPTIONS:
+        return (f"{key} is an option of `safesteer compare` (--{key.replace('_', '-')}); every method "
+                "uses the same model and data")
+    if key in SHARED_STAGE_OPTIONS and not shared:
+        return (f"{key} configures stages 1-2 (direction, safety tokens), which every method shares; "
+                "set it in the file's top-level run: mapping instead")
+    if key not in TRAINING_OPTIONS | SHARED_STAGE_OPTIONS:
+        return f"unknown run option {key!r} (see `safesteer run --help`)"
+    return None
+
+
+def _run_options(path: str, node: yaml.Node, value: Any, shared: bool) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _located(path, _line(node), "run: expected a mapping of `safesteer run` options")
+    options: dict[str, Any] = {}
+    for key, (line, _) in _children(node).items():
+        name = key.replace("-", "_")
+        problem = run_option_problem(name, shared)
+        if problem:
+            raise _located(path, line, problem)
+        options[name] = value[key]
+    return options
+
+
+def _method(path: str, node: yaml.Node, value: Any) -> Method:
+    where = f"{path}: line {_line(node)}"
+    if not isinstance(value, dict):
+        raise _located(path, _line(node), "expected a method: a mapping with name and target or run")
+    children = _children(node)
+    for key, (line, _) in children.items():
+        if key not in ("name", "description", "target", "run"):
+            raise _located(path, line, f"unknown method key {key!r}; expected name, description, "
+                                       "target or run")
+    name = value.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise _located(path, _line(node), "each method needs a name of letters, digits, - and _ "
+                                          f"(it names a directory), got {name!r}")
+    target = value.get("target")
+    if ("target" in value) == ("run" in value):
+        raise _located(path, _line(node), f"method {name!r}: give either target "
+                                          f"({', '.join(INFERENCE_TARGETS)}: nothing trained) or run "
+                                          "(`safesteer run` options), not both or neither")
+    if "target" in value and target not in INFERENCE_TARGETS:
+        raise _located(path, children["target"][0], f"method {name!r}: target must be one of "
+                                                    f"{', '.join(INFERENCE_TARGETS)}, got {target!r}")
+    if name == "base" or (name in BUILT_IN_TARGETS and name != target):
+        raise _located(path, children["name"][0], f"method name {name!r} is taken by the built-in "
+                                                  "evaluation target; choose another")
+    description = value.get("description", "")
+    if not isinstance(description, str):
+        raise _located(path, children["description"][0], f"method {name!r}: description must be text")
+    run = _run_options(path, children["run"][1], value["run"], False) if "run" in value else {}
+    return Method(name, description, target, run, where)
+
+
+def load_methods(path: str) -> tuple[list[Method], dict[str, Any]]:
+    """The methods of a YAML file and the ``safesteer run`` options they all share.
+
+    The file is a list of methods, or a mapping with ``methods`` (that list) and ``run`` (options
+    for every training method, the only place for the direction and safety-token options). A method
+    is a mapping: ``name``, optional ``description``, and ``target`` or ``run``. Mistakes are
+    reported with the file and line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded = yaml.safe_load(text)
+    except OSError as error:
+        raise SafesteerError(f"methods file {path}: cannot read it ({error.strerror})") from error
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise _located(path, mark.line + 1 if mark else None, "invalid YAML") from error
+    shared: dict[str, Any] = {}
+    if isinstance(loaded, dict):
+        children = _children(root)
+        for key, (line, _) in children.items():
+            if key not in ("methods", "run"):
+                raise _located(path, line, f"unknown key {key!r}; expected methods and run")
+        if "run" in children:
+            shared = _run_options(path, children["run"][1], loaded["run"], True)
+        if "methods" not in children:
+            raise _located(path, _line(root), "expected methods: (a list of methods)")
+        root, loaded = children["methods"][1], loaded["methods"]
+    if not isinstance(loaded, list) or not loaded:
+        raise _located(path, _line(root) if root else None,
+                       "expected a non-empty list of methods (or a mapping with methods: and run:)")
+    methods: list[Method] = []
+    lines: dict[str, int] = {}
+    for node, value in zip(root.value, loaded, strict=True):
+        method = _method(path, node, value)
+        if method.name in lines:
+            raise _located(path, _line(node), f"method name {method.name!r} is used twice (first on "
+                                              f"line {lines[method.name]})")
+        lines[method.name] = _line(node)
+        methods.append(method)
+    if not any(method.trains for method in methods):
+        raise _located(path, None, "needs at least one method with run: options (the teacher's "
+                                   "direction comes from the first one's run)")
+    return methods, shared
+
+
+# ------------------------------------------------------------------------- training
+
+
+def method_options(method: Method, shared: Mapping[str, Any], quick: bool) -> dict[str, Any]:
+    """The method's ``safesteer run`` options on top of the preset: the shared ones, its own, and
+    with ``quick`` the tiny sizes (retain prompts included) over both."""
+    options = {**shared, **method.run}
+    if quick:
+        options.update(QUICK_RUN)
+        if options.get("retain_prompts"):
+            options["n_retain_prompts"] = QUICK_RETAIN_PROMPTS
+    return options
+
+
+def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], preset: str,
+                 model_args: ModelArguments, data_args: DataArguments) -> tuple[list[str], dict[str, Any]]:
+    """The method's ``safesteer run`` arguments, and every setting they resolve to (read by the run
+    command's own parser, so a bad option or value fails here, before anything trains)."""
+    from safesteer.cli import option_flags, parse  # imported here: safesteer.cli imports this module
+
+    arguments = ["--preset", preset, *option_flags({
+        "output_dir": str(run_dir), "resume": True, "check_limit": 0, **asdict(model_args),
+        **asdict(data_args), **options})]
+    try:
+        _, parsed = parse("run", arguments)
+    except SafesteerError as error:
+        raise SafesteerError(f"{method.where}: method {method.name!r}: {error}") from error
+    except SystemExit as error:  # argparse has printed what it could not read
+        raise SafesteerError(f"{method.where}: method {method.name!r}: invalid `safesteer run` "
+                             "options (see above)") from error
+    settings = {key: value for item in parsed for key, value in asdict(item).items()
+                if key not in ("output_dir", "resume", "overwrite")}
+    return arguments, {"preset": preset, **settings}
+
+
+def _stream(command: list[str], log_path: Path, prefix: str) -> int:
+    """Run ``command``, copying its output line by line to the console and to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                print(f"{prefix}{line}", end="", flush=True)
+        return process.returncode
+
+
+def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any]) -> bool:
+    """Run ``safesteer run`` for ``method`` in ``run_dir`` unless a finished run with the same
+    settings is there; True when it ran. Its output also goes to ``run_dir/compare.log``."""
+    record = run_dir / SETTINGS_FILE
+    if record.is_file() and (run_dir / "student").is_dir():
+        differing = differing_settings(_read_json(record), settings)
+        if differing:
+            raise SafesteerError(f"method {method.name!r}: {run_dir} holds a run made with other settings "
+                                 f"({'; '.join(differing)}); delete it to retrain, or choose another "
+                                 "--output-dir")
+        print(f"{method.name}: finished run in {run_dir}, reused")
+        return False
+    log = run_dir / "compare.log"
+    print(f"{method.name}: safesteer run (log: {log})")
+    code = _stream([sys.executable, "-m", "safesteer.cli", "run", *arguments], log, f"[{method.name}] ")
+    if code != 0:
+        raise SafesteerError(f"method {method.name!r}: `safesteer run` failed (exit status {code}); "
+                             f"see {log}")
+    write_json(record, settings)
+    return True
+
+
+def share_stages(source: Path, run_dir: Path) -> None:
+    """Copy the direction and the safety tokens of ``source`` into ``run_dir``, where
+    ``safesteer run --resume`` loads them instead of recomputing stages 1-2."""
+    for name in SHARED_FILES:
+        atomic_write(run_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SafesteerError(f"{path}: line {error.lineno}: invalid JSON") from error
+
+
+def _check(run_dir: Path) -> dict[str, Any]:
+    """A finished run's check.json: its stage wall seconds and peak memory ({} without one)."""
+    path = run_dir / "check.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def run_costs(check: Mapping[str, Any]) -> dict[str, float | None]:
+    """A method's training wall seconds (every stage but the shared stages 1-2) and peak memory,
+    from its run's check.json; None where that records none."""
+    stages = check.get("stage_seconds")
+    return {"train_seconds": (sum(seconds for stage, seconds in stages.items() if stage not in SHARED_STAGES)
+                              if stages else None),
+            "peak_rss_mib": check.get("peak_rss_mib"), "peak_gpu_mib": check.get("peak_gpu_mib")}
+
+
+# ------------------------------------------------------------------------- the table
+
+
+def dominators(points: Mapping[str, Sequence[float]]) -> dict[str, list[str]]:
+    """For each point, the other points at least as good on every axis and strictly better on one
+    (every axis: higher is better), in the order given."""
+    return {name: [other for other, theirs in points.items()
+                   if all(t >= m for t, m in zip(theirs, mine, strict=True))
+                   and any(t > m for t, m in zip(theirs, mine, strict=True))]
+            for name, mine in points.items()}
+
+
+def pareto_front(points: Mapping[str, Sequence[float]]) -> set[str]:
+    """The points no other point dominates."""
+    return {name for name, by in dominators(points).items() if not by}
+
+
+def capability_drift(results: Mapping[str, Mapping[str, Any]],
+                     base: Mapping[str, Mapping[str, Any]]) -> float:
+    """How far a method moved the model's knowledge: the mean over the gold-answer NLL measures
+    (DRIFT_MEASURES) present of the relative change against the base, in %; NaN without any."""
+    changes = [100 * (results[name]["value"] - base[name]["value"]) / base[name]["value"]
+               for name in DRIFT_MEASURES if name in base]
+    return sum(changes) / len(changes) if changes else math.nan
+
+
+def comparison_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    costs: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
+    """One row per target of ``results`` (the evaluation's, with ``base``): every benchmark value, the
+    three trade-off axes (mean harmful refusal, mean over-refusal, capability drift), the costs, and
+    ``dominated_by``, the methods at least as good on all three axes and better on one (None where an
+    axis is missing, so the row is not compared)."""
+    rows = [{"method": name, "benchmarks": {bench: row["value"] for bench, row in result.items()},
+             "harmful_refusal": mean_of_kinds(result, HARMFUL_KINDS),
+             "over_refusal": mean_of_kinds(result, ("over-refusal",)),
+             "capability_drift": capability_drift(result, results["base"]), **costs[name]}
+            for name, result in results.items()]
+    points = {row["method"]: (row["harmful_refusal"], -row["over_refusal"], -row["capability_drift"])
+              for row in rows}
+    comparable = {name: point for name, point in points.items() if all(map(math.isfinite, point))}
+    dominated = dominators(comparable)
+    for row in rows:
+        row["dominated_by"] = dominated.get(row["method"])
+    return rows
+
+
+def _number(value: float | None, digits: int = 0, percent: bool = False, sign: bool = False) -> str:
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "n/a"
+    return f"{100 * value if percent else value:{'+' if sign else ''}.{digits}f}"
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]], benchmarks: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per method; per-benchmark refusal rates and accuracies in %, NLL and KL per
+    token, the three trade-off axes, costs and ``dominated by``."""
+    def columns_of(kinds: Sequence[str]) -> list[str]:
+        return [name for name, bench in benchmarks.items() if bench["kind"] in kinds]
+
+    def arrow(name: str) -> str:
+        return "↑" if benchmarks[name]["higher_is_better"] else "↓"
+
+    def cell(name: str, value: float) -> str:
+        per_token = benchmarks[name]["metric"] in ("NLL / token", "KL / token")
+        return _number(value, 3) if per_token else _number(value, 1, percent=True)
+
+    harmful, over, capability = (columns_of(HARMFUL_KINDS), columns_of(("over-refusal",)),
+                                 columns_of(("capability",)))
+    gpu = any(row["peak_gpu_mib"] is not None for row in rows)
+    header = ["method", *(f"{name} {arrow(name)}" for name in harmful), "harmful refusal ↑",
+              *(f"{name} {arrow(name)}" for name in over), "over-refusal ↓",
+              *(f"{name} {arrow(name)}" for name in capability), "capability drift % ↓", "train s",
+              "eval s", "peak RSS MiB", *(["peak GPU MiB"] if gpu else []), "dominated by"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
+    for row in rows:
+        values = row["benchmarks"]
+        dominated = row["dominated_by"]
+        cells = [row["method"], *(cell(name, values[name]) for name in harmful),
+                 _number(row["harmful_refusal"], 1, percent=True),
+                 *(cell(name, values[name]) for name in over), _number(row["over_refusal"], 1, percent=True),
+                 *(cell(name, values[name]) for name in capability),
+                 _number(row["capability_drift"], 1, sign=True), _number(row["train_seconds"]),
+                 _number(row["eval_seconds"]), _number(row["peak_rss_mib"]),
+                 *([_number(row["peak_gpu_mib"])] if gpu else []),
+                 "n/a" if dominated is None else ", ".join(dominated) or "— (Pareto front)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- the command
+
+
+def _target_spec(method: Method, output_dir: Path) -> str:
+    if method.trains:
+        return f"{method.name}={output_dir / 'runs' / method.name / 'student'}"
+    return method.name if method.name == method.target else f"{method.name}={method.target}"
+
+
+def compare_methods(model_args: ModelArguments, data_args: DataArguments,
+                    args: CompareArguments) -> dict[str, Any]:
+    """Train every method, evaluate them all with the base, write the table and the Pareto plot."""
+    started = time.perf_counter()
+    methods, shared = load_methods(args.methods) if args.methods else (list(DEFAULT_METHODS), {})
+    output_dir = Path(args.output_dir)
+    trained = [method for method in methods if method.trains]
+    plans = {method.name: run_settings(method, output_dir / "runs" / method.name,
+                                       method_options(method, shared, args.quick), args.preset,
+                                       model_args, data_args)
+             for method in trained}
+    source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method
+    retrained: list[str] = []
+    for method in trained:
+        run_dir = output_dir / "runs" / method.name
+        if run_dir != source and not (run_dir / SETTINGS_FILE).is_file():
+            share_stages(source, run_dir)
+        if train_method(method, run_dir, *plans[method.name]):
+            retrained.append(method.name)
+    training_seconds = time.perf_counter() - started
+
+    evaluation = args.evaluation(["base", *(_target_spec(method, output_dir) for method in methods)],
+                                 str(source))
+    if trained[0].name in retrained:  # stages 1-2 may be new: the teachers' saved answers may be stale
+        retrained += [method.name for method in methods if not method.trains]
+    for name in retrained:
+        shutil.rmtree(completions_dir(evaluation.output_dir, name), ignore_errors=True)
+    summary = evaluate_targets(model_args, data_args, evaluation)
+    eval_memory = peak_memory_mib(resolve_device(model_args.device))
+    costs: dict[str, dict[str, float | None]] = {
+        name: {"train_seconds": None, **eval_memory}
+        for name in ["base", *(method.name for method in methods if not method.trains)]}
+    costs.update({method.name: run_costs(_check(output_dir / "runs" / method.name)) for method in trained})
+    for name, seconds in summary["seconds"].items():
+        costs[name]["eval_seconds"] = seconds
+    rows = comparison_rows(summary["results"], costs)
+    stages = _check(source).get("stage_seconds")
+    seconds = {"total": round(time.perf_counter() - started, 1),
+               "training": round(training_seconds, 1), "evaluation": sum(summary["seconds"].values()),
+               "shared_stages": sum(stages.get(stage, 0.0) for stage in SHARED_STAGES) if stages else None}
+    entries = {"base": {"kind": "reference", "description": "the model as given"}}
+    for method in methods:
+        entries[method.name] = {"kind": "trained" if method.trains else "inference-time",
+                                "description": method.description,
+                                **({"run": plans[method.name][1]} if method.trains else {})}
+    comparison = {"rows": rows, "methods": entries, "benchmarks": summary["benchmarks"],
+                  "seconds": seconds, "settings": {"model": model_args.model, **asdict(args)}}
+    table = comparison_table(rows, summary["benchmarks"])
+    write_json(output_dir / "compare.json", comparison)
+    text = _markdown(comparison, table)
+    atomic_write(output_dir / "compare.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    plot_pareto(rows, output_dir / "pareto.png")
+    print("\n" + table)
+    print(f"\n{_timing(seconds)}\nwrote {output_dir / 'compare.md'}, {output_dir / 'compare.json'} and "
+          f"{output_dir / 'pareto.png'}")
+    return comparison
+
+
+def _timing(seconds: Mapping[str, float | None]) -> str:
+    shared = seconds["shared_stages"]
+    return (f"wall time: {seconds['total']:.0f} s in all (training {seconds['training']:.0f} s"
+            + (f", of which stages 1-2, shared, {shared:.0f} s" if shared is not None else "")
+            + f"; evaluation {seconds['evaluation']:.0f} s)")
+
+
+def _markdown(report: Mapping[str, Any], table: str) -> str:
+    settings = report["settings"]
+    methods = "\n".join(f"- **{name}** ({entry['kind']})" + (f": {entry['description']}"
+                                                               if entry["description"] else "")
+                        for name, entry in report["methods"].items())
+    return (f"# safesteer compare\n\nModel {settings['model']}, preset {settings['preset']}"
+            f"{' (--quick)' if settings['quick'] else ''}; greedy answers judged by the keyword judge, "
+            f"{settings['limit']} prompts per refusal benchmark and {settings['capability_limit']} items "
+            f"per capability benchmark.\n\n{table}\n\nRefusal rates and accuracies in %, NLL and KL in "
+            "nats per token. Harmful refusal: mean over the safety and jailbreak benchmarks; "
+            "over-refusal: mean over the benign ones; capability drift: mean relative change of the "
+            "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "
+            "methods at least as good on those three axes and better on one. Train s: the method's "
+            "own training (stages 1-2 are shared and counted once, below); eval s: its evaluation; "
+            "peak RSS of an inference-time method or the base: the evaluation process's.\n\n"
+            f"{methods}\n\n{_timing(report['seconds'])}\n")
