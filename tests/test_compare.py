@@ -108,7 +108,7 @@ def test_quick_sets_the_evaluation_sizes_unless_given() -> None:
     quick = CompareArguments(output_dir="o", quick=True, limit=6)
     assert (quick.limit, quick.capability_limit, quick.max_new_tokens) == (6, 4, 16)
     full = CompareArguments(output_dir="o")
-    assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 48)
+    assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 32)
     with pytest.raises(SafesteerError, match="unknown benchmark"):
         CompareArguments(output_dir="o", benchmarks=["bogus"])
 

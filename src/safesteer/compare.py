@@ -44,7 +44,7 @@ COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-heldout
                       "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
                       "humaneval-nll", "kl-benign")
 # Evaluation sizes: (default, with --quick).
-EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (48, 16)}
+EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (32, 16)}
 # --quick: every training method 2 optimizer steps at a tiny size; stages 1-2 on small sets, the
 # direction by the response method alone (the prompt method scores every layer and position: minutes
 # on a CPU) with one coefficient on every third layer.
@@ -138,7 +138,7 @@ class CompareArguments:
     capability_limit: int | None = field(default=None, metadata={
         "help": "Items per capability benchmark (default 48, 4 with --quick; 0 = all)."})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Tokens generated per evaluated answer (default 48, 16 with --quick)."})
+        "help": "Tokens generated per evaluated answer (default 32, as the demo check; 16 with --quick)."})
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
