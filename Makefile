@@ -1,6 +1,7 @@
-# Two entry points for a fresh machine with only Python 3.11+ and pip:
+# Entry points for a fresh machine with only Python 3.11+ and pip:
 #   make demo   the whole method on the embedded default model (safesteer run --preset demo)
 #   make test   runs the test suite (unit + integration)
+#   make compare  SafeSteer against its baselines (safesteer compare; the README's Results)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ OUTPUT_DIR ?= runs/demo
 # The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo compare test lint clean
 
 $(BIN)/safesteer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(BIN)/safesteer
 
 demo: install
 	$(BIN)/safesteer run --preset demo --output-dir $(OUTPUT_DIR) --overwrite
+
+compare: install
+	$(BIN)/safesteer compare --output-dir runs/compare
 
 test: install
 	$(BIN)/ruff check src tests benchmarks
