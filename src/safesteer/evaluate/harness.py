@@ -148,7 +148,12 @@ class EvalArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per safety answer."})
     gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per GSM8K / HumanEval "
                                                                      "answer."})
-    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation or forward batch."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
+    score_batch_size: int = field(
+        default=8, metadata={"help": "Rows per teacher-forced forward (MMLU letters, gold-answer NLLs, "
+                                     "kl-benign). Each row's logits span the whole vocabulary, so on a "
+                                     "CPU small batches are faster and use less memory; raise it on "
+                                     "a GPU."})
     exclude_near: list[str] = field(
         default_factory=lambda: ["safesteer-train", "direction-harmful-train", "direction-harmful-val"],
         metadata={"help": "Prompt sets the models were trained or selected on: harmful benchmark "
@@ -194,7 +199,7 @@ class EvalArguments:
         for name in ("limit", "capability_limit", "gsm8k_limit"):
             if getattr(self, name) < 0:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size"):
+        for name in ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"):
             if getattr(self, name) < 1:
                 raise SafesteerError(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -444,7 +449,7 @@ class Evaluation:
             questions = load_mmlu(subset, self.args.capability_limit or None, seed=self.args.eval_seed)
             with target() as model, torch.inference_mode():
                 scores = choice_logprobs(model, self.tokenizer, questions,
-                                         batch_size=self.args.eval_batch_size)
+                                         batch_size=self.args.score_batch_size)
             self._letters[key] = (questions, scores)
         return self._letters[key]
 
@@ -477,7 +482,7 @@ class Evaluation:
             with target() as model:
                 average = gold_nll_per_token(model, self.tokenizer, [item.message for item in items],
                                              [item.reference for item in items],
-                                             batch_size=args.eval_batch_size)
+                                             batch_size=args.score_batch_size)
             return _mean(name, average.per_item, pooled=average.mean, tokens=average.num_tokens)
         if name == "gsm8k":
             problems: list[GSM8KProblem] = load_gsm8k(args.gsm8k_limit or None)
@@ -499,7 +504,7 @@ class Evaluation:
         if target_name == "base":
             return _mean(name, [0.0] * len(prompts), pooled=0.0)
         average = mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
-                                  batch_size=args.eval_batch_size)
+                                  batch_size=args.score_batch_size)
         return _mean(name, average.per_item, pooled=average.mean, tokens=average.num_tokens)
 
 
