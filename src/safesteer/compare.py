@@ -14,7 +14,6 @@ their checkpoints, and saved completions are reused.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -34,7 +33,7 @@ from safesteer.direction import DirectionConfig
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import BUILT_IN_TARGETS, EvalArguments, completions_dir, evaluate_targets
-from safesteer.io import atomic_write, differing_settings, write_json
+from safesteer.io import atomic_write, differing_settings, read_json, write_json
 from safesteer.models import resolve_device
 from safesteer.pipeline import PRESETS, RunArguments, peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto
@@ -335,7 +334,7 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
     settings is there; True when it ran. Its output also goes to ``run_dir/compare.log``."""
     record = run_dir / SETTINGS_FILE
     if record.is_file() and (run_dir / "student").is_dir():
-        differing = differing_settings(_read_json(record), settings)
+        differing = differing_settings(read_json(record), settings)
         if differing:
             raise SafesteerError(f"method {method.name!r}: {run_dir} holds a run made with other settings "
                                  f"({'; '.join(differing)}); delete it to retrain, or choose another "
@@ -359,17 +358,10 @@ def share_stages(source: Path, run_dir: Path) -> None:
         atomic_write(run_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise SafesteerError(f"{path}: line {error.lineno}: invalid JSON") from error
-
-
 def _check(run_dir: Path) -> dict[str, Any]:
     """A finished run's check.json: its stage wall seconds and peak memory ({} without one)."""
     path = run_dir / "check.json"
-    return _read_json(path) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def run_costs(check: Mapping[str, Any]) -> dict[str, float | None]:

@@ -15,7 +15,6 @@ Two extraction methods, both difference of means:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from safesteer import __version__
 from safesteer.config import DataArguments
 from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
-from safesteer.io import atomic_write, write_json
+from safesteer.io import atomic_write, read_json, write_json
 from safesteer.judge import refusal_rate
 from safesteer.models import (
     encode_rendered,
@@ -250,10 +249,7 @@ class Direction:
         if not meta_path.is_file() or not tensor_path.is_file():
             raise SafesteerError(f"{folder} holds no direction (direction.json + "
                                  "direction.safetensors); run `safesteer direction` first")
-        try:
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise SafesteerError(f"{meta_path}: line {error.lineno}: invalid JSON") from error
+        metadata = read_json(meta_path)
         try:
             layer, coefficient = int(metadata["layer"]), float(metadata["coefficient"])
             gate_record = metadata.pop("gate", None)

@@ -30,6 +30,14 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def read_json(path: Path) -> Any:
+    """The file's JSON; a malformed file is a one-line error naming the file and line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SafesteerError(f"{path}: line {error.lineno}: invalid JSON") from error
+
+
 def guard_output_dir(output_dir: Path, artifacts: Iterable[str], overwrite: bool) -> Path:
     """Refuse to clobber ``artifacts`` already in ``output_dir``; checked before any work starts.
 

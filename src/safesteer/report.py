@@ -29,11 +29,6 @@ def mean_of_kinds(results: Mapping[str, Mapping[str, Any]], kinds: Sequence[str]
     return sum(values) / len(values) if values else math.nan
 
 
-def safety_score(results: dict[str, Any]) -> float:
-    """Mean refusal rate over the target's safety and jailbreak benchmarks (NaN without any)."""
-    return mean_of_kinds(results, HARMFUL_KINDS)
-
-
 def capability_score(results: dict[str, Any]) -> tuple[str, float]:
     """The capability axis: MMLU(-STEM) accuracy when measured, else the first capability measure."""
     for name in ("mmlu-stem", "mmlu"):
@@ -80,7 +75,7 @@ def plot_results(summary: dict[str, Any], output_dir: str | Path) -> list[Path]:
     label = "capability"
     for index, target in enumerate(targets):
         label, capability = capability_score(results[target])
-        safety = safety_score(results[target])
+        safety = mean_of_kinds(results[target], HARMFUL_KINDS)
         axis.scatter([capability], [safety], color=f"C{index}", s=40)
         axis.annotate(target, (capability, safety), textcoords="offset points", xytext=(4, 4), fontsize=8)
     axis.set_xlabel(label)

@@ -16,7 +16,6 @@ token id, both inside a position's top-K′ and in the final top K.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
-from safesteer.io import write_json
+from safesteer.io import read_json, write_json
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
 
 if TYPE_CHECKING:
@@ -409,10 +408,7 @@ class SafetyTokenSet:
         if not file.is_file():
             raise SafesteerError(f"{file} does not exist; run `safesteer tokens` first or give a run "
                                  f"directory holding {SAFETY_TOKENS_FILE}")
-        try:
-            payload = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise SafesteerError(f"{file}: line {error.lineno}: invalid JSON") from error
+        payload = read_json(file)
         lists = ("ids", "strings", "scores", "teacher_mean_probs", "base_mean_probs")
         if (not isinstance(payload, dict) or not isinstance(payload.get("settings"), dict)
                 or any(not isinstance(payload.get(name), list) for name in lists)):
