@@ -126,7 +126,7 @@ def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
     GSM8K and HumanEval a few made-up items, and the harmbench-test prompts have two categories."""
     from safesteer.config import DataArguments
     from safesteer.evaluate import harness
-    from safesteer.evaluate.capability import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
+    from safesteer.gold import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
 
     prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
                "Write about mountains and snow.", "List three colours of autumn leaves.",

@@ -14,28 +14,30 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safesteer import gold
 from safesteer.distill.loss import divergence
 from safesteer.errors import SafesteerError
-from safesteer.evaluate import capability
 from safesteer.evaluate.capability import (
-    MMLU_STEM_SUBJECTS,
-    GSM8KProblem,
-    MultipleChoiceQuestion,
     choice_letter_ids,
     choice_logprobs,
     extract_code,
     extract_final_number,
     gold_nll_per_token,
     gsm8k_exact_match,
-    load_gsm8k,
-    load_humaneval,
-    load_mmlu,
     mean_confidence_interval,
     mean_kl_to_base,
     multiple_choice_accuracy,
     wilson_interval,
 )
 from safesteer.evaluate.sandbox import humaneval_pass
+from safesteer.gold import (
+    MMLU_STEM_SUBJECTS,
+    GSM8KProblem,
+    MultipleChoiceQuestion,
+    load_gsm8k,
+    load_humaneval,
+    load_mmlu,
+)
 from safesteer.models import render_prompts
 
 ModelFactory = Callable[[str], PreTrainedModel]
@@ -267,7 +269,7 @@ def test_extract_final_number() -> None:
 
 
 def test_gsm8k_reference_drops_calculator_notes_and_restates_the_answer() -> None:
-    solution = capability._clean_solution("He buys 2*3=<<2*3=6>>6 eggs.\n#### 6")
+    solution = gold._clean_solution("He buys 2*3=<<2*3=6>>6 eggs.\n#### 6")
     assert solution == "He buys 2*3=6 eggs.\nThe answer is 6."
     assert gsm8k_exact_match(GSM8KProblem("q", "6", solution).reference, "6")
 
@@ -286,7 +288,7 @@ def test_load_mmlu_filters_stem_and_samples_uniformly_in_file_order(
     questions = tuple(MultipleChoiceQuestion(f"q{index}", ("a", "b", "c", "d"), index % 4,
                                              "anatomy" if index % 3 else "philosophy")
                       for index in range(60))
-    monkeypatch.setattr(capability, "_mmlu_questions", lambda: questions)
+    monkeypatch.setattr(gold, "_mmlu_questions", lambda: questions)
     stem = load_mmlu("stem")
     assert len(stem) == 40 and all(question.subject in MMLU_STEM_SUBJECTS for question in stem)
     assert len(load_mmlu("all")) == 60

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from safesteer.evaluate.capability import HumanEvalProblem
 from safesteer.evaluate.sandbox import humaneval_pass, run_python
+from safesteer.gold import HumanEvalProblem
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox is POSIX only")
 

@@ -30,16 +30,11 @@ from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
 from safesteer.evaluate.capability import (
-    GSM8KProblem,
-    MultipleChoiceQuestion,
     choice_logprobs,
     correct_choices,
     extract_code,
     gold_nll_per_token,
     gsm8k_exact_match,
-    load_gsm8k,
-    load_humaneval,
-    load_mmlu,
     mean_confidence_interval,
     mean_kl_to_base,
     wilson_interval,
@@ -47,6 +42,7 @@ from safesteer.evaluate.capability import (
 from safesteer.evaluate.judges import JUDGE_FORMATS, LLMJudge
 from safesteer.evaluate.lm_eval import write_handoff
 from safesteer.evaluate.sandbox import humaneval_pass
+from safesteer.gold import GSM8KProblem, MultipleChoiceQuestion, load_gsm8k, load_humaneval, load_mmlu
 from safesteer.io import write_json
 from safesteer.judge import is_refusal
 from safesteer.models import generate_responses, load_model, pretrained_location

@@ -18,11 +18,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer.config import ModelArguments
-from safesteer.data import JAILBREAKBENCH, PYRIT, csv_table, member_text
+from safesteer.data import csv_table
 from safesteer.errors import SafesteerError
 from safesteer.judge import is_refusal
 from safesteer.models import encode_rendered, load_model, model_device
-from safesteer.wheels import PinnedWheel
+from safesteer.wheels import JAILBREAKBENCH, PYRIT, PinnedWheel, member_text
 
 logger = logging.getLogger(__name__)
 

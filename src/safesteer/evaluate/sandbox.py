@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Literal
 from safesteer.errors import SafesteerError
 
 if TYPE_CHECKING:
-    from safesteer.evaluate.capability import HumanEvalProblem
+    from safesteer.gold import HumanEvalProblem
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
