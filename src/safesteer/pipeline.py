@@ -59,13 +59,17 @@ class RunArguments:
                 "checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Start afresh in a directory holding a run."})
     check_harmful: list[str] = field(
-        default_factory=lambda: ["harmbench-test", "jbb"],
-        metadata={"help": "Held-out harmful prompt sets for the before/after refusal check."})
+        default_factory=lambda: ["harmbench-test", "jbb", "donotanswer-test"],
+        metadata={"help": "Held-out harmful prompt sets for the before/after refusal check "
+                          "(instruction-style HarmBench and JBB, question-style Do-Not-Answer)."})
     check_benign: list[str] = field(
-        default_factory=lambda: ["harmless-test"],
-        metadata={"help": "Held-out benign prompt sets for the before/after refusal check."})
+        default_factory=lambda: ["ordinary-test", "borderline-test"],
+        metadata={"help": "Held-out benign prompt sets for the before/after refusal check; the "
+                          "check also reports each model's worst of them."})
     check_limit: int = field(default=50, metadata={"help": "Prompts per check set (0 skips the check)."})
-    check_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per check answer."})
+    check_max_new_tokens: int = field(default=64, metadata={
+        "help": "Tokens generated per check answer; the keyword judge reads the first 200 characters, "
+                "so shorter answers hide refusals that follow a helpful opening."})
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -198,7 +202,8 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
         summary = {"refusal": results, "harmful_sets": run.check_harmful,
                    "benign_sets": run.check_benign, "judge": "keyword (safesteer.judge)",
                    "max_new_tokens": run.check_max_new_tokens}
-        print("\nrefusal rate (keyword judge, greedy):\n" + refusal_table(results))
+        print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
+              f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))
     summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)))
     write_json(output_dir / "check.json", summary)
     print("wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in laps.seconds.items())
@@ -219,8 +224,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "--p-min 1e-3 --inner-top-k 20 --complement, chosen on the validation sets)",
         {"model": "smollm2-135m", "n_train": 64, "n_val": 16, "response_n_val": 12,
          "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "p_min": 1e-3, "inner_top_k": 20,
-         "samples_per_prompt": 4, "max_new_tokens": 32, "complement": True, "check_limit": 40,
-         "check_max_new_tokens": 32},
+         "samples_per_prompt": 4, "max_new_tokens": 32, "complement": True, "check_limit": 40},
     ),
     "paper": (
         "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "

@@ -29,6 +29,36 @@ def mean_of_kinds(results: Mapping[str, Mapping[str, Any]], kinds: Sequence[str]
     return sum(values) / len(values) if values else math.nan
 
 
+Results = Mapping[str, Mapping[str, Any]]  # one target's results.json cells, by benchmark
+
+
+def worst_of_kinds(results: Results, kinds: Sequence[str]) -> tuple[float, str | None]:
+    """The target's worst value over its benchmarks of these kinds and where it occurs: the lowest
+    for a higher-is-better metric (harmful refusal), else the highest (over-refusal). A mean would
+    hide a benign set that the model refuses wholesale behind easy ones. (NaN, None) without any."""
+    rows = {name: row for name, row in results.items()
+            if row["kind"] in kinds and not math.isnan(row["value"])}
+    if not rows:
+        return math.nan, None
+    name = (min if next(iter(rows.values()))["higher_is_better"] else max)(
+        rows, key=lambda key: rows[key]["value"])
+    return rows[name]["value"], name
+
+
+def pooled_styles(results: Results, kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Refusal per request style ("question", "instruction") pooled over the benchmarks of these
+    kinds, weighted by prompts: ``{style: {"n": count, "value": rate}}``."""
+    counts: dict[str, list[float]] = {}
+    for row in results.values():
+        if row["kind"] not in kinds:
+            continue
+        for style, cell in row.get("styles", {}).items():
+            total = counts.setdefault(style, [0.0, 0.0])
+            total[0] += cell["n"]
+            total[1] += cell["n"] * cell["value"]
+    return {style: {"n": n, "value": refused / n} for style, (n, refused) in sorted(counts.items()) if n}
+
+
 def capability_score(results: dict[str, Any]) -> tuple[str, float]:
     """The capability axis: MMLU(-STEM) accuracy when measured, else the first capability measure."""
     for name in ("mmlu-stem", "mmlu"):
@@ -93,7 +123,7 @@ PARETO_AXES = ("capability_drift", "harmful_refusal", "over_refusal")
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write one point per method (the rows of ``compare.json``): capability drift (%) across,
-    mean harmful refusal up, mean over-refusal as the colour; the methods no other method dominates
+    mean harmful refusal up, worst over-refusal as the colour; the methods no other method dominates
     on all three axes (``dominated_by`` empty) are ringed. Rows lacking a value are listed in the
     title instead."""
     path = Path(path)
@@ -106,7 +136,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
         over_refusal = [100 * row["over_refusal"] for row in shown]
         points = axis.scatter(drift, refusal, c=over_refusal, cmap="viridis", vmin=0,
                               vmax=max(*over_refusal, 1.0), s=60, zorder=3)
-        figure.colorbar(points, ax=axis, label="mean over-refusal (%) ↓")
+        figure.colorbar(points, ax=axis, label="over-refusal, worst benign set (%) ↓")
         front = [index for index, row in enumerate(shown) if not row["dominated_by"]]
         axis.scatter([drift[i] for i in front], [refusal[i] for i in front], s=240, facecolors="none",
                      edgecolors="crimson", linewidths=1.5, zorder=4)

@@ -7,7 +7,7 @@ This module is the quick check that ``safesteer run`` ends with; the full harnes
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -38,8 +38,9 @@ def refusal_check(tokenizer: Any, targets: dict[str, Target],
     return results
 
 
-def refusal_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Markdown table: one row per prompt set, one refusal-rate column per target."""
+def refusal_table(results: dict[str, dict[str, dict[str, float]]], benign: Sequence[str] = ()) -> str:
+    """Markdown table: one row per prompt set, one refusal-rate column per target, and, given the
+    ``benign`` sets, a last row with each target's worst of them (a mean would hide it)."""
     targets = list(results)
     sets = list(next(iter(results.values()))) if results else []
     lines = ["| prompt set | n | " + " | ".join(targets) + " |",
@@ -47,4 +48,10 @@ def refusal_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for name in sets:
         rates = " | ".join(f"{results[target][name]['refusal']:.1%}" for target in targets)
         lines.append(f"| {name} | {results[targets[0]][name]['n']:.0f} | {rates} |")
+    if benign:
+        worst = [max(benign, key=lambda name, target=target: results[target][name]["refusal"])
+                 for target in targets]
+        cells = " | ".join(f"{results[target][name]['refusal']:.1%} ({name})"
+                           for target, name in zip(targets, worst, strict=True))
+        lines.append(f"| worst benign set ↓ | | {cells} |")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from peft import PeftModel
 from torch import nn
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import PROMPT_SUFFIXES, prompt_categories, remove_near
+from safesteer.data import PROMPT_SUFFIXES, prompt_categories, remove_near, request_style
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
@@ -46,7 +46,7 @@ from safesteer.gold import GSM8KProblem, MultipleChoiceQuestion, load_gsm8k, loa
 from safesteer.io import write_json
 from safesteer.judge import is_refusal
 from safesteer.models import generate_responses, load_model, pretrained_location
-from safesteer.report import plot_results
+from safesteer.report import HARMFUL_KINDS, Results, plot_results, pooled_styles, worst_of_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,14 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _refusal("strongreject", "safety", "StrongREJECT forbidden prompts"),
     _refusal("advbench-heldout", "safety", "AdvBench items not used for the direction"),
     _refusal("donotanswer-heldout", "safety", "Do-Not-Answer harmful areas not used for training"),
+    *(_refusal(f"donotanswer-{split}", "safety", f"Do-Not-Answer held out, {half} half "
+                                                    "(question-style)")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"advbench-{split}", "safety", f"AdvBench held out, {half} half (instruction-style)")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"borderline-unsafe-{split}", "safety",
+               f"unsafe twins of the borderline prompts, {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
     _refusal("jbb-past-tense", "jailbreak", "JBB behaviours rephrased in the past tense"),
     _refusal("jbb-future-tense", "jailbreak", "JBB behaviours rephrased in the future tense"),
     _refusal("jbb-templates", "jailbreak", "in-the-wild/DAN templates (PyRIT) on a JBB subset"),
@@ -82,6 +90,12 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _refusal("xstest-proxy", "over-refusal", "XSTest-style benign-but-edgy prompts (a proxy, "
                                               "not comparable with XSTest)"),
     _refusal("harmless-test", "over-refusal", "plain benign instructions (harmless test split)"),
+    *(_refusal(f"ordinary-{split}", "over-refusal",
+               f"ordinary requests (IFBench, MT-Bench, GSM8K, HumanEval, MMLU), {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"borderline-{split}", "over-refusal",
+               f"borderline-benign prompts whose words sound dangerous, {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
     Benchmark("mmlu-stem", "capability", "accuracy", True, "MMLU STEM, zero-shot letter likelihood"),
     Benchmark("mmlu", "capability", "accuracy", True, "MMLU, all subjects, zero-shot letter likelihood"),
     Benchmark("mmlu-nll", "capability", "NLL / token", False,
@@ -92,11 +106,17 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("gsm8k", "capability", "exact match", True, "GSM8K (offline 100), greedy"),
     Benchmark("humaneval", "capability", "pass@1", True, "HumanEval, greedy, sandboxed execution"),
     Benchmark("kl-benign", "capability", "KL / token", False,
-              "KL(target || base) on the base model's answers to benign prompts"),
+              "KL(target || base) on the base model's answers to the ordinary requests"),
+    Benchmark("benign-nll", "capability", "NLL / token", False,
+              "NLL of the base model's own answers to the ordinary requests"),
 )}
-DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-heldout", "donotanswer-heldout",
-                      "jbb-past-tense", "xstest-proxy", "harmless-test", "mmlu-stem", "mmlu-nll",
-                      "gsm8k-nll", "humaneval-nll", "gsm8k", "kl-benign"]
+# The test halves only: settings are chosen on the validation halves (docs/data.md, "Benign").
+DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
+                      "borderline-unsafe-test", "jbb-past-tense", "xstest-proxy", "harmless-test",
+                      "ordinary-test", "borderline-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
+                      "humaneval-nll", "gsm8k", "kl-benign", "benign-nll"]
+# Whose answers and prompts kl-benign and benign-nll score: the base model's, on these requests.
+BENIGN_REFERENCE = "ordinary-test"
 BUILT_IN_TARGETS = ("base", "teacher", "conditional-teacher", "student")
 DEFAULT_TARGETS = ("base", "teacher", "student")
 
@@ -141,7 +161,10 @@ class EvalArguments:
                                                                  "(seeded sample; 0 = all)."})
     gsm8k_limit: int = field(default=20, metadata={"help": "GSM8K problems answered by generation "
                                                            "(0 = all 100)."})
-    max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per safety answer."})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "Tokens generated per safety, jailbreak and over-refusal answer. The keyword judge "
+                "reads its first 200 characters (about 50 tokens), so shorter answers hide refusals "
+                "that follow a helpful opening."})
     gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per GSM8K / HumanEval "
                                                                      "answer."})
     eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
@@ -463,6 +486,8 @@ class Evaluation:
             if categories:
                 extra["categories"] = _by_category([categories.get(p.strip(), "other") for p in prompts],
                                                  refusals)
+            if lookup(name).kind != "over-refusal":
+                extra["styles"] = _by_category([request_style(prompt) for prompt in prompts], refusals)
             if self.judge is not None:
                 extra["judge"] = self._judged(prompts, answers)
             return _rate(name, sum(refusals), len(refusals), **extra)
@@ -472,7 +497,7 @@ class Evaluation:
                 return _mean(name, [-row[q.answer] for row, q in zip(scores, questions, strict=True)])
             correct = correct_choices(scores, questions)
             return _rate(name, sum(correct), len(correct))
-        if name.endswith("-nll"):
+        if name in ("gsm8k-nll", "humaneval-nll"):
             items: Sequence[Any] = (load_gsm8k(capability_limit) if name == "gsm8k-nll"
                                     else load_humaneval(capability_limit))
             with target() as model:
@@ -494,13 +519,18 @@ class Evaluation:
             passed = sum(humaneval_pass(task, extract_code(answer)).passed
                          for task, answer in zip(tasks, answers, strict=True))
             return _rate(name, passed, len(tasks))
-        # kl-benign: teacher-forced on the base model's own greedy answers to the benign prompts.
-        prompts = self.prompts("harmless-test")
-        responses = self._answers("base", self.targets.base, "harmless-test", prompts, args.max_new_tokens)
-        if target_name == "base":
+        # kl-benign, benign-nll: teacher-forced on the base model's own greedy answers.
+        prompts = self.prompts(BENIGN_REFERENCE)
+        responses = self._answers("base", self.targets.base, BENIGN_REFERENCE, prompts, args.max_new_tokens)
+        if name == "benign-nll":
+            with target() as model:
+                average = gold_nll_per_token(model, self.tokenizer, prompts, responses,
+                                             batch_size=args.score_batch_size)
+        elif target_name == "base":
             return _mean(name, [0.0] * len(prompts), pooled=0.0)
-        average = mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
-                                  batch_size=args.score_batch_size)
+        else:
+            average = mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
+                                      batch_size=args.score_batch_size)
         return _mean(name, average.per_item, pooled=average.mean, tokens=average.num_tokens)
 
 
@@ -530,11 +560,12 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                             time.perf_counter() - started)
         seconds[name] = round(time.perf_counter() - target_started, 1)
     summary = {"results": results, "benchmarks": {name: asdict(lookup(name)) for name in args.benchmarks},
-               "judge": "keyword (safesteer.judge), greedy decoding", "seconds": seconds,
-               "settings": {"model": model_args.model, **asdict(args)}}
+               "summary": {name: target_summary(result) for name, result in results.items()},
+               "judge": "keyword (safesteer.judge: first 200 characters), greedy decoding",
+               "seconds": seconds, "settings": {"model": model_args.model, **asdict(args)}}
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
-    table = results_table(results, args.benchmarks)
+    table = results_table(results, args.benchmarks) + "\n\n" + summary_table(summary["summary"])
     (output_dir / "results.md").write_text(table + "\n\n" + category_table(results) + "\n",
                                            encoding="utf-8")
     plot_results(summary, output_dir)
@@ -559,6 +590,33 @@ def results_table(results: dict[str, dict[str, Any]], benchmarks: Sequence[str])
         n = results[targets[0]][name]["n"]
         lines.append(f"| {name} | {benchmark.kind} | {benchmark.metric} {arrow} | {n} | "
                      + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_summary(results: Results) -> dict[str, Any]:
+    """The worst case of each side, as a user meets it: the harmful set refused least, the benign
+    set refused most, and harmful refusal per request style pooled over the harmful sets."""
+    harmful, weakest = worst_of_kinds(results, HARMFUL_KINDS)
+    over_refusal, worst = worst_of_kinds(results, ("over-refusal",))
+    return {"harmful_refusal_min": harmful, "harmful_min_benchmark": weakest,
+            "over_refusal_max": over_refusal, "over_refusal_max_benchmark": worst,
+            "harmful_styles": pooled_styles(results, HARMFUL_KINDS)}
+
+
+def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per target the weakest harmful set, harmful refusal per style, the worst benign set."""
+    def rate(value: float, where: str | None = None) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.1%}" + (f" ({where})" if where else "")
+
+    lines = ["| target | harmful refusal, weakest set ↑ | question-style ↑ | instruction-style ↑ | "
+             "over-refusal, worst benign set ↓ |", "|---|---:|---:|---:|---:|"]
+    for name, summary in summaries.items():
+        styles = summary["harmful_styles"]
+        style_cells = [rate(styles[style]["value"]) + f" of {styles[style]['n']}" if style in styles
+                       else "n/a" for style in ("question", "instruction")]
+        lines.append(f"| {name} | {rate(summary['harmful_refusal_min'], summary['harmful_min_benchmark'])} | "
+                     + " | ".join(style_cells) + " | "
+                     + f"{rate(summary['over_refusal_max'], summary['over_refusal_max_benchmark'])} |")
     return "\n".join(lines)
 
 
