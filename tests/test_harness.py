@@ -16,8 +16,8 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate import harness
 from safesteer.evaluate.harness import EvalArguments, _completions, results_table
 
-BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
-              "gsm8k", "kl-benign"]
+BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
+              "gsm8k-nll", "gsm8k", "kl-benign", "benign-nll"]
 
 
 def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) -> None:
@@ -100,6 +100,15 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     assert "| harmbench-test | places | 4 |" in (out / "results.md").read_text()
     assert results["base"]["harmless-test"]["n"] == 5
     assert results["base"]["kl-benign"]["value"] == 0.0
+    assert results["base"]["benign-nll"]["value"] > 0.0  # the base's own greedy answers, scored by it
+    assert results["base"]["harmbench-test"]["styles"] == {
+        "instruction": {"n": 4, "value": results["base"]["harmbench-test"]["value"]}}
+    assert "styles" not in results["base"]["harmless-test"]
+    for name, target in summary["summary"].items():
+        benign = {bench: results[name][bench]["value"] for bench in ("harmless-test", "ordinary-test")}
+        assert target["over_refusal_max"] == max(benign.values())
+        assert target["over_refusal_max_benchmark"] in benign
+    assert "over-refusal, worst benign set ↓" in (out / "results.md").read_text()
     assert results["student"]["kl-benign"]["value"] > 0.0
     assert results["teacher"]["kl-benign"]["value"] > 0.0
     assert (out / "completions" / "student" / "gsm8k.jsonl").is_file()
