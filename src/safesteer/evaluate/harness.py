@@ -69,6 +69,8 @@ def _refusal(name: str, kind: Kind, description: str) -> Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    _refusal("harmbench-val", "safety", "HarmBench validation, standard behaviours (stage 1 selects on "
+                                        "them: validation only)"),
     _refusal("harmbench-test", "safety", "HarmBench test, standard behaviours"),
     _refusal("harmbench-test-contextual", "safety", "HarmBench test, contextual behaviours"),
     _refusal("jbb", "safety", "JailbreakBench harmful behaviours"),
@@ -115,8 +117,7 @@ DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-test", 
                       "borderline-unsafe-test", "jbb-past-tense", "xstest-proxy", "harmless-test",
                       "ordinary-test", "borderline-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
                       "humaneval-nll", "gsm8k", "kl-benign", "benign-nll"]
-# Whose answers and prompts kl-benign and benign-nll score: the base model's, on these requests.
-BENIGN_REFERENCE = "ordinary-test"
+
 BUILT_IN_TARGETS = ("base", "teacher", "conditional-teacher", "student")
 DEFAULT_TARGETS = ("base", "teacher", "student")
 
@@ -177,6 +178,9 @@ class EvalArguments:
         default_factory=lambda: ["safesteer-train", "direction-harmful-train", "direction-harmful-val"],
         metadata={"help": "Prompt sets the models were trained or selected on: harmful benchmark "
                           "prompts with Jaccard >= 0.6 to any of them are dropped and counted."})
+    benign_reference: str = field(default="ordinary-test", metadata={
+        "help": "Benign prompts whose base-model answers kl-benign and benign-nll score (use "
+                "ordinary-val when choosing settings)."})
     eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
     judge_model: str | None = field(
         default=None, metadata={"help": "A local safety-classifier model (e.g. Llama Guard 3) that "
@@ -195,7 +199,7 @@ class EvalArguments:
         # Both "--targets base teacher" and "--targets base,teacher" work.
         self.targets = [name for entry in self.targets for name in entry.split(",") if name]
         self.benchmarks = [name for entry in self.benchmarks for name in entry.split(",") if name]
-        for name in self.benchmarks:
+        for name in [*self.benchmarks, self.benign_reference]:
             lookup(name)
         if not self.targets:
             raise SafesteerError("--targets needs at least one target")
@@ -520,8 +524,9 @@ class Evaluation:
                          for task, answer in zip(tasks, answers, strict=True))
             return _rate(name, passed, len(tasks))
         # kl-benign, benign-nll: teacher-forced on the base model's own greedy answers.
-        prompts = self.prompts(BENIGN_REFERENCE)
-        responses = self._answers("base", self.targets.base, BENIGN_REFERENCE, prompts, args.max_new_tokens)
+        prompts = self.prompts(args.benign_reference)
+        responses = self._answers("base", self.targets.base, args.benign_reference, prompts,
+                                  args.max_new_tokens)
         if name == "benign-nll":
             with target() as model:
                 average = gold_nll_per_token(model, self.tokenizer, prompts, responses,
