@@ -10,13 +10,14 @@ import pytest
 
 from safesteer.benign import (
     BORDERLINE_CATEGORIES,
+    BORDERLINE_TRAIN_FILE,
     Request,
     _jsonl_records,
     borderline_requests,
     split_half,
     validation_groups,
 )
-from safesteer.data import request_style
+from safesteer.data import jaccard, normalize_tokens, request_style
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_table
 from safesteer.report import pooled_styles, worst_of_kinds
@@ -51,6 +52,16 @@ def test_the_shipped_borderline_set_pairs_every_unsafe_prompt_with_a_safe_one() 
     safe = {request.group: request.category for request, label in pairs if label == "safe"}
     assert len(safe) == 240
     assert all(safe[request.group] == request.category for request, label in pairs if label == "unsafe")
+
+
+def test_the_borderline_training_file_is_paired_and_disjoint_from_the_evaluation_file() -> None:
+    train = borderline_requests(BORDERLINE_TRAIN_FILE)
+    labels = Counter((request.category, label) for request, label in train)
+    assert labels == {(category, label): 20 for category in BORDERLINE_CATEGORIES
+                      for label in ("safe", "unsafe")}
+    evaluation = [normalize_tokens(request.prompt) for request, _ in borderline_requests()]
+    assert all(jaccard(normalize_tokens(request.prompt), other) < 0.5
+               for request, _ in train for other in evaluation)
 
 
 def test_bad_jsonl_names_the_file_and_line() -> None:

