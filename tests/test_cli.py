@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -51,6 +52,7 @@ def test_existing_artifacts_need_overwrite(capsys, tmp_path):
     (tmp_path / "direction.json").write_text("{}")
     code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path))
     assert code == 2 and "--overwrite" in err
+    assert [path.name for path in tmp_path.iterdir()] == ["direction.json"]
 
 
 def test_yaml_config_unknown_key_and_bad_yaml(capsys, tmp_path):
@@ -146,3 +148,101 @@ def test_compare_reads_a_yaml_config_and_its_methods_file_errors_are_one_line(ca
     assert code == 2 and err.count("\n") == 1
     assert f"{methods}: line 3: unknown method key 'extra'" in err
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------------- output directories
+
+
+def snapshot(root):
+    """Every path under ``root`` with its bytes (True for a directory); None when root is missing."""
+    return sorted((str(path.relative_to(root)), path.is_dir() or path.read_bytes())
+                  for path in root.rglob("*")) if root.exists() else None
+
+
+def unrelated_folder(path):
+    (path / "photos").mkdir(parents=True)
+    (path / "photos" / "cat.jpg").write_bytes(b"jpeg")
+    (path / "notes.txt").write_text("mine")
+    return path
+
+
+@pytest.fixture
+def run_with_student(saved_tiny_model, tmp_path, capsys):
+    """A run directory as `safesteer run` leaves it, with a (zero-initialised) LoRA student."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    student = get_peft_model(AutoModelForCausalLM.from_pretrained(saved_tiny_model),
+                             LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    student.save_pretrained(run / "student")
+    for name in ("safesteer.json", "direction.json", "safety_tokens.json", "check.json"):
+        (run / name).write_text('{"kind": "run"}')
+    capsys.readouterr()  # the progress bars of saving and loading
+    return run
+
+
+def _export(capsys, model, run, output, *flags):
+    return _run(capsys, "export", "--model", str(model), "--run-dir", str(run), "--output-dir", str(output),
+                *flags)
+
+
+def test_export_never_replaces_or_writes_into_the_run(capsys, tmp_path, saved_tiny_model, run_with_student):
+    before = snapshot(tmp_path)
+    for output, relation in ((run_with_student, "is the"), (run_with_student / "merged", "is inside the"),
+                             (run_with_student / "student", "is inside the"), (tmp_path, "contains the")):
+        code, _, err = _export(capsys, saved_tiny_model, run_with_student, output, "--overwrite")
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"safesteer: error: refusing to write into {output}: it {relation} --run-dir "
+                              f"{run_with_student}")
+        assert snapshot(tmp_path) == before
+
+
+def test_export_overwrite_refuses_an_unrelated_folder(capsys, tmp_path, saved_tiny_model, run_with_student):
+    mine = unrelated_folder(tmp_path / "mine")
+    before = snapshot(mine)
+    code, _, err = _export(capsys, saved_tiny_model, run_with_student, mine, "--overwrite")
+    assert code == 2 and err == (f"safesteer: error: refusing to replace {mine}: it holds files that are "
+                                 "not a safesteer export (notes.txt, photos); choose a new or empty "
+                                 "--output-dir\n")
+    assert snapshot(mine) == before
+
+
+def test_export_overwrite_replaces_an_earlier_export(capsys, tmp_path, saved_tiny_model, run_with_student):
+    from transformers import AutoModelForCausalLM
+
+    merged = tmp_path / "merged"
+    code, _, err = _export(capsys, saved_tiny_model, run_with_student, merged)
+    assert code == 0, err
+    assert json.loads((merged / "safesteer.json").read_text())["kind"] == "export"
+    (merged / "stale.txt").write_text("left by the first export")
+    before = snapshot(merged)
+    code, _, err = _export(capsys, saved_tiny_model, run_with_student, merged)
+    assert code == 2 and "already holds an export" in err and "--overwrite" in err
+    assert snapshot(merged) == before
+    code, _, err = _export(capsys, saved_tiny_model, run_with_student, merged, "--overwrite")
+    assert code == 0, err
+    assert not (merged / "stale.txt").exists() and (merged / "safesteer.json").is_file()
+    AutoModelForCausalLM.from_pretrained(merged)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged", "run", "tiny-model"]
+
+
+@pytest.mark.parametrize("command", ["direction", "eval"])
+def test_direction_and_eval_refuse_an_unrelated_folder_and_a_run(capsys, tmp_path, command,
+                                                                 run_with_student):
+    mine = unrelated_folder(tmp_path / "mine")
+    flags = ["--overwrite"] if command == "direction" else ["--targets", "base"]
+    before = snapshot(tmp_path)
+    code, _, err = _run(capsys, command, "--output-dir", str(mine), *flags)
+    assert code == 2 and "it holds files that are not a safesteer" in err and err.count("\n") == 1
+    if command == "eval":
+        code, _, err = _run(capsys, command, "--output-dir", str(run_with_student), *flags)
+        assert code == 2 and "it is a safesteer run directory, not an eval directory" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_tokens_overwrite_is_refused_once_a_student_learnt_them(capsys, run_with_student):
+    before = snapshot(run_with_student)
+    code, _, err = _run(capsys, "tokens", "--run-dir", str(run_with_student), "--overwrite")
+    assert code == 2 and "student" in err and "made from its safety_tokens.json" in err
+    assert snapshot(run_with_student) == before

@@ -412,6 +412,9 @@ def test_resume_with_another_config_is_refused(make_tiny_model: ModelFactory, ti
                   safety_token_ids=SAFETY_IDS[:-1], resume=True).setup()
     with pytest.raises(SafesteerError, match="--overwrite"):
         make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path)
+    assert (tmp_path / "train_log.jsonl").is_file() and any((tmp_path / "checkpoints").iterdir())
+    make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["distill_config.json", "distill_inputs.json"]
 
 
 def test_resume_with_other_steering_labels_is_refused(make_tiny_model: ModelFactory, tiny_tokenizer,
@@ -445,6 +448,30 @@ def test_saved_student_loads_with_peft_and_merges(make_tiny_model: ModelFactory,
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     torch.testing.assert_close(logits(merged, tiny_tokenizer), trained, atol=1e-5, rtol=1e-5)
     assert (merged_dir / "tokenizer_config.json").is_file()
+    assert json.loads((merged_dir / "safesteer.json").read_text())["kind"] == "export"
+
+
+def test_merge_replaces_an_earlier_export_only(make_tiny_model: ModelFactory, tiny_tokenizer, direction,
+                                               tmp_path) -> None:
+    run = tmp_path / "run"
+    student = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, run,
+                             make_config(num_epochs=1, prompts_per_step=4)).train().student_dir
+    merged = merge_student(make_tiny_model("llama"), student, tmp_path / "merged")
+    (merged / "stale.txt").write_text("from the first export")
+    assert merge_student(make_tiny_model("llama"), student, merged) == merged
+    assert not (merged / "stale.txt").exists() and (merged / "config.json").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged", "run"]  # nothing staged left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = sorted(path.name for path in run.rglob("*"))
+    for target, message in ((run, "contains the adapter directory"), (mine, "not a safesteer export"),
+                            (student, "is the adapter directory")):
+        with pytest.raises(SafesteerError, match=message):
+            merge_student(make_tiny_model("llama"), student, target)
+    assert sorted(path.name for path in run.rglob("*")) == before
+    assert [path.name for path in mine.iterdir()] == ["notes.txt"]
 
 
 # ------------------------------------------------------------------------- bad input

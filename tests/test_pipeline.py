@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from safesteer import pipeline
 from safesteer.cli import main
 from safesteer.errors import SafesteerError
 from safesteer.pipeline import RunArguments
@@ -52,6 +53,55 @@ def test_run_writes_every_artifact_and_resumes(capsys, tmp_path, run_setup):
     assert main(["run", *run_setup, "--output-dir", str(run_dir), "--resume"]) == 0
     code = main(["run", *run_setup, "--output-dir", str(run_dir), "--resume", "--horizon", "3"])
     assert code == 2 and "horizon" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_run_overwrite_leaves_nothing_of_the_previous_run(capsys, tmp_path, run_setup,
+                                                                        monkeypatch):
+    """The previous run is gone before stage 1 writes, so an interrupted overwrite never leaves its
+    check.json, tokens or student beside the new artifacts."""
+    run_dir = tmp_path / "run"
+    for name in ("direction.json", "safety_tokens.json", "check.json", "student/adapter_model.safetensors"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")  # a run of an older version, without safesteer.json
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "teacher_direction", interrupted)
+    assert main(["run", *run_setup, "--output-dir", str(run_dir), "--overwrite"]) == 130
+    assert [path.name for path in run_dir.iterdir()] == ["safesteer.json"]
+    assert json.loads((run_dir / "safesteer.json").read_text())["kind"] == "run"
+
+
+def snapshot(root):
+    return sorted((str(path.relative_to(root)), path.is_dir() or path.read_bytes())
+                  for path in root.rglob("*"))
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume", None])
+def test_run_never_writes_into_an_unrelated_folder(capsys, tmp_path, flag):
+    folder = tmp_path / "mine"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "direction.json").write_text("{}")
+    for target in (folder, tmp_path / "runs"):
+        before = snapshot(target)
+        code = main(["run", "--output-dir", str(target), *([flag] if flag else [])])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{target}: it holds files that are not a safesteer run" in err
+        assert snapshot(target) == before
+
+
+def test_resume_needs_a_run(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for name, state in (("missing", "does not exist"), ("empty", "is empty")):
+        assert main(["run", "--output-dir", str(tmp_path / name), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"safesteer: error: cannot resume: {tmp_path / name} {state}, so there is no run to "
+                       "continue; check the path, or drop --resume to start a new one there\n")
+    assert not (tmp_path / "missing").exists() and not any((tmp_path / "empty").iterdir())
 
 
 def test_run_with_retain_prompts_and_no_check_records_time_and_memory(capsys, tmp_path, run_setup):

@@ -21,12 +21,20 @@ from transformers import HfArgumentParser
 from safesteer import __version__
 from safesteer.compare import CompareArguments, compare_methods
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import DIRECTION_FILES, Direction, DirectionConfig
+from safesteer.direction import Direction, DirectionConfig
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.trainer import merge_student
+from safesteer.distill.trainer import DISTILL_ARTIFACTS, merge_student
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import EvalArguments, evaluate_targets
-from safesteer.io import guard_output_dir
+from safesteer.io import (
+    EVAL_KIND,
+    EXPORT_KIND,
+    RUN_KIND,
+    check_apart,
+    check_output_dir,
+    claim_output_dir,
+    guard_output_dir,
+)
 from safesteer.models import generate_responses, load_model, model_id
 from safesteer.pipeline import (
     PRESETS,
@@ -43,9 +51,11 @@ from safesteer.tokens import TokensConfig
 class OutputArguments:
     """Where a command writes its artifacts."""
 
-    output_dir: str = field(metadata={"help": "Run directory for the artifacts (created)."})
-    overwrite: bool = field(default=False,
-                            metadata={"help": "Replace artifacts already in --output-dir."})
+    output_dir: str = field(metadata={"help": "Run directory for the artifacts (created if missing; "
+                                              "must be empty, or a run directory with --overwrite)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start --output-dir afresh when it holds a run: its whole contents are removed first "
+                "(only a safesteer run directory is replaced)."})
 
 
 @dataclass
@@ -68,8 +78,9 @@ class ChatArguments:
 
 def direction_command(model_args: ModelArguments, data_args: DataArguments,
                       config: DirectionConfig, output: OutputArguments) -> None:
-    output_dir = guard_output_dir(Path(output.output_dir), DIRECTION_FILES, output.overwrite)
+    output_dir = check_output_dir(Path(output.output_dir), RUN_KIND, overwrite=output.overwrite)
     model, tokenizer = load_model(model_args)
+    claim_output_dir(output_dir, RUN_KIND, overwrite=output.overwrite)
     direction = teacher_direction(model, tokenizer, output_dir, False, config, data_args,
                                   model_id(model_args))
     meta = direction.metadata
@@ -109,12 +120,14 @@ class TokensArguments:
     """The run directory holding the direction; the token set is written next to it."""
 
     run_dir: str = field(metadata={"help": "Run directory with direction.json (from `safesteer direction`)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing safety_tokens.json."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing safety_tokens.json (refused once a student was trained with it)."})
 
 
 def tokens_command(model_args: ModelArguments, data_args: DataArguments, config: TokensConfig,
                    run: TokensArguments) -> None:
-    run_dir = guard_output_dir(Path(run.run_dir), ("safety_tokens.json",), run.overwrite)
+    run_dir = guard_output_dir(Path(run.run_dir), ("safety_tokens.json",), run.overwrite,
+                               derived=(*DISTILL_ARTIFACTS, "check.json"))
     direction = Direction.load(run_dir)
     model, tokenizer = load_model(model_args)
     direction.check_compatible(model)
@@ -130,16 +143,26 @@ class ExportArguments:
     run_dir: str = field(metadata={"help": "Run directory whose student/ holds a LoRA adapter."})
     output_dir: str = field(metadata={"help": "Directory for the merged model (loadable with plain "
                                               "AutoModelForCausalLM)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output-dir."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace --output-dir when it holds an earlier export (never a run or other folder)."})
 
 
 def export_command(model_args: ModelArguments, export: ExportArguments) -> None:
     output_dir = Path(export.output_dir)
-    if output_dir.exists() and not export.overwrite:
-        raise SafesteerError(f"{output_dir} exists; pass --overwrite to replace it")
+    check_apart(output_dir, Path(export.run_dir), "--run-dir")
+    check_output_dir(output_dir, EXPORT_KIND, overwrite=export.overwrite)
     base, _ = load_model(ModelArguments(**{**asdict(model_args), "dtype": "float32"}))
     merge_student(base, Path(export.run_dir) / "student", output_dir)
     print(f"wrote the merged student to {output_dir}")
+
+
+def eval_command(model_args: ModelArguments, data_args: DataArguments,
+                 args: EvalArguments) -> dict[str, Any]:
+    """``evaluate_targets`` in a directory of its own: a rerun continues an evaluation, but never
+    writes its answers into a run directory or a folder of the user's."""
+    output_dir = check_output_dir(Path(args.output_dir), EVAL_KIND)
+    claim_output_dir(output_dir, EVAL_KIND)
+    return evaluate_targets(model_args, data_args, args)
 
 
 COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
@@ -155,7 +178,7 @@ COMMANDS: dict[str, tuple[Callable[..., None], tuple[type, ...], str]] = {
             "The whole method: direction, safety tokens, distillation, before/after check."),
     "export": (export_command, (ModelArguments, ExportArguments),
                "Merge a run's LoRA student into a full model directory."),
-    "eval": (evaluate_targets, (ModelArguments, DataArguments, EvalArguments),
+    "eval": (eval_command, (ModelArguments, DataArguments, EvalArguments),
              "Score base, teacher, student (or any model) on safety, jailbreak, over-refusal and "
              "capability benchmarks."),
     "compare": (compare_methods, (ModelArguments, DataArguments, CompareArguments),

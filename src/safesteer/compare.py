@@ -33,7 +33,15 @@ from safesteer.direction import DirectionConfig
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import BUILT_IN_TARGETS, EvalArguments, completions_dir, evaluate_targets
-from safesteer.io import atomic_write, differing_settings, read_json, write_json
+from safesteer.io import (
+    EVAL_KIND,
+    RUN_KIND,
+    atomic_write,
+    claim_output_dir,
+    differing_settings,
+    read_json,
+    write_json,
+)
 from safesteer.models import resolve_device
 from safesteer.pipeline import PRESETS, RunArguments, peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
@@ -341,6 +349,7 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
                                  "--output-dir")
         print(f"{method.name}: finished run in {run_dir}, reused")
         return False
+    claim_output_dir(run_dir, RUN_KIND)  # so that `run --resume` accepts the first method's new directory
     log = run_dir / "compare.log"
     print(f"{method.name}: safesteer run (log: {log})")
     code = _stream([sys.executable, "-m", "safesteer.cli", "run", *arguments], log, f"[{method.name}] ")
@@ -499,6 +508,7 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
         retrained += [method.name for method in methods if not method.trains]
     for name in retrained:
         shutil.rmtree(completions_dir(evaluation.output_dir, name), ignore_errors=True)
+    claim_output_dir(Path(evaluation.output_dir), EVAL_KIND)
     summary = evaluate_targets(model_args, data_args, evaluation)
     eval_memory = peak_memory_mib(resolve_device(model_args.device))
     costs: dict[str, dict[str, float | None]] = {

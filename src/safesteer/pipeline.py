@@ -29,14 +29,13 @@ from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
-from safesteer.io import differing_settings, write_json
+from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models import load_model, model_device, model_id, model_type
 from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RUN_ARTIFACTS = ("direction.json", "safety_tokens.json", "distill_config.json", "student", "check.json")
 
 
 @dataclass
@@ -57,7 +56,9 @@ class RunArguments:
     resume: bool = field(default=False, metadata={
         "help": "Continue a run in --output-dir: reuse finished stages, resume training from its last "
                 "checkpoint."})
-    overwrite: bool = field(default=False, metadata={"help": "Start afresh in a directory holding a run."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Start afresh in a directory holding a run: its whole contents are removed first (only "
+                "a safesteer run directory is replaced; any other non-empty directory is refused)."})
     check_harmful: list[str] = field(
         default_factory=lambda: ["harmbench-test", "jbb", "donotanswer-test"],
         metadata={"help": "Held-out harmful prompt sets for the before/after refusal check "
@@ -83,12 +84,10 @@ class RunArguments:
 
 
 def _check_run_dir(run: RunArguments) -> Path:
-    output_dir = Path(run.output_dir)
-    existing = [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
-    if existing and not (run.resume or run.overwrite):
-        raise SafesteerError(f"{output_dir} already holds {', '.join(existing)}; pass --resume to continue "
-                             "that run or --overwrite to start afresh")
-    return output_dir
+    """The run directory, if --output-dir may hold this run: refused when it holds a run and neither
+    --resume nor --overwrite says what to do with it, when --resume finds no run there (a mistyped
+    path), and when it is anything but a run directory (see :func:`safesteer.io.check_output_dir`)."""
+    return check_output_dir(Path(run.output_dir), RUN_KIND, overwrite=run.overwrite, resume=run.resume)
 
 
 def _same_settings(stage: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -163,6 +162,8 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     laps = _Laps()
     model, tokenizer = load_model(model_args)
     laps("load")
+    if state.is_main_process:  # the old run goes before any stage writes (the others wait in stage 1)
+        claim_output_dir(output_dir, RUN_KIND, overwrite=run.overwrite)
     direction = _on_main_process(
         state, lambda: teacher_direction(model, tokenizer, output_dir, run.resume, direction_config,
                                          data_args, model_id(model_args)),

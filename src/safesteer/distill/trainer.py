@@ -55,7 +55,17 @@ from safesteer.distill.loss import (
     reduce_loss,
 )
 from safesteer.errors import SafesteerError
-from safesteer.io import differing_settings, guard_output_dir, write_json
+from safesteer.io import (
+    EXPORT_KIND,
+    check_apart,
+    check_output_dir,
+    claim_output_dir,
+    clear_output_dir,
+    differing_settings,
+    guard_output_dir,
+    publish_dir,
+    write_json,
+)
 from safesteer.judge import is_refusal
 from safesteer.models import model_device, position_ids, render_prompts, seeded
 
@@ -147,7 +157,9 @@ def _sha256(tensor: Tensor) -> str:
 
 
 def _publish_dir(staging: Path, final: Path) -> None:
-    """Move a fully written ``staging`` directory to ``final``, replacing any older copy."""
+    """Move a fully written ``staging`` directory to ``final``, replacing any older copy: for the
+    trainer's own subdirectories of the run (a directory the user names goes through
+    :func:`safesteer.io.publish_dir`, which replaces only its own kind)."""
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -424,9 +436,7 @@ class Distiller:
         guard_output_dir(self.output_dir, DISTILL_ARTIFACTS, self.overwrite)
         accelerator.wait_for_everyone()  # every process checks before the main one writes
         if accelerator.is_main_process:
-            for name in (CHECKPOINTS_DIR, STUDENT_DIR):
-                shutil.rmtree(self.output_dir / name, ignore_errors=True)
-            (self.output_dir / LOG_FILE).unlink(missing_ok=True)
+            clear_output_dir(self.output_dir, DISTILL_ARTIFACTS)  # an earlier run's, with --overwrite
             write_json(config_path, config)
             write_json(inputs_path, inputs)
         accelerator.wait_for_everyone()
@@ -845,8 +855,12 @@ def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, o
     directory. Merging in float32 (the default) keeps updates smaller than a bf16 ulp of the base
     weights (pitfall 3); pass torch.bfloat16 for a half-size file at that cost. The tokenizer saved
     beside the adapter is copied, so the result loads with plain AutoModelForCausalLM/AutoTokenizer.
+    An existing ``output_dir`` is replaced only when it is an earlier export (its ``safesteer.json``
+    says so) or empty: never the run, nor a folder of the user's.
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    check_apart(output_dir, adapter_dir, "adapter directory")
+    check_output_dir(output_dir, EXPORT_KIND, overwrite=True)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise SafesteerError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json); a full "
                              "fine-tune's student directory is already a plain model")
@@ -858,5 +872,5 @@ def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, o
     merged.save_pretrained(staging)
     if (adapter_dir / "tokenizer_config.json").is_file():
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(staging)
-    _publish_dir(staging, output_dir)
-    return output_dir
+    claim_output_dir(staging, EXPORT_KIND)
+    return publish_dir(staging, output_dir, EXPORT_KIND)
