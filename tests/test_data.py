@@ -138,6 +138,14 @@ def test_load_prompts_reads_files_and_limits(tmp_path: Path) -> None:
         load_prompts(str(tmp_path / "p2.jsonl"))
 
 
+def test_comma_separated_sets_are_interleaved(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("a1\na2\na3\n")
+    (tmp_path / "b.txt").write_text("b1\n")
+    names = f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+    assert load_prompts(names) == ["a1", "b1", "a2", "a3"]
+    assert load_prompts(names, limit=2) == ["a1", "b1"]
+
+
 def test_load_prompts_rejects_bad_arguments(tmp_path: Path) -> None:
     path = str(write(tmp_path, "p.txt", "one\n"))
     with pytest.raises(SafesteerError, match="offline, hub"):

@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache, partial
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Literal
 
@@ -934,7 +935,8 @@ def load_prompts(
     """Prompts of a registry set or a local file, optionally the first ``limit`` of them.
 
     Registry names win over same-named files without an extension (those could not be loaded
-    anyway); anything with a prompt-file extension is read as a file.
+    anyway); anything with a prompt-file extension is read as a file. Comma-separated names are
+    interleaved, one prompt from each in turn, so that ``limit`` draws from every one of them.
     """
     if source not in DATA_SOURCES:
         raise SafesteerError(
@@ -945,6 +947,10 @@ def load_prompts(
     path = Path(name_or_path).expanduser()
     if name_or_path in _REGISTRY:
         prompts = _REGISTRY[name_or_path].load(source, seed)
+    elif "," in name_or_path and not path.is_file():
+        sets = [load_prompts(name.strip(), source=source, field=field, seed=seed)
+                for name in name_or_path.split(",")]
+        prompts = [prompt for row in zip_longest(*sets) for prompt in row if prompt is not None]
     elif path.is_file() or path.suffix.lower() in PROMPT_SUFFIXES:
         prompts = load_prompt_file(path, field)
     else:

@@ -44,14 +44,16 @@ class RunArguments:
 
     output_dir: str = field(metadata={"help": "Run directory: every stage's artifacts go here."})
     train_prompts: str = field(default="safesteer-train",
-                               metadata={"help": "Harmful training prompts (registry name or file)."})
+                               metadata={"help": "Harmful training prompts (registry name or file; "
+                                                 "comma-separated sets are interleaved)."})
     n_train_prompts: int = field(default=100, metadata={"help": "Use at most this many training prompts."})
     retain_prompts: str | None = field(
         default=None, metadata={
             "help": "Benign prompts mixed into training, taught by the unsteered model (or, with "
                     "--conditional-teacher, by whatever the gate decides), so the student also "
                     "learns where not to refuse. This uses general data, which the paper does not; "
-                    "direction-harmless-train is the set stage 1 already uses."})
+                    "direction-harmless-train is the set stage 1 already uses, borderline-train the "
+                    "project's borderline prompts; comma-separated sets are interleaved."})
     n_retain_prompts: int = field(default=0, metadata={"help": "Use this many --retain-prompts."})
     resume: bool = field(default=False, metadata={
         "help": "Continue a run in --output-dir: reuse finished stages, resume training from its last "
