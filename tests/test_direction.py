@@ -12,6 +12,7 @@ from safesteer.config import DataArguments
 from safesteer.direction import (
     Direction,
     DirectionConfig,
+    DirectionData,
     PromptCandidate,
     ResponseCandidate,
     calibrate_threshold,
@@ -293,6 +294,19 @@ def test_direction_has_a_gate_that_survives_save_and_load(tiny_model, tiny_token
     expected = captured[gate.layer][:, -1] @ gate.vector > gate.threshold
     assert torch.equal(loaded.gate_rows(tiny_model, encoded["input_ids"], encoded["attention_mask"]),
                        expected)
+
+
+def test_gate_sets_default_to_the_direction_sets_and_can_be_given_apart(prompt_files, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("Describe a quiet lake.\nName two planets.\n", encoding="utf-8")
+    config = _config(prompt_files, gate_harmless_train=str(other))
+    sets = DirectionData.load(config, DataArguments())
+    gate_sets = sets.for_gate(config, DataArguments())
+    assert gate_sets.harmless_train == ["Describe a quiet lake.", "Name two planets."]
+    assert (gate_sets.harmful_train, gate_sets.harmful_val, gate_sets.harmless_val) == (
+        sets.harmful_train, sets.harmful_val, sets.harmless_val)
+    assert gate_sets.sources["harmless_train"] == str(other)
+    assert sets.for_gate(_config(prompt_files), DataArguments()) == sets
 
 
 def test_steer_rows_adds_the_vector_to_the_chosen_rows_only(tiny_model, tiny_tokenizer):

@@ -128,6 +128,19 @@ class DirectionConfig:
     gate_n_val: int = field(
         default=64, metadata={"help": "Validation prompts per side on which the harmfulness gate of "
                                       "the conditional teacher picks its layer and threshold."})
+    gate_harmful_train: str | None = field(default=None, metadata={
+        "help": "Harmful prompts the gate's probe is fitted on (default: --harmful-train). A gate "
+                "fitted on one style (AdvBench instructions) misses others (questions): give diverse "
+                "sets, comma-separated, e.g. direction-harmful-train,safesteer-train,"
+                "borderline-unsafe-train."})
+    gate_harmless_train: str | None = field(default=None, metadata={
+        "help": "Benign prompts the gate's probe is fitted on (default: --harmless-train), e.g. "
+                "direction-harmless-train,borderline-train."})
+    gate_harmful_val: str | None = field(default=None, metadata={
+        "help": "Harmful prompts the gate's layer and threshold are chosen on (default: --harmful-val)."})
+    gate_harmless_val: str | None = field(default=None, metadata={
+        "help": "Benign prompts the gate's layer and threshold are chosen on (default: --harmless-val), "
+                "e.g. ordinary-val,borderline-val."})
     target_refusal: float = field(
         default=0.9,
         metadata={"help": "Response method: among candidates refusing at least this share of "
@@ -548,6 +561,15 @@ class DirectionData:
                    {"harmful_train": config.harmful_train, "harmless_train": config.harmless_train,
                     "harmful_val": config.harmful_val, "harmless_val": config.harmless_val})
 
+    def for_gate(self, config: DirectionConfig, data: DataArguments) -> DirectionData:
+        """The sets the harmfulness gate is fitted and calibrated on: these, except where a
+        ``--gate-*`` option names others."""
+        chosen = {role: getattr(config, f"gate_{role}") for role in self.sources}
+        sets = {role: data.load(name, config.n_train if role.endswith("train") else config.gate_n_val)
+                if name else getattr(self, role) for role, name in chosen.items()}
+        return DirectionData(**sets, sources={role: name or self.sources[role]
+                                              for role, name in chosen.items()})
+
     def summary(self) -> dict[str, dict[str, Any]]:
         return {role: {"source": self.sources[role], "count": len(getattr(self, role)),
                        "sha256": prompts_sha256(getattr(self, role))} for role in self.sources}
@@ -727,7 +749,10 @@ def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
         reports["response"] = result.report
     direction = result.direction
     assert direction is not None
-    direction.gate = fit_gate(model, tokenizer, prompt_sets, config, direction.layer)
+    gate_sets = prompt_sets.for_gate(config, data)
+    direction.gate = fit_gate(model, tokenizer, gate_sets, config, direction.layer)
+    if direction.gate is not None:
+        direction.gate.metadata["data"] = gate_sets.summary()
     direction.metadata.update({
         "selection_reason": reason,
         "model": model_name,
