@@ -560,6 +560,8 @@ def test_benign_halves_keep_their_categories_and_borderline_pairs() -> None:
 
     assert set(prompt_categories("ordinary-test").values()) == {
         "ifbench", "mt-bench", "gsm8k", "humaneval", "mmlu"}
+    assert all(prompt.strip() in prompt_categories("borderline-test")
+               for prompt in load_prompts("borderline-test", seed=7))  # any seed's half is covered
     half_of = {prompt: split for split in ("val", "test") for family in ("borderline", "borderline-unsafe")
                for prompt in load_prompts(f"{family}-{split}")}
     twins = {request.group: request.prompt for request, label in borderline_requests() if label == "safe"}

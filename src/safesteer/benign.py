@@ -150,6 +150,13 @@ def borderline_train(label: Label, seed: int) -> list[Request]:
     return requests
 
 
+def family_requests() -> list[Request]:
+    """Every prompt of the ordinary and borderline families, training file included."""
+    borderline = [request for file in (BORDERLINE_FILE, BORDERLINE_TRAIN_FILE)
+                  for request, _ in borderline_requests(file)]
+    return [*ordinary_requests(), *borderline]
+
+
 def categories_of(requests: Sequence[Request]) -> Mapping[str, str]:
     """Each prompt's category, keyed by the stripped prompt (as ``data.prompt_categories``)."""
     return {request.prompt.strip(): request.category for request in requests}

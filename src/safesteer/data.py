@@ -31,6 +31,7 @@ from safesteer.benign import (
     borderline_split,
     borderline_train,
     categories_of,
+    family_requests,
     ordinary_split,
     split_half,
 )
@@ -367,8 +368,8 @@ def prompt_categories(name: str) -> dict[str, str]:
     """Each prompt's category for the registry sets that record one (``{}`` for the others), read
     from the pinned wheel; keyed by the stripped prompt text, so it survives sampling and
     de-duplication."""
-    if name in _SPLIT_SETS:
-        return dict(categories_of(_SPLIT_SETS[name](42)))
+    if name in _SPLIT_SETS:  # the whole family's, so that any --data-seed's halves are covered
+        return dict(categories_of(family_requests()))
     if name not in _CATEGORY_COLUMNS:
         return {}
     wheel, member, prompt_column, category_column = _CATEGORY_COLUMNS[name]
