@@ -137,9 +137,9 @@ def ordinary_split(split: Split, seed: int) -> list[Request]:
 def borderline_split(label: Label, split: Split, seed: int) -> list[Request]:
     """Safe or unsafe borderline prompts of one half; a safe prompt and its twin share the half."""
     pairs = borderline_requests()
-    labels = {(request.prompt, request.group): kind for request, kind in pairs}
+    wanted = {request for request, kind in pairs if kind == label}
     return [request for request in split_half([request for request, _ in pairs], split, seed)
-            if labels[request.prompt, request.group] == label]
+            if request in wanted]
 
 
 def borderline_train(label: Label, seed: int) -> list[Request]:
