@@ -27,8 +27,9 @@ from safesteer.direction import (
     Direction,
     mean_response_activations,
 )
+from safesteer.distill.checkpoint import LOG_FILE
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.trainer import LOG_FILE, Distiller
+from safesteer.distill.trainer import Distiller
 from safesteer.models import load_model
 
 SAFETY_WORDS = ("I", "As", "Sorry", "Unfortunately", " sorry", " cannot", " illegal", " unethical",

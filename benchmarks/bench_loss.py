@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from safesteer.distill.loss import divergence
+from safesteer.divergence import divergence
 
 
 def naive_subset_loss(student: Tensor, teacher: Tensor, ids: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer import gold
-from safesteer.distill.loss import divergence
+from safesteer.divergence import divergence
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.capability import (
     choice_letter_ids,

@@ -14,15 +14,12 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, PreTrainedModel
 
 from safesteer.direction import Direction, Gate
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
-from safesteer.distill.trainer import (
-    Distiller,
-    Rollout,
-    completion_logits,
-    completion_mask,
-    merge_student,
-)
+from safesteer.distill.export import merge_student
+from safesteer.distill.rollout import Rollout, completion_mask
+from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
 from safesteer.models import render_prompts
+from safesteer.scoring import completion_logits
 
 PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",
            "my neighbour cooks a recipe for bread.", "our team plans the weekly schedule before lunch."]
@@ -145,21 +142,6 @@ def test_completion_mask_includes_first_eos_and_excludes_padding(pad: int) -> No
     assert completion_mask(generated, [eos, 3])[3].tolist() == [1, 1, 1, 0, 0]
 
 
-def test_completion_logits_score_the_sampled_contexts(tiny_model, tiny_tokenizer) -> None:
-    """Left padding and position ids as in generate(): padded rows score like unpadded ones."""
-    input_ids, _ = probe(tiny_tokenizer)
-    completion = torch.tensor([[40, 41, 42]])
-    sequence = torch.cat([input_ids, completion], 1)
-    padded = torch.cat([torch.full((1, 3), tiny_tokenizer.pad_token_id), sequence], 1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(sequence)], 1)
-    with torch.no_grad():
-        plain = completion_logits(tiny_model, sequence, torch.ones_like(sequence), 3)
-        left_padded = completion_logits(tiny_model, padded, mask, 3)
-        reference = tiny_model(sequence).logits[:, -4:-1]
-    assert plain.shape == (1, 3, len(tiny_tokenizer))
-    torch.testing.assert_close(plain, reference)
-    torch.testing.assert_close(left_padded, reference, atol=1e-5, rtol=1e-5)
-
 
 # ------------------------------------------------------------------------- training
 
@@ -193,7 +175,7 @@ def test_teacher_is_the_steered_base_after_training(make_tiny_model: ModelFactor
     reference = make_tiny_model("llama")
     with direction.steer(reference):
         steered_base = logits(reference, tiny_tokenizer)
-    with distiller.teacher() as teacher:
+    with distiller.teachers.teacher() as teacher:
         teacher_logits = logits(teacher, tiny_tokenizer)
     torch.testing.assert_close(teacher_logits, steered_base, atol=1e-6, rtol=0)
     assert not torch.allclose(steered_base, logits(reference, tiny_tokenizer), atol=1e-3)
@@ -302,7 +284,7 @@ def test_system_prompt_teacher_reads_its_prompt_then_the_same_tokens(make_tiny_m
                                steer_prompts=labels)
     rollout = distiller.sample(1)
     length = rollout.completion_mask.shape[1]
-    teacher = distiller.teacher_logits(rollout, slice(None), length)
+    teacher = distiller.teachers.logits(rollout, slice(None), length)
     base = make_tiny_model("llama")
     prompts = [chat_ids(tiny_tokenizer, PROMPTS[index], SAFETY_SYSTEM_PROMPT if labels[index] else None)
                for index in rollout.prompt_indices]
@@ -326,7 +308,7 @@ def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, t
     steer = torch.tensor([labels[index] for index in rollout.prompt_indices])
     assert torch.equal(rollout.steer, steer)
     length = rollout.completion_mask.shape[1]
-    teacher = distiller.teacher_logits(rollout, slice(None), length)
+    teacher = distiller.teachers.logits(rollout, slice(None), length)
     reference = make_tiny_model("llama")
     with torch.no_grad():
         base = completion_logits(reference, rollout.sequences, rollout.attention_mask, length)
@@ -336,7 +318,7 @@ def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, t
     torch.testing.assert_close(teacher[~steer], base[~steer], atol=1e-6, rtol=0)
     assert not torch.allclose(steered, base, atol=1e-3)
     # A micro-batch slice gets its own rows' teachers (and its own, narrower, padding).
-    torch.testing.assert_close(distiller.teacher_logits(rollout, slice(3, 6), length), teacher[3:6],
+    torch.testing.assert_close(distiller.teachers.logits(rollout, slice(3, 6), length), teacher[3:6],
                                atol=1e-5, rtol=1e-5)
     assert distiller.backward(rollout)["steered_rows"] == 0.5
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from safesteer.distill.loss import divergence, loss_mask, negative_log_likelihood, reduce_loss
+from safesteer.distill.loss import loss_mask, reduce_loss
+from safesteer.divergence import divergence, negative_log_likelihood
 
 BATCH, SEQ, VOCAB = 2, 5, 11
 SAFETY_IDS = [1, 4, 7, 8]

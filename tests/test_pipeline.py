@@ -160,12 +160,12 @@ def test_preset_then_yaml_then_flags(tmp_path):
 _KILLED_RUN = """
 import os, signal, sys
 import torch
-from safesteer.distill import trainer
+from safesteer.distill import checkpoint, trainer
 from safesteer.cli import main
 
 torch.set_num_threads(1)
 where = sys.argv[1]
-original_backward, original_publish = trainer.Distiller.backward, trainer._publish_dir
+original_backward, original_publish = trainer.Distiller.backward, checkpoint._publish_dir
 
 def backward(self, rollout):
     if where == "step" and self.step + 1 == 3:
@@ -177,7 +177,7 @@ def publish(staging, final):
         os.kill(os.getpid(), signal.SIGKILL)
     original_publish(staging, final)
 
-trainer.Distiller.backward, trainer._publish_dir = backward, publish
+trainer.Distiller.backward, checkpoint._publish_dir = backward, publish
 sys.exit(main(sys.argv[2:]))
 """
 

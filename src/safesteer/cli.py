@@ -22,8 +22,9 @@ from safesteer import __version__
 from safesteer.compare import CompareArguments, compare_methods
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction import Direction, DirectionConfig
+from safesteer.distill.checkpoint import DISTILL_ARTIFACTS
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.trainer import DISTILL_ARTIFACTS, merge_student
+from safesteer.distill.export import merge_student
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import EvalArguments, evaluate_targets
 from safesteer.io import (

@@ -32,6 +32,7 @@ from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.scoring import last_logits
 
 if TYPE_CHECKING:
     from safesteer.direction import Direction
@@ -568,12 +569,10 @@ def answer_logprobs(model: nn.Module, direction: Direction, input_ids: Tensor,
     the full-vocabulary log-softmax is taken in float32 (pitfall 7).
     """
     device = model_device(model)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-              "position_ids": position_ids(attention_mask).to(device)}
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     def logprobs() -> Tensor:
-        logits = model(**inputs, use_cache=False, logits_to_keep=horizon).logits
-        return logits.float().log_softmax(dim=-1)
+        return last_logits(model, input_ids, attention_mask, horizon).float().log_softmax(dim=-1)
 
     with direction.steer(model):
         teacher = logprobs()

@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from safesteer.distill.loss import divergence, log_softmax_at
-from safesteer.distill.trainer import completion_logits
+from safesteer.divergence import divergence, log_softmax_at
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import Target
 from safesteer.gold import CHOICE_LETTERS, MultipleChoiceQuestion
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.scoring import completion_logits
 
 _ANSWER_MARKER = re.compile(r"####|answer is|answer:|\\boxed\{", re.IGNORECASE)
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")

@@ -1,0 +1,78 @@
+"""One step's on-policy samples: the sampled completions, their masks and each row's teacher.
+
+The samples are exactly on-policy (the current student samples them right before the update), so
+no importance correction is needed (docs/method.md §4.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from safesteer.distill.config import DistillConfig
+from safesteer.errors import SafesteerError
+from safesteer.models import model_device, seeded
+
+
+@dataclass
+class Rollout:
+    """One step's on-policy samples on this process.
+
+    ``sequences`` and ``attention_mask`` are [N, P + T]: the prompt ids left-padded to P (mask 0
+    on the padding only), then the T sampled tokens. ``completion_mask`` is [N, T] (see
+    :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M,
+    each prompt's M rows together. ``prompt_indices`` names each row's training prompt (a
+    system-prompted teacher re-reads it) and ``steer`` [N] bool whether the row's teacher is the
+    safety teacher (steered, or system-prompted) rather than the plain base.
+    """
+
+    sequences: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    texts: list[str]
+    prompt_indices: list[int]
+    steer: Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.completion_mask.shape[1]
+
+
+def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
+    """1 on each generated token up to and including the row's first EOS, 0 after it (padding).
+
+    ``completion_ids`` is [batch, T], the tokens ``generate`` appended to the prompts; rows that
+    finished early are filled with the pad id, which may itself be an EOS id, so the mask is
+    defined by the first EOS, never by the pad id. A row without EOS (truncated at
+    --max-new-tokens) is all ones. Returns [batch, T] int64.
+    """
+    eos = torch.tensor(list(eos_token_ids), device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos).long()
+    eos_before = is_eos.cumsum(dim=1) - is_eos
+    return (eos_before == 0).long()
+
+
+def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
+                       config: DistillConfig, eos_token_ids: list[int], pad_token_id: int, seed: int,
+                       step: int) -> Tensor:
+    """The tokens ``model`` samples after each left-padded prompt, [batch, T], drawn from ``seed``.
+
+    Only temperature and top-p shape the distribution (no top-k, min-p or repetition penalty,
+    whatever the model's generation config says), as in the paper's sampler.
+    """
+    try:
+        with torch.no_grad(), seeded(seed, model_device(model)):
+            sequences = model.generate(  # type: ignore[operator]
+                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
+                repetition_penalty=1.0, max_new_tokens=config.max_new_tokens,
+                eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)
+    except torch.OutOfMemoryError as error:
+        raise SafesteerError(
+            f"out of memory while sampling step {step} ({len(input_ids)} completions of up to "
+            f"{config.max_new_tokens} tokens): lower --prompts-per-step, --samples-per-prompt or "
+            "--max-new-tokens (--micro-batch-size sizes the training passes)") from error
+    return sequences[:, input_ids.shape[1]:]
