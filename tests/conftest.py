@@ -125,7 +125,7 @@ def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
     benign prompts (``safesteer-train`` the first of them; local files are read for real), MMLU,
     GSM8K and HumanEval a few made-up items, and the harmbench-test prompts have two categories."""
     from safesteer.config import DataArguments
-    from safesteer.evaluate import harness
+    from safesteer.evaluate import benchmarks, harness
     from safesteer.gold import GSM8KProblem, HumanEvalProblem, MultipleChoiceQuestion
 
     prompts = ["Describe cats.", "Explain how rivers form, quickly please.",
@@ -135,7 +135,7 @@ def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
         real_load(self, name, limit) if Path(name).is_file()
         else prompts[:1] if name == "safesteer-train" else prompts))
-    monkeypatch.setattr(harness, "prompt_categories", lambda name: {
+    monkeypatch.setattr(benchmarks, "prompt_categories", lambda name: {
         prompt.strip(): "animals" if "cats" in prompt else "places" for prompt in prompts}
         if name == "harmbench-test" else {})
     monkeypatch.setattr(harness, "load_mmlu", lambda subset, limit, seed: [
@@ -143,6 +143,6 @@ def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
         for i in range(4)])
     problems = [GSM8KProblem(f"What is {i} plus 1?", str(i + 1), f"{i} plus 1 is {i + 1}. The answer is "
                              f"{i + 1}.") for i in range(3)]
-    monkeypatch.setattr(harness, "load_gsm8k", lambda limit: problems)
-    monkeypatch.setattr(harness, "load_humaneval", lambda limit: [
+    monkeypatch.setattr(benchmarks, "load_gsm8k", lambda limit: problems)
+    monkeypatch.setattr(benchmarks, "load_humaneval", lambda limit: [
         HumanEvalProblem("t/0", "def f():\n", "    return 1\n", "def check(c):\n    assert c() == 1\n", "f")])

@@ -7,6 +7,7 @@ import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from itertools import pairwise
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer import gold
+from safesteer.direction import Direction, Gate
 from safesteer.divergence import divergence
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.capability import (
@@ -30,6 +32,7 @@ from safesteer.evaluate.capability import (
     wilson_interval,
 )
 from safesteer.evaluate.sandbox import humaneval_pass
+from safesteer.evaluate.targets import ConditionalTeacher
 from safesteer.gold import (
     MMLU_STEM_SUBJECTS,
     GSM8KProblem,
@@ -39,6 +42,7 @@ from safesteer.gold import (
     load_mmlu,
 )
 from safesteer.models import render_prompts
+from safesteer.steering import block_input_at_last_position
 
 ModelFactory = Callable[[str], PreTrainedModel]
 
@@ -148,7 +152,8 @@ def test_gold_nll_per_token_matches_a_hand_computed_reference(
     make_tiny_model: ModelFactory, tiny_tokenizer: PreTrainedTokenizerBase, arch: str
 ) -> None:
     tiny_model = make_tiny_model(arch)
-    result = gold_nll_per_token(tiny_model, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2, chunk_size=3)
+    result = gold_nll_per_token(target(tiny_model), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2,
+                                chunk_size=3)
     totals, counts = [], []
     for prompt, answer in zip(PROMPTS, ANSWERS, strict=True):
         logprobs, answer_ids = naive_answer_logprobs(tiny_model, tiny_tokenizer, prompt, answer)
@@ -164,7 +169,7 @@ def test_gold_nll_per_token_matches_a_hand_computed_reference(
 def test_gold_nll_rejects_mismatched_lengths(tiny_model: PreTrainedModel,
                                              tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(SafesteerError, match="2 prompts but 1 answers"):
-        gold_nll_per_token(tiny_model, tiny_tokenizer, PROMPTS[:2], ANSWERS[:1], batch_size=2)
+        gold_nll_per_token(target(tiny_model), tiny_tokenizer, PROMPTS[:2], ANSWERS[:1], batch_size=2)
 
 
 def test_full_vocabulary_kl_matches_the_formula_and_is_chunk_invariant() -> None:
@@ -221,7 +226,7 @@ def test_scoring_works_through_a_lora_student_sharing_the_base_weights(
     tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     """The base target is the PEFT model with its adapter disabled, as in the trainer."""
-    plain = gold_nll_per_token(tiny_model, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2)
+    plain = gold_nll_per_token(target(tiny_model), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2)
     student = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))
 
@@ -230,13 +235,56 @@ def test_scoring_works_through_a_lora_student_sharing_the_base_weights(
         with student.disable_adapter():
             yield student
 
-    with base():
-        assert gold_nll_per_token(student, tiny_tokenizer, PROMPTS, ANSWERS,
-                                  batch_size=2).mean == pytest.approx(plain.mean, rel=1e-6)
+    assert gold_nll_per_token(base, tiny_tokenizer, PROMPTS, ANSWERS,
+                              batch_size=2).mean == pytest.approx(plain.mean, rel=1e-6)
     result = mean_kl_to_base(target(student), base, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2)
     mean, _ = _naive_mean_kl(student, student, tiny_tokenizer, student.disable_adapter)
     assert result.mean > 1e-6
     assert result.mean == pytest.approx(mean, rel=1e-4)
+
+
+def _last_block_input(model: nn.Module, layer: int, ids: list[int]) -> torch.Tensor:
+    """Block ``layer``'s input at the last position of one unpadded row, [d]."""
+    row = torch.tensor([ids])
+    return block_input_at_last_position(model, layer, row, torch.ones_like(row))[0]
+
+
+def test_conditional_teacher_gates_teacher_forced_answers_on_the_prompt(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The gate must read each prompt's last token, not the end of the answer that follows it in a
+    teacher-forced pass. The threshold is chosen so that the gate flags some prompts and not others,
+    and so that on the last answer token it would decide at least one row the other way."""
+    generator = torch.Generator().manual_seed(5)
+    direction = Direction(torch.randn(32, generator=generator) * 3, layer=1, coefficient=1.0,
+                          metadata={"num_layers": 2})
+    probe = torch.randn(32, generator=generator)  # read at block 1: block 0's input is the last token's
+    # embedding, the same for every prompt (they end in the same template tokens)
+    scored = [index for index, answer in enumerate(ANSWERS) if answer]
+    prompt_ids = [tiny_tokenizer(render_prompts(tiny_tokenizer, [PROMPTS[index]])[0],
+                                 add_special_tokens=False)["input_ids"] for index in scored]
+    answer_ids = [tiny_tokenizer(ANSWERS[index], add_special_tokens=False)["input_ids"] for index in scored]
+    at_prompt = torch.stack([_last_block_input(tiny_model, 1, ids) for ids in prompt_ids]) @ probe
+    at_answer = torch.stack([_last_block_input(tiny_model, 1, ids + answer)
+                             for ids, answer in zip(prompt_ids, answer_ids, strict=True)]) @ probe
+    midpoints = [(low + high) / 2 for low, high in pairwise(sorted([*at_prompt.tolist(),
+                                                                     *at_answer.tolist()]))]
+    threshold = next(value for value in midpoints
+                     if 0 < int((at_prompt > value).sum()) < len(scored)
+                     and not torch.equal(at_prompt > value, at_answer > value))
+    flagged = (at_prompt > threshold).tolist()
+    direction.gate = Gate(probe, layer=1, threshold=threshold)
+    teacher = ConditionalTeacher(target(tiny_model), direction)
+
+    result = gold_nll_per_token(teacher, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=4)
+    expected = []
+    for index, steered in zip(scored, flagged, strict=True):
+        with direction.steer(tiny_model) if steered else nullcontext():
+            logprobs, ids = naive_answer_logprobs(tiny_model, tiny_tokenizer, PROMPTS[index], ANSWERS[index])
+        expected.append(-logprobs.gather(-1, ids[:, None]).mean().item())
+    assert [result.per_item[index] for index in scored] == pytest.approx(expected, rel=1e-4)
+    kl = mean_kl_to_base(teacher, target(tiny_model), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=4)
+    assert [kl.per_item[index] > 1e-6 for index in scored] == flagged
 
 
 # --- answer extraction ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,11 @@ from safesteer.cli import main
 from safesteer.direction import Direction, Gate
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import harness
-from safesteer.evaluate.harness import EvalArguments, _completions, results_table
+from safesteer.evaluate.benchmarks import BENCHMARKS as REGISTRY
+from safesteer.evaluate.benchmarks import Benchmark
+from safesteer.evaluate.harness import EvalArguments, _completions
+from safesteer.evaluate.tables import results_table
+from safesteer.evaluate.targets import Targets
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "gsm8k", "kl-benign", "benign-nll"]
@@ -53,6 +58,20 @@ def test_targets_and_benchmarks_accept_commas() -> None:
 def test_target_names_must_be_unique_and_not_shadow_a_built_in(targets, message) -> None:
     with pytest.raises(SafesteerError, match=re.escape(message)):
         EvalArguments(output_dir="x", targets=targets)
+
+
+def test_each_benchmark_is_scored_by_its_own_scorer(monkeypatch) -> None:
+    """A registered benchmark reaches its own scorer (an unmatched name used to fall through to
+    kl-benign's); a name outside the registry reaches none."""
+    def scorer(evaluation, target_name, target, benchmark) -> dict:
+        return {"target": target_name, "benchmark": benchmark.name}
+
+    monkeypatch.setitem(REGISTRY, "custom", Benchmark("custom", "capability", "accuracy", True,
+                                                      "a measure of the user's", scorer))
+    evaluation = object.__new__(harness.Evaluation)  # no prompts, targets or models are needed
+    assert evaluation.score("base", nullcontext, "custom") == {"target": "base", "benchmark": "custom"}
+    with pytest.raises(SafesteerError, match="unknown benchmark 'mmlu-pro'"):
+        evaluation.score("base", nullcontext, "mmlu-pro")
 
 
 def test_unknown_benchmark_lists_the_known_ones() -> None:
@@ -181,7 +200,7 @@ def test_bad_targets_and_benchmarks_fail_in_one_line(flags, message, tiny_model,
 def test_a_directory_that_is_not_a_model_is_refused(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SafesteerError, match="neither a model directory"):
-        harness.Targets._target_path(str(tmp_path / "empty"))
+        Targets._target_path(str(tmp_path / "empty"))
 
 
 def test_results_table_marks_the_better_direction() -> None:

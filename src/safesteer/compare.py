@@ -32,7 +32,8 @@ from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction import DirectionConfig
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.harness import BUILT_IN_TARGETS, EvalArguments, completions_dir, evaluate_targets
+from safesteer.evaluate.harness import EvalArguments, completions_dir, evaluate_targets
+from safesteer.evaluate.targets import BUILT_IN_TARGETS
 from safesteer.io import (
     EVAL_KIND,
     RUN_KIND,

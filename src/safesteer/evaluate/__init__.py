@@ -2,21 +2,18 @@
 
 With a LoRA student the three targets share one set of weights: the base is the model with the
 adapter disabled, the teacher is that plus the steering hook, and the student is the model as is.
-This module is the quick check that ``safesteer run`` ends with; the full harness grows here.
+This module is the quick check that ``safesteer run`` ends with; ``safesteer eval`` is
+:mod:`safesteer.evaluate.harness`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
-
+from safesteer.evaluate.targets import Target
 from safesteer.judge import refusal_rate
 from safesteer.models import generate_responses
-
-Target = Callable[[], AbstractContextManager[nn.Module]]
 
 
 def refusal_check(tokenizer: Any, targets: dict[str, Target],

@@ -26,10 +26,10 @@ from transformers import PreTrainedTokenizerBase
 
 from safesteer.divergence import divergence, log_softmax_at
 from safesteer.errors import SafesteerError
-from safesteer.evaluate import Target
+from safesteer.evaluate.targets import Target, teacher_forced
 from safesteer.gold import CHOICE_LETTERS, MultipleChoiceQuestion
-from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
-from safesteer.scoring import completion_logits
+from safesteer.models import encode_rendered, model_device, render_prompts
+from safesteer.scoring import completion_logits, last_logits, left_pad
 
 _ANSWER_MARKER = re.compile(r"####|answer is|answer:|\\boxed\{", re.IGNORECASE)
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -109,9 +109,7 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         batch = encode_rendered(tokenizer, [rendered[index] for index in indices], device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=position_ids(batch["attention_mask"]), logits_to_keep=1,
-                       use_cache=False).logits[:, -1]
+        logits = last_logits(model, batch["input_ids"], batch["attention_mask"], 1)[:, -1]
         letters = logits.float().log_softmax(dim=-1)[:, letter_ids].tolist()
         for index, row in zip(indices, letters, strict=True):
             scores[index] = row[:len(questions[index].choices)]
@@ -153,13 +151,16 @@ class TokenAverage:
 class _AnswerBatch:
     """Left-padded prompt ‖ answer rows: ``sequences``/``attention_mask`` [batch, seq] and, for the
     last ``answer_length`` tokens, ``targets`` and ``answer_mask`` [batch, answer_length]
-    (1 where the target is an answer token, 0 where it is prompt or padding)."""
+    (1 where the target is an answer token, 0 where it is prompt or padding); ``prompt_ids`` and
+    ``prompt_mask`` are the rows' prompts left-padded alone, for a target that depends on them."""
 
     indices: list[int]
     sequences: Tensor
     attention_mask: Tensor
     targets: Tensor
     answer_mask: Tensor
+    prompt_ids: Tensor
+    prompt_mask: Tensor
 
     @property
     def answer_length(self) -> int:
@@ -180,26 +181,23 @@ def _answer_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
     rows = [prompt + answer for prompt, answer in zip(prompt_ids, answer_ids, strict=True)]
     order = sorted((index for index in range(len(rows)) if answer_ids[index]),
                    key=lambda index: -len(rows[index]))
+    pad = tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        width = max(len(rows[index]) for index in indices)
+        sequences, attention_mask = left_pad([rows[index] for index in indices], pad, "cpu")
         answer_length = max(len(answer_ids[index]) for index in indices)
-        sequences = torch.full((len(indices), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(sequences)
-        answer_mask = torch.zeros(len(indices), answer_length, dtype=torch.long)
-        for row, index in enumerate(indices):
-            sequences[row, width - len(rows[index]):] = torch.tensor(rows[index])
-            attention_mask[row, width - len(rows[index]):] = 1
-            answer_mask[row, answer_length - len(answer_ids[index]):] = 1
+        answer_mask = left_pad([answer_ids[index] for index in indices], pad, "cpu")[1]
         yield _AnswerBatch(indices, sequences, attention_mask, sequences[:, -answer_length:],
-                           answer_mask)
+                           answer_mask, *left_pad([prompt_ids[index] for index in indices], pad, "cpu"))
 
 
-def _answer_logits(model: nn.Module, batch: _AnswerBatch) -> Tensor:
-    """Logits [batch, answer_length, vocab] predicting ``batch.targets``, on the model's device."""
-    device = model_device(model)
-    return completion_logits(model, batch.sequences.to(device), batch.attention_mask.to(device),
-                             batch.answer_length)
+def _answer_logits(target: Target, batch: _AnswerBatch) -> Tensor:
+    """``target``'s logits [batch, answer_length, vocab] predicting ``batch.targets``, on the
+    model's device."""
+    with teacher_forced(target, batch.prompt_ids, batch.prompt_mask) as model:
+        device = model_device(model)
+        return completion_logits(model, batch.sequences.to(device), batch.attention_mask.to(device),
+                                 batch.answer_length)
 
 
 def _token_average(totals: list[float], counts: list[int]) -> TokenAverage:
@@ -213,19 +211,21 @@ def _token_average(totals: list[float], counts: list[int]) -> TokenAverage:
 
 
 @torch.inference_mode()
-def gold_nll_per_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+def gold_nll_per_token(target: Target, tokenizer: PreTrainedTokenizerBase,
                        prompts: Sequence[str], references: Sequence[str], *, batch_size: int,
                        chunk_size: int = 128) -> TokenAverage:
     """Mean negative log-likelihood (nats per token) of each reference answer after its prompt.
 
     Teacher-forced: Σ −log p(reference token | prompt, earlier reference tokens) / #tokens, with
     the full-vocabulary log-softmax in float32, ``chunk_size`` positions at a time. Lower means the
-    model still finds the gold answers likely; no end-of-turn token is appended.
+    model still finds the gold answers likely; no end-of-turn token is appended. ``target`` is a
+    factory of a context that yields the model (:data:`safesteer.evaluate.targets.Target`),
+    entered once per batch.
     """
     totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     for batch in _answer_batches(tokenizer, prompts, references, batch_size):
-        logits = _answer_logits(model, batch)
+        logits = _answer_logits(target, batch)
         targets = batch.targets.to(logits.device).unsqueeze(-1)
         logprobs = log_softmax_at(logits, targets, chunk_size).squeeze(-1).double().cpu()
         nll = -(logprobs * batch.answer_mask).sum(dim=-1)
@@ -243,7 +243,7 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
 
     On benign prompts this measures how far training moved the model's next-token distributions
     where it should not have moved at all. ``evaluated`` and ``base`` are factories of contexts
-    that yield the model as each target (see :data:`safesteer.evaluate.Target`); each is entered
+    that yield the model as each target (see :data:`safesteer.evaluate.targets.Target`); each is entered
     once per batch, so with a LoRA student both may share one set of weights. The responses
     (typically the base model's own greedy answers) are scored under both; the KL is over the full
     vocabulary in float32. Peak memory is two [batch_size, longest response, vocab] logits tensors
@@ -252,10 +252,8 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
     totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     for batch in _answer_batches(tokenizer, prompts, responses, batch_size):
-        with evaluated() as model:
-            logits_evaluated = _answer_logits(model, batch)
-        with base() as model:
-            logits_base = _answer_logits(model, batch).to(logits_evaluated.device)
+        logits_evaluated = _answer_logits(evaluated, batch)
+        logits_base = _answer_logits(base, batch).to(logits_evaluated.device)
         kl = divergence(logits_evaluated, logits_base, mode="full", chunk_size=chunk_size).double().cpu()
         summed = (kl * batch.answer_mask).sum(dim=-1)
         for row, index in enumerate(batch.indices):

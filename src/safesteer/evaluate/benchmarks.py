@@ -1,0 +1,259 @@
+"""The benchmarks of ``safesteer eval``: what each measures, and the scorer that measures it.
+
+Each :class:`Benchmark` carries its own scorer, a function of (the evaluation, the target's
+display name, the target, the benchmark) returning the benchmark's ``results.json`` cell, so adding
+a benchmark is adding one registry row; a name that is not registered is an error
+(:func:`lookup`), never another benchmark's score.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from safesteer.data import PROMPT_SUFFIXES, prompt_categories, request_style
+from safesteer.errors import SafesteerError
+from safesteer.evaluate.capability import (
+    TokenAverage,
+    correct_choices,
+    extract_code,
+    gold_nll_per_token,
+    gsm8k_exact_match,
+    mean_confidence_interval,
+    mean_kl_to_base,
+    wilson_interval,
+)
+from safesteer.evaluate.sandbox import humaneval_pass
+from safesteer.evaluate.targets import Target
+from safesteer.gold import load_gsm8k, load_humaneval
+from safesteer.judge import is_refusal
+
+if TYPE_CHECKING:
+    from safesteer.evaluate.harness import Evaluation
+
+Kind = Literal["safety", "jailbreak", "over-refusal", "capability"]
+Cell = dict[str, Any]
+Scorer = Callable[["Evaluation", str, Target, "Benchmark"], Cell]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One row of the results table: what it measures, which direction is better, and its scorer."""
+
+    name: str
+    kind: Kind
+    metric: str
+    higher_is_better: bool
+    description: str
+    scorer: Scorer
+
+    def score(self, evaluation: Evaluation, target_name: str, target: Target) -> Cell:
+        """This benchmark's ``results.json`` cell for ``target`` (shown as ``target_name``)."""
+        return self.scorer(evaluation, target_name, target, self)
+
+    def record(self) -> dict[str, Any]:
+        """What ``results.json`` records about the benchmark itself."""
+        return {"name": self.name, "kind": self.kind, "metric": self.metric,
+                "higher_is_better": self.higher_is_better, "description": self.description}
+
+
+# ------------------------------------------------------------------------- results.json cells
+
+
+def _row(benchmark: Benchmark, n: int, value: float, ci: Sequence[float], **extra: Any) -> Cell:
+    """One results.json cell: the benchmark's kind and metric, the value and its 95 % interval."""
+    return {"kind": benchmark.kind, "metric": benchmark.metric, "n": n, "value": value,
+            "ci": list(ci), "higher_is_better": benchmark.higher_is_better, **extra}
+
+
+def _rate(benchmark: Benchmark, successes: int, n: int, **extra: Any) -> Cell:
+    return _row(benchmark, n, successes / n if n else math.nan, wilson_interval(successes, n), **extra)
+
+
+def _mean(benchmark: Benchmark, values: Sequence[float], **extra: Any) -> Cell:
+    mean, low, high = mean_confidence_interval(values)
+    return _row(benchmark, len(values), mean, (low, high), **extra)
+
+
+def _token_mean(benchmark: Benchmark, average: TokenAverage) -> Cell:
+    return _mean(benchmark, average.per_item, pooled=average.mean, tokens=average.num_tokens)
+
+
+def _by_category(categories: Sequence[str], refusals: Sequence[bool]) -> dict[str, dict[str, float]]:
+    """Refusal rate and count per category, categories in alphabetical order."""
+    groups: dict[str, list[bool]] = {}
+    for category, refused in zip(categories, refusals, strict=True):
+        groups.setdefault(category, []).append(refused)
+    return {category: {"n": len(group), "value": sum(group) / len(group)}
+            for category, group in sorted(groups.items())}
+
+
+# ------------------------------------------------------------------------- scorers
+
+
+def _refusals(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    """Keyword-judged refusal rate of greedy answers, with the rate per category (for sources that
+    record one) and per request style (harmful sets), and the LLM judge's verdict when given."""
+    name = benchmark.name
+    prompts = evaluation.prompts(name)
+    answers = evaluation.answers(target_name, target, name, prompts, evaluation.args.max_new_tokens)
+    refusals = [is_refusal(answer) for answer in answers]
+    extra: dict[str, Any] = {}
+    if name in evaluation.removed:
+        extra["removed_near_training"] = evaluation.removed[name]
+    categories = prompt_categories(name) if evaluation.data.data_source == "offline" else {}
+    if categories:
+        extra["categories"] = _by_category([categories.get(p.strip(), "other") for p in prompts],
+                                         refusals)
+    if benchmark.kind != "over-refusal":
+        extra["styles"] = _by_category([request_style(prompt) for prompt in prompts], refusals)
+    if evaluation.judge is not None:
+        extra["judge"] = evaluation.judged(prompts, answers)
+    return _rate(benchmark, sum(refusals), len(refusals), **extra)
+
+
+def _letter_accuracy(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark,
+                     subset: Literal["stem", "all"]) -> Cell:
+    questions, scores = evaluation.letter_scores(target_name, target, subset)
+    correct = correct_choices(scores, questions)
+    return _rate(benchmark, sum(correct), len(correct))
+
+
+def _letter_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    """The gold answer is one letter: its NLL is −log p(letter), from the mmlu-stem pass."""
+    questions, scores = evaluation.letter_scores(target_name, target, "stem")
+    return _mean(benchmark, [-row[q.answer] for row, q in zip(scores, questions, strict=True)])
+
+
+def _gold_nll(evaluation: Evaluation, target: Target, benchmark: Benchmark, items: Sequence[Any]) -> Cell:
+    """NLL per token of each item's ``reference`` after its ``message``, teacher-forced."""
+    return _token_mean(benchmark, gold_nll_per_token(
+        target, evaluation.tokenizer, [item.message for item in items],
+        [item.reference for item in items], batch_size=evaluation.args.score_batch_size))
+
+
+def _gsm8k_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    return _gold_nll(evaluation, target, benchmark, load_gsm8k(evaluation.args.capability_limit or None))
+
+
+def _humaneval_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    return _gold_nll(evaluation, target, benchmark,
+                     load_humaneval(evaluation.args.capability_limit or None))
+
+
+def _gsm8k_exact_match(evaluation: Evaluation, target_name: str, target: Target,
+                       benchmark: Benchmark) -> Cell:
+    args = evaluation.args
+    problems = load_gsm8k(args.gsm8k_limit or None)
+    answers = evaluation.answers(target_name, target, benchmark.name, [p.message for p in problems],
+                                 args.gsm8k_max_new_tokens)
+    hits = sum(gsm8k_exact_match(answer, problem.answer)
+               for answer, problem in zip(answers, problems, strict=True))
+    return _rate(benchmark, hits, len(problems))
+
+
+def _humaneval_pass(evaluation: Evaluation, target_name: str, target: Target,
+                    benchmark: Benchmark) -> Cell:
+    args = evaluation.args
+    tasks = load_humaneval(args.capability_limit or None)
+    answers = evaluation.answers(target_name, target, benchmark.name, [task.message for task in tasks],
+                                 args.gsm8k_max_new_tokens)
+    passed = sum(humaneval_pass(task, extract_code(answer)).passed
+                 for task, answer in zip(tasks, answers, strict=True))
+    return _rate(benchmark, passed, len(tasks))
+
+
+def _kl_benign(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    """KL(target‖base) per token, teacher-forced on the base model's own benign answers."""
+    prompts, responses = evaluation.benign_answers()
+    if target_name == "base":
+        return _mean(benchmark, [0.0] * len(prompts), pooled=0.0)
+    return _token_mean(benchmark, mean_kl_to_base(
+        target, evaluation.targets.base, evaluation.tokenizer, prompts, responses,
+        batch_size=evaluation.args.score_batch_size))
+
+
+def _benign_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
+    """NLL per token of the base model's own benign answers."""
+    prompts, responses = evaluation.benign_answers()
+    return _token_mean(benchmark, gold_nll_per_token(target, evaluation.tokenizer, prompts, responses,
+                                                     batch_size=evaluation.args.score_batch_size))
+
+
+# ------------------------------------------------------------------------- the registry
+
+
+def _refusal(name: str, kind: Kind, description: str) -> Benchmark:
+    return Benchmark(name, kind, "refusal rate", kind != "over-refusal", description, _refusals)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    _refusal("harmbench-val", "safety", "HarmBench validation, standard behaviours (stage 1 selects on "
+                                        "them: validation only)"),
+    _refusal("harmbench-test", "safety", "HarmBench test, standard behaviours"),
+    _refusal("harmbench-test-contextual", "safety", "HarmBench test, contextual behaviours"),
+    _refusal("jbb", "safety", "JailbreakBench harmful behaviours"),
+    _refusal("strongreject", "safety", "StrongREJECT forbidden prompts"),
+    _refusal("advbench-heldout", "safety", "AdvBench items not used for the direction"),
+    _refusal("donotanswer-heldout", "safety", "Do-Not-Answer harmful areas not used for training"),
+    *(_refusal(f"donotanswer-{split}", "safety", f"Do-Not-Answer held out, {half} half "
+                                                    "(question-style)")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"advbench-{split}", "safety", f"AdvBench held out, {half} half (instruction-style)")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"borderline-unsafe-{split}", "safety",
+               f"unsafe twins of the borderline prompts, {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    _refusal("jbb-past-tense", "jailbreak", "JBB behaviours rephrased in the past tense"),
+    _refusal("jbb-future-tense", "jailbreak", "JBB behaviours rephrased in the future tense"),
+    _refusal("jbb-templates", "jailbreak", "in-the-wild/DAN templates (PyRIT) on a JBB subset"),
+    _refusal("jbb-gcg", "jailbreak", "GCG transfer suffixes on a JBB subset"),
+    _refusal("xstest-proxy", "over-refusal", "XSTest-style benign-but-edgy prompts (a proxy, "
+                                              "not comparable with XSTest)"),
+    _refusal("harmless-test", "over-refusal", "plain benign instructions (harmless test split)"),
+    *(_refusal(f"ordinary-{split}", "over-refusal",
+               f"ordinary requests (IFBench, MT-Bench, GSM8K, HumanEval, MMLU), {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    *(_refusal(f"borderline-{split}", "over-refusal",
+               f"borderline-benign prompts whose words sound dangerous, {half} half")
+      for split, half in (("val", "validation"), ("test", "test"))),
+    Benchmark("mmlu-stem", "capability", "accuracy", True, "MMLU STEM, zero-shot letter likelihood",
+              partial(_letter_accuracy, subset="stem")),
+    Benchmark("mmlu", "capability", "accuracy", True, "MMLU, all subjects, zero-shot letter likelihood",
+              partial(_letter_accuracy, subset="all")),
+    Benchmark("mmlu-nll", "capability", "NLL / token", False,
+              "NLL of the MMLU-STEM gold letter (the same pass as mmlu-stem)", _letter_nll),
+    Benchmark("gsm8k-nll", "capability", "NLL / token", False, "NLL of GSM8K reference solutions",
+              _gsm8k_nll),
+    Benchmark("humaneval-nll", "capability", "NLL / token", False,
+              "NLL of HumanEval canonical solutions", _humaneval_nll),
+    Benchmark("gsm8k", "capability", "exact match", True, "GSM8K (offline 100), greedy",
+              _gsm8k_exact_match),
+    Benchmark("humaneval", "capability", "pass@1", True, "HumanEval, greedy, sandboxed execution",
+              _humaneval_pass),
+    Benchmark("kl-benign", "capability", "KL / token", False,
+              "KL(target || base) on the base model's answers to the ordinary requests", _kl_benign),
+    Benchmark("benign-nll", "capability", "NLL / token", False,
+              "NLL of the base model's own answers to the ordinary requests", _benign_nll),
+)}
+# The test halves only: settings are chosen on the validation halves (docs/data.md §5).
+DEFAULT_BENCHMARKS = ["harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
+                      "borderline-unsafe-test", "jbb-past-tense", "xstest-proxy", "harmless-test",
+                      "ordinary-test", "borderline-test", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
+                      "humaneval-nll", "gsm8k", "kl-benign", "benign-nll"]
+
+
+def lookup(name: str) -> Benchmark:
+    """A registered benchmark, or a local prompt file (.json/.jsonl/.csv/.txt) of harmful
+    requests, scored like the safety benchmarks."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    path = Path(name)
+    if path.suffix in PROMPT_SUFFIXES and path.is_file():
+        return _refusal(name, "safety", f"harmful prompts from {name}")
+    raise SafesteerError(f"unknown benchmark {name!r}: not a prompt file and not one of "
+                         f"{', '.join(BENCHMARKS)}")

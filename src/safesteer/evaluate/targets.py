@@ -1,0 +1,190 @@
+"""The evaluated models ("targets") as context factories, sharing one copy of the base weights.
+
+A target is a function that returns a context manager yielding the model as that target:
+``with target() as model``. Base, teacher and adapter targets do not depend on the input. The
+conditional teacher does: it steers a row only when the direction's harmfulness gate flags the
+row's prompt (docs/method.md §2.4), so a teacher-forced pass over prompt ‖ answer must show it the
+prompt alone (:func:`teacher_forced`), or the gate would read the last answer token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+from peft import PeftModel
+from torch import Tensor, nn
+
+from safesteer.config import ModelArguments
+from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
+from safesteer.models import load_model, model_device
+
+Target = Callable[[], AbstractContextManager[nn.Module]]
+
+BUILT_IN_TARGETS = ("base", "teacher", "conditional-teacher", "student")
+DEFAULT_TARGETS = ("base", "teacher", "student")
+
+
+class ConditionalTeacher:
+    """The base plus the direction on the rows whose prompt the harmfulness gate flags.
+
+    Called, it is the gated teacher of generation: the gate reads each multi-token forward's last
+    position, which is the last prompt token of a prefill (greedy answers) or of a prompt-only
+    pass (MMLU letters). :meth:`on_prompts` is the same teacher for a teacher-forced pass, whose
+    last position is the end of the answer: the gate reads the prompts alone and the rows it
+    flags are steered at every position, as the distillation teacher does.
+    """
+
+    def __init__(self, base: Target, direction: Direction) -> None:
+        self.base = base
+        self.direction = direction
+
+    @contextmanager
+    def __call__(self) -> Iterator[nn.Module]:
+        with self.base() as model, self.direction.steer(model, gated=True):
+            yield model
+
+    @contextmanager
+    def on_prompts(self, input_ids: Tensor, attention_mask: Tensor) -> Iterator[nn.Module]:
+        """The teacher for rows whose prompts, left-padded alone, are ``input_ids`` and
+        ``attention_mask`` ([rows, prompt length])."""
+        with self.base() as model:
+            device = model_device(model)
+            rows = self.direction.gate_rows(model, input_ids.to(device), attention_mask.to(device))
+            with self.direction.steer(model, rows=rows):
+                yield model
+
+
+def teacher_forced(target: Target, prompt_ids: Tensor,
+                   prompt_mask: Tensor) -> AbstractContextManager[nn.Module]:
+    """``target`` for one teacher-forced pass over prompt ‖ answer rows whose prompts, left-padded
+    alone, are ``prompt_ids`` and ``prompt_mask``: the conditional teacher reads its gate there;
+    every other target does not depend on them."""
+    if isinstance(target, ConditionalTeacher):
+        return target.on_prompts(prompt_ids, prompt_mask)
+    return target()
+
+
+def _is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def split_target(spec: str) -> tuple[str, str]:
+    """A ``--targets`` entry as (display name, what to evaluate): ``NAME=TARGET`` is shown as NAME,
+    any other entry as itself."""
+    name, equals, source = spec.partition("=")
+    return (name, source) if equals else (spec, spec)
+
+
+class Targets:
+    """The evaluated models, built around one loaded base model.
+
+    A LoRA student (or any adapter target) is attached to the base weights as a named PEFT adapter,
+    so base, teacher and every adapter share one copy of the weights: the base is the model with
+    the adapters disabled, the teacher that plus the steering hook. A full model directory or hub
+    id is loaded on its own when its turn comes and released afterwards.
+    """
+
+    def __init__(self, specs: Sequence[str], model_args: ModelArguments, run_dir: str | None) -> None:
+        self.model_args = model_args
+        self.model, self.tokenizer = load_model(model_args)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.direction: Direction | None = None
+        self.sources = dict(split_target(spec) for spec in specs)
+        self.paths: dict[str, Path | str] = {}
+        self.adapters: dict[str, str] = {}
+        self.peft: PeftModel | None = None
+        for name, source in self.sources.items():
+            if source in ("teacher", "conditional-teacher"):
+                if self.direction is None:
+                    self.direction = Direction.load(self._run_path(source, "direction.json").parent)
+                    self.direction.check_compatible(self.model)
+                if source == "conditional-teacher":
+                    self.direction.require_gate()  # before anything is evaluated
+            elif source == "student":
+                self.paths[name] = self._run_path("student", "student")
+            elif source != "base":
+                self.paths[name] = self._target_path(source)
+        for name, path in self.paths.items():
+            if isinstance(path, Path) and _is_adapter(path):
+                self._attach(name, path)
+
+    @property
+    def names(self) -> list[str]:
+        """The display names, in the order given."""
+        return list(self.sources)
+
+    def _run_path(self, target: str, relative: str) -> Path:
+        if self.run_dir is None:
+            raise SafesteerError(f"target {target!r} needs --run-dir (a `safesteer run` directory)")
+        path = self.run_dir / relative
+        if not path.exists():
+            raise SafesteerError(f"target {target!r}: {path} does not exist; is {self.run_dir} a "
+                                 f"finished `safesteer run` directory?")
+        return path
+
+    @staticmethod
+    def _target_path(name: str) -> Path | str:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (_is_adapter(path) or (path / "config.json").is_file()):
+                raise SafesteerError(f"target {name}: neither a model directory (config.json) nor a "
+                                     "LoRA adapter directory (adapter_config.json)")
+            return path
+        if path.exists() or "/" not in name:
+            raise SafesteerError(f"unknown target {name!r}: use {', '.join(BUILT_IN_TARGETS)}, a model "
+                                 "or adapter directory, or a hub id")
+        return name
+
+    def _attach(self, name: str, path: Path) -> None:
+        # PEFT adapter names become module keys, which must not contain "."; display names may.
+        adapter = self.adapters[name] = f"target{len(self.adapters)}"
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter)
+        else:
+            self.peft.load_adapter(str(path), adapter_name=adapter)
+        self.peft.eval()
+
+    @contextmanager
+    def base(self) -> Iterator[nn.Module]:
+        if self.peft is None:
+            yield self.model
+            return
+        with self.peft.disable_adapter():
+            yield self.peft
+
+    @contextmanager
+    def _adapter(self, name: str) -> Iterator[nn.Module]:
+        assert self.peft is not None
+        self.peft.set_adapter(name)
+        yield self.peft
+
+    @contextmanager
+    def _teacher(self) -> Iterator[nn.Module]:
+        assert self.direction is not None
+        with self.base() as model, self.direction.steer(model):
+            yield model
+
+    @contextmanager
+    def session(self, name: str) -> Iterator[Target]:
+        """The target as a context factory, valid inside this block (a full model is loaded here)."""
+        source = self.sources[name]
+        if source == "base":
+            yield self.base
+        elif source == "teacher":
+            yield self._teacher
+        elif source == "conditional-teacher":
+            assert self.direction is not None
+            yield ConditionalTeacher(self.base, self.direction)
+        elif name in self.adapters:
+            yield lambda: self._adapter(self.adapters[name])
+        else:
+            model, _ = load_model(ModelArguments(**{**asdict(self.model_args),
+                                                    "model": str(self.paths[name])}))
+            try:
+                yield lambda: nullcontext(model)
+            finally:
+                del model
