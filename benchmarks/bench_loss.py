@@ -1,6 +1,6 @@
 """Peak memory and time of the chunked subset loss against a naive full-vocabulary version.
 
-Every measurement is forward and backward of the SafeSteer loss (method.md §6.2, summed over
+Every measurement is forward and backward of the SafeSteer loss (docs/method.md §6.2, summed over
 tokens) in a fresh process. Memory is the peak resident set above the resident set once the logits
 exist, the student's gradient included, measured with allocations of 1 MiB and more mmapped so
 that freed tensors leave the resident set at once. Time is the median of a few repeats in another

@@ -429,7 +429,7 @@ def test_split_sizes_and_removals(splits: dict[str, list[str]]) -> None:
     report = split_report()
     assert report["sizes"] == sizes
     removed = report["removed"]
-    assert 520 - removed["advbench_dedup"] == 360  # data.md §2
+    assert 520 - removed["advbench_dedup"] == 360  # docs/data.md §10
     assert 360 - removed["advbench_near_benchmarks"] == 321
     assert sizes["advbench-heldout"] == 321 - 128 - removed["advbench_heldout_eval_clean"]
     assert sizes["donotanswer-heldout"] == (667 - removed["donotanswer_dedup"] - 100

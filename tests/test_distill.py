@@ -157,7 +157,7 @@ def test_training_lowers_the_loss_on_a_fixed_rollout(make_tiny_model: ModelFacto
     after = distiller.backward(fixed)
     assert result.completed and result.step == 4
     assert before["loss"] - after["loss"] > 0.2 * abs(before["loss"])
-    # The minimiser on S is p_t/e (method.md §6.6): the student's mass on S heads there.
+    # The minimiser on S is p_t/e (docs/method.md §6.6): the student's mass on S heads there.
     target = before["teacher_mass_s"] / torch.e
     assert abs(after["student_mass_s"] - target) < abs(before["student_mass_s"] - target)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]

@@ -191,7 +191,7 @@ def test_llm_judge_rejects_bad_input(tiny_model, tiny_tokenizer):
 
 # --- the real human-labelled sets -------------------------------------------------------------
 
-# (rows, human refusals) per set, from data.md §7 and the files; JBB counts not-jailbroken rows.
+# (rows, human refusals) per set, counted in the files docs/data.md §7 names; JBB counts not-jailbroken rows.
 EXPECTED_SIZES = {"pyrit-refusal": (105, 70), "pyrit-refusal-extra": (64, 39),
                   "pyrit-mini-refusal": (24, 9), "jbb-classifier-comparison": (100, 57)}
 

@@ -1,4 +1,4 @@
-"""The stage-3 loss pinned against naive float64 references written from method.md §6."""
+"""The stage-3 loss pinned against naive float64 references written from docs/method.md §6."""
 
 import math
 
@@ -36,7 +36,7 @@ def naive_divergence(
     renormalize: bool,
     complement: bool = False,
 ) -> torch.Tensor:
-    """Position by position, full softmax in float64, the formulas of method.md §6.2–6.4; with
+    """Position by position, full softmax in float64, the formulas of docs/method.md §6.2–6.4; with
     ``complement`` the rest of the vocabulary is one more outcome, 1 − Σ_slice p."""
     rows = []
     for b in range(student_logits.shape[0]):

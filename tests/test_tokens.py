@@ -1,4 +1,4 @@
-"""Safety-token selection (method.md §5): the vote maths on synthetic log-probabilities with known
+"""Safety-token selection (docs/method.md §5): the vote maths on synthetic log-probabilities with known
 answers, then the model-facing stage on tiny random models."""
 
 from collections.abc import Iterator

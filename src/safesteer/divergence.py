@@ -1,6 +1,6 @@
 """Per-token divergences between two models' next-token distributions, memory-bounded.
 
-The SafeSteer objective (docs/method.md §4.2, the paper's Eq. 6) at completion position t is
+The SafeSteer objective (docs/method.md §6.2, the paper's Eq. 6) at completion position t is
 
     ℓ_t = Σ_{v∈S} p_s(v) · [log p_s(v) − log p_t(v)]
 
@@ -8,12 +8,12 @@ with p_s, p_t the student's and teacher's FULL-vocabulary softmax, summed over t
 only, not renormalised, and with no gradient into the teacher.
 
 Because only the mass on S is penalised, the per-token minimiser is p_s(v) = p_t(v)/e on S (the
-complement absorbs the rest), where ℓ_t = −Σ_{v∈S} p_t(v)/e < 0 (docs/method.md §4.3). So this loss
+complement absorbs the rest), where ℓ_t = −Σ_{v∈S} p_t(v)/e < 0 (docs/method.md §6.6). So this loss
 can be negative, a safety token is pushed up only while p_s(v) < p_t(v)/e, and tokens outside S
 still get gradient, −p_s(u)·G, through the softmax normaliser. Renormalising over S removes the
 fixed point but makes the loss blind to how much mass the student puts on S.
 
-``complement=True`` (this project's option, not the paper's; docs/method.md §4.5) adds the rest of
+``complement=True`` (this project's option, not the paper's; docs/method.md §6.8) adds the rest of
 the vocabulary as one more outcome, log p(V∖S) = log(1 − Σ_{v∈S} p(v)), so the divergence is the KL
 between the two models' (|S|+1)-outcome distributions. Its minimiser is p_s = p_t on S: the student
 matches the teacher's safety-token probabilities, and the tokens outside S still move only as one
@@ -52,7 +52,7 @@ def log_softmax_at(logits: Tensor, index: Tensor, chunk_size: int | None) -> Ten
     """Full-vocabulary log-softmax of ``logits`` [batch, seq, vocab], read only at ``index``.
 
     The logsumexp over the vocabulary runs in at least float32, ``chunk_size`` positions at a time,
-    so no [batch, seq, vocab] float32 copy exists (pitfall 7). Returns [batch, seq, K] in the
+    so no [batch, seq, vocab] float32 copy exists (docs/method.md §9.4). Returns [batch, seq, K] in the
     compute dtype.
     """
     dtype = _compute_dtype(logits.dtype)
@@ -111,7 +111,7 @@ def _kl_on_slice(logp: Tensor, logq: Tensor) -> Tensor:
 
 
 def _slice_divergence(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
-    """The α-family of method.md §6.3 on slice log-probabilities [batch, seq, K] -> [batch, seq]."""
+    """The α-family of docs/method.md §6.3 on slice log-probabilities [batch, seq, K] -> [batch, seq]."""
     if alpha == 1.0:
         return _kl_on_slice(student, teacher)
     if alpha == 0.0:
@@ -132,7 +132,7 @@ def divergence(
     complement: bool = False,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Per-token student-teacher divergence over a vocabulary slice (method.md §6.2–6.4).
+    """Per-token student-teacher divergence over a vocabulary slice (docs/method.md §6.2–6.4).
 
     Args:
         student_logits: [batch, seq, vocab], any float dtype; gradients flow into it.
@@ -164,7 +164,7 @@ def divergence(
 
     For "subset" and "topk" only the logsumexp over the vocabulary is computed (in float32, per
     chunk) and the K slice entries gathered, so no full float32 log-probability tensor is made for
-    either model, and backward allocates only the student's gradient (pitfall 7). "full" takes a
+    either model, and backward allocates only the student's gradient (docs/method.md §9.4). "full" takes a
     float32 log-softmax of each chunk; chunking there bounds forward temporaries only.
     """
     if mode not in ("full", "topk", "subset"):

@@ -1,7 +1,7 @@
 """Benchmark records with gold answers (MMLU, GSM8K-100, HumanEval), read from pinned wheels.
 
 The capability measures score these records; the ordinary-request sets ask their ``message`` as a
-user would. Both read them here, below the evaluation layer (docs/data.md, "Capability").
+user would. Both read them here, below the evaluation layer (docs/data.md §8).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": (
         "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "
         "per-completion loss mean) with the learning rate, horizon and p_min of --model's family "
-        "(method.md §7: Llama 1e-6 / 5 / 1e-7, Qwen 1e-5 / 7 / 1e-8; Qwen's for other families)",
+        "(docs/method.md §7: Llama 1e-6 / 5 / 1e-7, Qwen 1e-5 / 7 / 1e-8; Qwen's for other families)",
         {"n_train_prompts": 100, "samples_per_prompt": 8, "max_new_tokens": 512,
          "prompts_per_step": 4, "num_safety_tokens": 50, "vote_samples_per_prompt": 8,
          "horizon": 7, "learning_rate": 1e-5, "use_lora": False, "reduction": "sequence",
@@ -240,7 +240,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
-# method.md §7: the paper's per-family settings, keyed by the prefix of the config's model_type.
+# docs/method.md §7: the paper's per-family settings, keyed by the prefix of the config's model_type.
 PAPER_FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"learning_rate": 1e-6, "horizon": 5, "p_min": 1e-7},
     "qwen": {"learning_rate": 1e-5, "horizon": 7, "p_min": 1e-8},

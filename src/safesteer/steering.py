@@ -22,7 +22,7 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 
 
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool]:
-    """The block input, wherever transformers passed it (pitfall 8: it may be a keyword)."""
+    """The block input, wherever transformers passed it (docs/method.md §9.5: it may be a keyword)."""
     if args:
         return args[0], True
     if "hidden_states" in kwargs:
@@ -95,7 +95,8 @@ def gated_add_to_block_input(model: nn.Module, layer: int, vector: torch.Tensor,
     ``gate_vector``; rows scoring above ``threshold`` are steered, in that forward and in the
     one-token decoding forwards that follow. The gate reads unsteered activations, so
     ``gate_layer`` may not come after ``layer``. Teacher-forced passes over prompt + answer should
-    use :func:`gate_scores` on the prompt and ``add_to_block_input`` with per-row vectors instead.
+    read the gate on the prompt alone (``Direction.gate_rows``) and steer those rows
+    (``Direction.steer(rows=...)``) instead (docs/method.md §4.2).
     """
     blocks = decoder_layers(model)
     if not 0 <= gate_layer <= layer < len(blocks):

@@ -1,6 +1,6 @@
 """Stage 2: choose the safety-token set S from teacher-vs-base log-probability contrasts.
 
-Two layers, both for method.md §5:
+Two layers, both for docs/method.md §5:
 
 * Pure tensor functions for steps 4–9. A caller passes log-probabilities [rows, H, vocab] scored
   teacher-forced with and without the steering hook (or streams them, slice by slice, into a
@@ -9,7 +9,7 @@ Two layers, both for method.md §5:
   masks, the banned set and the two streamed passes, returning a :class:`SafetyTokenSet` that is
   saved as ``safety_tokens.json`` for the distillation stage.
 
-Ties are broken deterministically everywhere (pitfall 10): a higher score first, then the lower
+Ties are broken deterministically everywhere (docs/method.md §9.6): a higher score first, then the lower
 token id, both inside a position's top-K′ and in the final top K.
 """
 
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SafetyTokenVotes:
-    """The safety-token set S and the evidence for it, best first (method.md §5 step 10).
+    """The safety-token set S and the evidence for it, best first (docs/method.md §5 step 10).
 
     ``scores`` are vote counts for aggregation "vote" and the mean contrast Δ̄ (nats) for
     "mean". ``teacher_mean_probs`` and ``base_mean_probs`` are p̄_t and p̄_0 at each chosen id,
@@ -80,13 +80,13 @@ def _ranked(scores: Tensor, top_k: int) -> Tensor:
 
 
 def select_top_tokens(counts: Tensor, banned: Tensor, top_k: int) -> Tensor:
-    """§5 step 9: set banned votes to −1, take the top ``top_k``, drop any with vote ≤ 0.
+    """docs/method.md §5 step 9: set banned votes to −1, take the top ``top_k``, drop any with vote ≤ 0.
 
     Args:
         counts: [V] int64 votes. banned: [V] bool. top_k: K.
 
     Returns the chosen ids [≤ K], most votes first, ties to the lower id; fewer than K when few
-    tokens got votes, which the caller should log and check (pitfall 10).
+    tokens got votes, which the caller should log and check (docs/method.md §9.6).
     """
     scores = counts.masked_fill(banned.to(counts.device), -1)
     ids = _ranked(scores, top_k)
@@ -94,7 +94,7 @@ def select_top_tokens(counts: Tensor, banned: Tensor, top_k: int) -> Tensor:
 
 
 class VoteAccumulator:
-    """Streams §5 steps 4, 6 and 8 over slices of scored positions, keeping only [V] totals.
+    """Streams docs/method.md §5 steps 4, 6 and 8 over slices of scored positions, keeping only [V] totals.
 
     Feed :meth:`add` one [n, V] slice at a time (one answer position of a batch of rows, say);
     the totals are on the CPU whatever the slices' device. It sums votes (``counts``, int64),
@@ -176,7 +176,8 @@ class VoteAccumulator:
         return self._mean(self._contrast_sum)
 
     def select(self, top_k: int = 50) -> SafetyTokenVotes:
-        """§5 step 9 on the votes so far, with the ``banned`` mask the votes were counted under."""
+        """docs/method.md §5 step 9 on the votes so far, with the ``banned`` mask the votes were
+        counted under."""
         banned = self.banned
         if banned is None:
             banned = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -233,7 +234,7 @@ def vote_safety_tokens(
     top_k: int = 50,
     inner_top_k: int = 200,
 ) -> SafetyTokenVotes:
-    """Safety tokens by vote (method.md §5 steps 4, 8, 9).
+    """Safety tokens by vote (docs/method.md §5 steps 4, 8, 9).
 
     Args:
         teacher_logprobs: [rows, H, V] full-vocabulary log-probs with the steering hook.
@@ -261,7 +262,7 @@ def mean_contrast_tokens(
     banned: Tensor,
     top_k: int = 50,
 ) -> SafetyTokenVotes:
-    """Safety tokens by mean contrast (the legacy ``mean`` variant of method.md §5).
+    """Safety tokens by mean contrast (the legacy ``mean`` variant of docs/method.md §5).
 
     Same inputs as :func:`vote_safety_tokens`. Averages Δ = log p_t − log p_0 over the valid
     pairs, sets banned tokens to −∞ and keeps the K highest (ties to the lower id); only banned
@@ -275,7 +276,7 @@ def mean_contrast_tokens(
 def banned_token_mask(
     teacher_mean_probs: Tensor, special_ids: list[int], token_strings: list[str], p_min: float
 ) -> Tensor:
-    """§5 step 7: the tokens S may never contain, as a [V] bool mask.
+    """docs/method.md §5 step 7: the tokens S may never contain, as a [V] bool mask.
 
     Args:
         teacher_mean_probs: p̄_t [V] over valid pairs (``VoteAccumulator.teacher_mean_probs``).
@@ -296,7 +297,7 @@ def banned_token_mask(
 
 
 def end_of_turn_valid_mask(base_argmax: Tensor, end_ids: list[int]) -> Tensor:
-    """§5 step 5: which (row, position) pairs may vote, [rows, H] bool.
+    """docs/method.md §5 step 5: which (row, position) pairs may vote, [rows, H] bool.
 
     ``base_argmax`` [rows, H] is the unsteered model's most probable next token at each answer
     position. From the first position whose argmax is an end-of-turn id (EOS, end-of-turn and
@@ -318,7 +319,7 @@ _TOKEN_COLUMN = 24
 
 @dataclass
 class TokensConfig:
-    """Settings of stage 2 (safety-token selection by vote, method.md §5)."""
+    """Settings of stage 2 (safety-token selection by vote, docs/method.md §5)."""
 
     vote_prompts: str = field(
         default="direction-harmless-val",
@@ -381,7 +382,7 @@ class TokensConfig:
 
 @dataclass
 class SafetyTokenSet:
-    """The frozen safety-token set S (method.md §5 step 10), best first; ``safety_tokens.json``.
+    """The frozen safety-token set S (docs/method.md §5 step 10), best first; ``safety_tokens.json``.
 
     ``scores`` are votes (aggregation "vote") or mean contrasts in nats ("mean");
     ``teacher_mean_probs``/``base_mean_probs`` are p̄_t and p̄_0 over the valid pairs. ``settings``
@@ -450,8 +451,8 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
-    """Ids that end an answer (§5 step 5): EOS of the tokenizer and of the generation config, and
-    every special token whose name contains "end", "eot" or "eos".
+    """Ids that end an answer (docs/method.md §5 step 5): EOS of the tokenizer and of the
+    generation config, and every special token whose name contains "end", "eot" or "eos".
 
     Generous on purpose: an extra id only invalidates positions where the base model's argmax is
     that token, while a missing one lets positions after the answer's end vote.
@@ -502,12 +503,12 @@ def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int,
                     generator: torch.Generator) -> Tensor:
     """Sample ``steps`` tokens after each left-padded prompt row: [rows, steps] int64, on the CPU.
 
-    Runs the model as the caller holds it (steering hook on for §5 step 2). ``blocked_ids`` (the
-    end-of-turn ids) get probability 0, so every row has exactly ``steps`` tokens, drawn from the
-    model's distribution conditioned on not ending the turn, as ``generate(min_new_tokens=
-    max_new_tokens)`` draws them. Only temperature and top-p shape it: no top-k, repetition penalty
-    or other generation-config defaults. Draws use ``generator`` on the CPU, so they depend on
-    the seed, not on the device's RNG.
+    Runs the model as the caller holds it (steering hook on for docs/method.md §5 step 2).
+    ``blocked_ids`` (the end-of-turn ids) get probability 0, so every row has exactly ``steps``
+    tokens, drawn from the model's distribution conditioned on not ending the turn, as
+    ``generate(min_new_tokens=max_new_tokens)`` draws them. Only temperature and top-p shape it:
+    no top-k, repetition penalty or other generation-config defaults. Draws use ``generator`` on
+    the CPU, so they depend on the seed, not on the device's RNG.
     """
     attention_mask = encoded["attention_mask"]
     next_input = encoded["input_ids"]
@@ -534,11 +535,11 @@ def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int,
 def steered_rollouts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, direction: Direction,
                      prompts: list[str], config: TokensConfig,
                      blocked_ids: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """§5 steps 1–2: each prompt N times, continued by H−1 steered samples.
+    """docs/method.md §5 steps 1–2: each prompt N times, continued by H−1 steered samples.
 
     Rows are prompt-major (a prompt's N copies are adjacent), in batches of ``vote_batch_size``. Each
     batch is (input_ids, attention_mask), both [rows, prompt + H − 1] int64 on the CPU, left
-    padded: scoring reuses these ids as they are, never re-tokenising text (pitfall 5).
+    padded: scoring reuses these ids as they are, never re-tokenising text (docs/method.md §9.2).
     """
     rendered = render_prompts(tokenizer, prompts)
     rows = [text for text in rendered for _ in range(config.vote_samples_per_prompt)]
@@ -562,11 +563,12 @@ def steered_rollouts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, direc
 @torch.inference_mode()
 def answer_logprobs(model: nn.Module, direction: Direction, input_ids: Tensor,
                     attention_mask: Tensor, horizon: int) -> tuple[Tensor, Tensor]:
-    """§5 step 3: teacher and base log-probs, each [rows, H, V] float32, at the H answer positions.
+    """docs/method.md §5 step 3: teacher and base log-probs, each [rows, H, V] float32, at the H
+    answer positions.
 
     The last H positions of prompt ‖ rollout predict answer tokens j = 1..H: the last prompt
     position, then each of the H−1 rollout tokens. Both passes see the same ids and positions;
-    the full-vocabulary log-softmax is taken in float32 (pitfall 7).
+    the full-vocabulary log-softmax is taken in float32 (docs/method.md §9.4).
     """
     device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -582,7 +584,7 @@ def answer_logprobs(model: nn.Module, direction: Direction, input_ids: Tensor,
 def _accumulate_batches(model: nn.Module, direction: Direction,
                         batches: list[tuple[Tensor, Tensor]], end_ids: list[int], horizon: int,
                         accumulator: VoteAccumulator, desc: str) -> None:
-    """§5 steps 3–6 (and 8 if ``accumulator`` votes), one batch and one position at a time."""
+    """docs/method.md §5 steps 3–6 (and 8 if ``accumulator`` votes), one batch and one position at a time."""
     for input_ids, attention_mask in tqdm(batches, desc=desc):
         teacher, base = answer_logprobs(model, direction, input_ids, attention_mask, horizon)
         valid = end_of_turn_valid_mask(base.argmax(dim=-1), end_ids)
@@ -592,7 +594,7 @@ def _accumulate_batches(model: nn.Module, direction: Direction,
 def select_safety_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                          direction: Direction, prompts: list[str],
                          config: TokensConfig) -> SafetyTokenSet:
-    """Stage 2 (method.md §5): the safety tokens S on which the distillation loss is summed.
+    """Stage 2 (docs/method.md §5): the safety tokens S on which the distillation loss is summed.
 
     ``model`` is the base model with no steering hook of its own; ``direction.steer`` makes the
     teacher for the rollouts and the teacher side of the scoring. Uses the first ``vote_n_prompts``

@@ -1,9 +1,9 @@
-"""Settings of stage 3 (localized on-policy distillation), one field per ``safesteer distill`` flag.
+"""Settings of stage 3 (localized on-policy distillation), one field per stage-3 flag of ``safesteer run``.
 
 Each field's ``metadata["help"]`` becomes the flag's ``--help`` text through
 ``transformers.HfArgumentParser``; ``__post_init__`` rejects bad values with the flag's name. The
 defaults suit a ~135M-parameter model trained with LoRA on a CPU; the paper's own settings
-(method.md §6–7) are a full fine-tune at learning rate 1e-5 (Qwen) or 1e-6 (Llama), 8 samples per
+(docs/method.md §6–7) are a full fine-tune at learning rate 1e-5 (Qwen) or 1e-6 (Llama), 8 samples per
 prompt and 512 new tokens, with ``--reduction sequence``.
 """
 
@@ -62,7 +62,7 @@ class DistillConfig:
                                        "it in the loss, as in the original code."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1 = off)."})
 
-    # --- loss (method.md §6.2-6.5)
+    # --- loss (docs/method.md §6.2–6.5)
     mode: str = field(
         default="subset",
         metadata={"help": "Vocabulary slice of the divergence: subset = the safety tokens S "

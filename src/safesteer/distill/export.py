@@ -19,7 +19,7 @@ def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, o
 
     ``base`` is the loaded base model (modified in place: cast to ``dtype`` and merged) or its
     directory. Merging in float32 (the default) keeps updates smaller than a bf16 ulp of the base
-    weights (pitfall 3); pass torch.bfloat16 for a half-size file at that cost. The tokenizer saved
+    weights (docs/method.md §9.8); pass torch.bfloat16 for a half-size file at that cost. The tokenizer saved
     beside the adapter is copied, so the result loads with plain AutoModelForCausalLM/AutoTokenizer.
     An existing ``output_dir`` is replaced only when it is an earlier export (its ``safesteer.json``
     says so) or empty: never the run, nor a folder of the user's.

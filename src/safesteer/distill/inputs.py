@@ -63,11 +63,11 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_length: int,
                      system_prompt: str | None = None) -> list[list[int]]:
-    """Render and tokenise every prompt once (docs/method.md §6.1), keeping the last
+    """Render and tokenise every prompt once (docs/method.md §9.2), keeping the last
     ``max_prompt_length`` ids.
 
     Left truncation keeps the end of the template (the assistant header) that the answer must
-    follow (docs/method.md §6.2); the same ids are used for sampling and scoring. ``system_prompt``
+    follow (docs/method.md §9.3); the same ids are used for sampling and scoring. ``system_prompt``
     gives the system-prompted teacher's version of the prompts.
     """
     encoded = tokenizer(render_prompts(tokenizer, prompts, system_prompt),

@@ -1,7 +1,7 @@
 """Stage 3 loss: which completion positions enter it and how a step's loss is normalised.
 
 The per-token divergence itself is :func:`safesteer.divergence.divergence`; these two functions
-turn it into the scalar one micro-batch backpropagates (docs/method.md §4.6).
+turn it into the scalar one micro-batch backpropagates (docs/method.md §6.5).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ Reduction = Literal["token", "sequence"]
 
 
 def loss_mask(completion_mask: Tensor, *, skip: int = 0, keep: int = 0) -> Tensor:
-    """Positions that enter the loss: completion_mask × 1[t ≥ skip] × 1[t < keep] (method.md §6.5).
+    """Positions that enter the loss: completion_mask × 1[t ≥ skip] × 1[t < keep] (docs/method.md §6.5).
 
     Args:
         completion_mask: [batch, seq], nonzero on generated tokens (final EOS included), zero on

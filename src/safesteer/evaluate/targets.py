@@ -3,7 +3,7 @@
 A target is a function that returns a context manager yielding the model as that target:
 ``with target() as model``. Base, teacher and adapter targets do not depend on the input. The
 conditional teacher does: it steers a row only when the direction's harmfulness gate flags the
-row's prompt (docs/method.md §2.4), so a teacher-forced pass over prompt ‖ answer must show it the
+row's prompt (docs/method.md §4.2), so a teacher-forced pass over prompt ‖ answer must show it the
 prompt alone (:func:`teacher_forced`), or the gate would read the last answer token.
 """
 
