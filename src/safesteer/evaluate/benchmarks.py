@@ -145,26 +145,27 @@ def _humaneval_nll(evaluation: Evaluation, target_name: str, target: Target, ben
                      load_humaneval(evaluation.args.capability_limit or None))
 
 
+def _graded_answers(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark,
+                    items: Sequence[Any], passes: Callable[[Any, str], bool]) -> Cell:
+    """The share of ``items`` whose greedy answer to ``item.message`` ``passes``."""
+    answers = evaluation.answers(target_name, target, benchmark.name, [item.message for item in items],
+                                 evaluation.args.gsm8k_max_new_tokens)
+    return _rate(benchmark, sum(passes(item, answer) for item, answer in zip(items, answers, strict=True)),
+                 len(items))
+
+
 def _gsm8k_exact_match(evaluation: Evaluation, target_name: str, target: Target,
                        benchmark: Benchmark) -> Cell:
-    args = evaluation.args
-    problems = load_gsm8k(args.gsm8k_limit or None)
-    answers = evaluation.answers(target_name, target, benchmark.name, [p.message for p in problems],
-                                 args.gsm8k_max_new_tokens)
-    hits = sum(gsm8k_exact_match(answer, problem.answer)
-               for answer, problem in zip(answers, problems, strict=True))
-    return _rate(benchmark, hits, len(problems))
+    return _graded_answers(evaluation, target_name, target, benchmark,
+                           load_gsm8k(evaluation.args.gsm8k_limit or None),
+                           lambda problem, answer: gsm8k_exact_match(answer, problem.answer))
 
 
 def _humaneval_pass(evaluation: Evaluation, target_name: str, target: Target,
                     benchmark: Benchmark) -> Cell:
-    args = evaluation.args
-    tasks = load_humaneval(args.capability_limit or None)
-    answers = evaluation.answers(target_name, target, benchmark.name, [task.message for task in tasks],
-                                 args.gsm8k_max_new_tokens)
-    passed = sum(humaneval_pass(task, extract_code(answer)).passed
-                 for task, answer in zip(tasks, answers, strict=True))
-    return _rate(benchmark, passed, len(tasks))
+    return _graded_answers(evaluation, target_name, target, benchmark,
+                           load_humaneval(evaluation.args.capability_limit or None),
+                           lambda task, answer: humaneval_pass(task, extract_code(answer)).passed)
 
 
 def _kl_benign(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
