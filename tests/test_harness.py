@@ -22,7 +22,7 @@ from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
-              "gsm8k-nll", "gsm8k", "kl-benign", "benign-nll"]
+              "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
 
 
 def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) -> None:
