@@ -68,6 +68,7 @@ from safesteer.io import (
 )
 from safesteer.judge import is_refusal
 from safesteer.models import model_device, position_ids, render_prompts, seeded
+from safesteer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -705,7 +706,7 @@ class Distiller:
         cfg, accelerator = self.config, self.accelerator
         stop = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         last_metrics: dict[str, float] | None = None
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step",
+        progress = progress_bar(total=self.total_steps, initial=self.step, desc="distill", unit="step",
                         disable=not accelerator.is_local_main_process)
         with progress:
             while self.step < stop:
