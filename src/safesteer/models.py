@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from safesteer.config import ModelArguments
-from safesteer.errors import SafesteerError
+from safesteer.errors import SafesteerError, first_line
 from safesteer.model_source import (
     EMBEDDED_MODELS,
     MODEL_FOLDER,
@@ -170,10 +170,6 @@ def damaged_weights(directory: Path, pattern: str = "*.safetensors") -> Path | s
     return directory
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") -> PeftModel:
     """``model`` with the LoRA adapter saved in ``path`` attached (added beside the others when
     ``model`` already is a PeftModel); a damaged adapter is a one-line error naming the file."""
@@ -184,7 +180,7 @@ def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") ->
         return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise SafesteerError(f"{damaged_weights(path)}: could not load the LoRA adapter "
-                             f"({_first_line(error)}); re-export or retrain it") from error
+                             f"({first_line(error)}); re-export or retrain it") from error
 
 
 def _load_pretrained(
@@ -201,7 +197,7 @@ def _load_pretrained(
     except (OSError, ValueError) as error:
         if source.kind == "hub":
             raise _hub_error(location) from error
-        raise SafesteerError(f"{location}: no usable tokenizer ({_first_line(error)}); {MODEL_FOLDER}, "
+        raise SafesteerError(f"{location}: no usable tokenizer ({first_line(error)}); {MODEL_FOLDER}, "
                              "and the tokenizer files (tokenizer.json, tokenizer_config.json)") from error
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map={"": device}, **kwargs)
@@ -209,7 +205,7 @@ def _load_pretrained(
         if source.kind == "hub":
             raise _hub_error(location) from error
         where = damaged_weights(Path(location)) if isinstance(error, SafetensorError) else location
-        raise SafesteerError(f"{where}: could not load the model ({_first_line(error)}); "
+        raise SafesteerError(f"{where}: could not load the model ({first_line(error)}); "
                              f"{MODEL_FOLDER}") from error
     return model, tokenizer
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, is_wandb_available
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -54,7 +56,7 @@ from safesteer.distill.loss import (
     negative_log_likelihood,
     reduce_loss,
 )
-from safesteer.errors import SafesteerError
+from safesteer.errors import SafesteerError, first_line
 from safesteer.io import (
     EXPORT_KIND,
     check_apart,
@@ -67,7 +69,7 @@ from safesteer.io import (
     write_json,
 )
 from safesteer.judge import is_refusal
-from safesteer.models import model_device, position_ids, render_prompts, seeded
+from safesteer.models import load_adapter, model_device, position_ids, render_prompts, seeded
 from safesteer.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -805,14 +807,24 @@ class Distiller:
         return random.Random(key).getrandbits(63)
 
     def _load_checkpoint(self, checkpoint: Path) -> None:
-        if self.config.use_lora:
-            weights = load_file(str(checkpoint / "adapter_model.safetensors"), device=str(self.device))
-            set_peft_model_state_dict(self.model, weights)
-        else:
-            load_model(self.model, str(checkpoint / "model.safetensors"), device=str(self.device))
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        self.step = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"]
+        weights = checkpoint / ("adapter_model.safetensors" if self.config.use_lora else "model.safetensors")
+        path = weights
+        try:
+            if self.config.use_lora:
+                set_peft_model_state_dict(self.model, load_file(str(weights), device=str(self.device)))
+            else:
+                load_model(self.model, str(weights), device=str(self.device))
+            for path, state in ((checkpoint / "optimizer.pt", self.optimizer),
+                                (checkpoint / "scheduler.pt", self.scheduler)):
+                state.load_state_dict(torch.load(path, weights_only=True))
+            path = checkpoint / STATE_FILE
+            self.step = json.loads(path.read_text(encoding="utf-8"))["step"]
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
+                SafetensorError) as error:
+            older = self._checkpoints()[:-1]
+            hint = (f"delete {checkpoint} and --resume continues from {older[-1]}" if older
+                    else "no older checkpoint is left; start afresh with --overwrite")
+            raise SafesteerError(f"{path}: damaged checkpoint ({first_line(error)}); {hint}") from error
         if self.accelerator.is_main_process:
             self._truncate_log()
 
@@ -867,7 +879,7 @@ def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, o
                              "fine-tune's student directory is already a plain model")
     if isinstance(base, str | Path):
         base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    merged = PeftModel.from_pretrained(base.to(dtype), adapter_dir).merge_and_unload()
+    merged = load_adapter(base.to(dtype), adapter_dir).merge_and_unload()
     staging = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)

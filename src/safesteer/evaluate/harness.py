@@ -45,7 +45,7 @@ from safesteer.evaluate.sandbox import humaneval_pass
 from safesteer.gold import GSM8KProblem, MultipleChoiceQuestion, load_gsm8k, load_humaneval, load_mmlu
 from safesteer.io import write_json
 from safesteer.judge import is_refusal
-from safesteer.models import generate_responses, load_model, pretrained_location
+from safesteer.models import generate_responses, load_adapter, load_model, pretrained_location
 from safesteer.report import HARMFUL_KINDS, Results, plot_results, pooled_styles, worst_of_kinds
 
 logger = logging.getLogger(__name__)
@@ -304,11 +304,7 @@ class Targets:
     def _attach(self, name: str, path: Path) -> None:
         # PEFT adapter names become module keys, which must not contain "."; display names may.
         adapter = self.adapters[name] = f"target{len(self.adapters)}"
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter)
-        else:
-            self.peft.load_adapter(str(path), adapter_name=adapter)
-        self.peft.eval()
+        self.peft = load_adapter(self.model if self.peft is None else self.peft, path, adapter).eval()
 
     @contextmanager
     def base(self) -> Iterator[nn.Module]:
