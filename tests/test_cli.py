@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from safesteer.cli import COMMANDS, main
+from safesteer.validation import flag
 
 
 def _run(capsys, *argv):
@@ -24,15 +26,32 @@ def test_top_level_help_lists_commands(capsys):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_option_is_documented(capsys, command):
+def test_every_option_is_documented_once_in_kebab_case(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for cls in COMMANDS[command][1]:
+    options = re.findall(r"^  (--[\w-]+)", out, flags=re.MULTILINE)
+    assert len(options) == len(set(options)) and not [option for option in options if "_" in option]
+    assert "_" not in out.split("\n\n")[0]  # the usage line
+    for cls, _ in COMMANDS[command].groups():
         for item in dataclasses.fields(cls):
-            assert f"--{item.name}" in out
+            assert flag(item.name) in options
             assert item.metadata.get("help"), f"{cls.__name__}.{item.name} has no help"
+    assert "(default: None)" not in out
+
+
+def test_help_marks_required_options_groups_stages_and_spells_switches_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: safesteer run --output-dir DIR [options]")
+    assert re.search(r"--output-dir DIR +Run directory: .* \(required\)", out)
+    titles = re.findall(r"^(\S.*):$", out, flags=re.MULTILINE)
+    assert [title.split(":")[0] for title in titles] == [
+        "options", "model", "data", "run directory", "stage 1", "stage 2", "stage 3", "stage 3", "check"]
+    assert "--overwrite, --no-overwrite" in out and out.count("--no-overwrite") == 2  # option, default
+    assert "(default: --filter-by-score)" in out
 
 
 def test_unknown_command(capsys):

@@ -181,8 +181,9 @@ def _yaml_mapping(path: str) -> tuple[dict[Any, Any], dict[str, int]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise SafesteerError(f"{path}{f': line {mark.line + 1}' if mark else ''}: invalid YAML") from error
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        raise SafesteerError(f"{path}{f': line {mark.line + 1}' if mark else ''}: invalid YAML"
+                             + (f" ({problem})" if problem else "")) from error
     if loaded is None:
         return {}, {}
     if not isinstance(loaded, dict) or not isinstance(root, yaml.MappingNode):
@@ -227,16 +228,20 @@ def yaml_arguments(path: str, parser: _Parser) -> list[str]:
 
 def _unknown(parser: _Parser, remaining: Sequence[str]) -> SafesteerError:
     """The error for tokens no option took, suggesting the spelling meant."""
+    options = [token for token in remaining if token.startswith("-")]
+    if not options:
+        return SafesteerError(f"unexpected value(s) {' '.join(remaining)} (a switch such as --overwrite "
+                              "takes no value: --no-overwrite turns it off); see "
+                              f"`{parser.prog} --help`")
     known = [option for action in parser.options.values() for option in action.option_strings]
-    unknown = [token for token in remaining if token.startswith("-")] or list(remaining)
     hints = []
-    for token in unknown:
+    for token in options:
         name = token.split("=")[0]
         close = difflib.get_close_matches(name.replace("_", "-"), known, n=1)
         if close:
             hints.append(f"{name} -> {close[0]}")
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-    return SafesteerError(f"unknown option(s) {' '.join(unknown)}{hint}; see `{parser.prog} --help`")
+    return SafesteerError(f"unknown option(s) {' '.join(options)}{hint}; see `{parser.prog} --help`")
 
 
 def parse(command: Command, argv: Sequence[str]) -> list[Any]:

@@ -8,6 +8,7 @@ once at the end.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -39,8 +40,12 @@ def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
 
 def quiet_when_not_a_terminal() -> None:
     """Turn off the Hugging Face libraries' own download and loading bars when stderr is not a
-    terminal (they read this variable when first imported, so call it before importing them)."""
-    if not sys.stderr.isatty():
-        import os
+    terminal: through the variable they read when first imported, or, in a process that has
+    imported them already, through their switch."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
 
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        transformers_logging.disable_progress_bar()
