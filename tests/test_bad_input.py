@@ -205,7 +205,7 @@ CASES = [
     case("chat with a student not trained yet", "chat --run-dir {ws}/run --prompt Hi --targets student",
          "--targets student: {ws}/run has no student yet"),
     case("eval teacher without a run", f"eval --output-dir {OUT} --targets base teacher",
-         "target(s) teacher need --run-dir"),
+         "target 'teacher' needs --run-dir"),
 ]
 
 

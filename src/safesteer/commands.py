@@ -32,10 +32,10 @@ from safesteer.pipeline import safety_tokens, teacher_direction
 from safesteer.tokens import TokensConfig
 from safesteer.validation import check_layers
 
-RUN_TARGETS = ("teacher", "conditional-teacher", "student")
-
 if TYPE_CHECKING:
     from safesteer.cli import ExportArguments, OutputArguments, TokensArguments
+
+RUN_TARGETS = ("teacher", "conditional-teacher", "student")
 
 
 def direction_command(model_args: ModelArguments, data_args: DataArguments,
@@ -125,7 +125,9 @@ def _check_run_targets(args: EvalArguments) -> None:
     if not needed:
         return
     if args.run_dir is None:
-        raise SafesteerError(f"target(s) {', '.join(needed)} need --run-dir (a `safesteer run` directory)")
+        names = ", ".join(repr(name) for name in needed)
+        raise SafesteerError(f"{'targets' if len(needed) > 1 else 'target'} {names} "
+                             f"need{'' if len(needed) > 1 else 's'} --run-dir (a `safesteer run` directory)")
     if needed != ["student"]:
         Direction.load(args.run_dir)
     if "student" in needed and not (Path(args.run_dir) / STUDENT_DIR).is_dir():

@@ -119,13 +119,13 @@ def pretrained_location(model: str) -> str:
 def check_model_arguments(args: ModelArguments) -> None:
     """Everything about ``--model``, ``--device`` and ``--chat-template`` that can be checked without
     loading weights, in milliseconds: each command calls it before its first real work."""
+    _read_chat_template(args.chat_template)
     source = resolve_source(args.model)
     if source.kind == "adapter":
         source = adapter_base(source)
     if source.kind == "hub":
         check_hub(source.location, "--model")
     resolve_device(args.device)
-    _read_chat_template(args.chat_template)
 
 
 def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -135,9 +135,9 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
     loads read that directory. A LoRA adapter directory (a run's student) is loaded on its base
     model and merged in float32. ``model.name_or_path`` is set to ``model_id(args)``.
     """
+    chat_template = _read_chat_template(args.chat_template)
     adapter = resolve_source(args.model)
     source = adapter_base(adapter) if adapter.kind == "adapter" else adapter
-    chat_template = _read_chat_template(args.chat_template)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     load_dtype = torch.float32 if adapter.kind == "adapter" else dtype  # merge below a bf16 ulp
