@@ -158,6 +158,8 @@ CASES = [
     case("damaged weights", f"direction --output-dir {OUT} --model {{ws}}/damaged-model",
          "{ws}/damaged-model/model.safetensors: could not load the model (Error while deserializing header",
          in_subprocess=True),
+    case("damaged model config", f"direction --output-dir {OUT} --model {{ws}}/damaged-config",
+         "{ws}/damaged-config/config.json: line 1: invalid JSON"),
     case("adapter whose base is gone", f"direction --output-dir {OUT} --model {{ws}}/orphan-adapter",
          "is a LoRA adapter for '/nonexistent/base-model', which cannot be loaded here"),
     case("hub id offline", f"direction --output-dir {OUT} --model some-org/some-model",
@@ -228,7 +230,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
              "wrongfield.json": '[{"text": "hello"}]', "broken.yaml": "n_train: 4\n  bad: indent\n",
              "list.yaml": "- n_train\n- 4\n", "unknown.yaml": "n_train: 4\nnot_an_option: 1\n",
              "badvalue.yaml": "n_train: lots\n", "not-a-model/readme.txt": "not weights",
-             "mine/photo.jpg": "jpeg", "empty/.keep": ""}
+             "mine/photo.jpg": "jpeg", "empty/.keep": "", "damaged-config/config.json": "{"}
     for name, text in files.items():
         (ws / name).parent.mkdir(parents=True, exist_ok=True)
         (ws / name).write_text(text)

@@ -215,6 +215,19 @@ def test_yaml_values_parse_like_flags(tmp_path):
     assert direction.response_betas == [0.5, 0.7]
 
 
+def test_option_flags_read_back_to_the_same_configs():
+    from dataclasses import asdict
+
+    from safesteer.arguments import option_flags
+    from safesteer.cli import parse
+
+    _, parsed = parse("run", ["--output-dir", "x y", "--preset", "demo", "--retain-prompts", "a,b",
+                              "--n-retain-prompts", "2", "--response-layers", "1", "3",
+                              "--teacher-system-prompt", "-- be safe --", "--no-use-lora"])
+    flags = option_flags({key: value for item in parsed for key, value in asdict(item).items()})
+    assert parse("run", flags)[1] == parsed
+
+
 def test_unknown_flag_is_a_one_line_error(capsys, tmp_path):
     code, _, err = _run(capsys, "direction", "--output-dir", str(tmp_path), "--no-such-flag", "1")
     assert code == 2 and "--no-such-flag" in err and err.count("\n") == 1

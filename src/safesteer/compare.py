@@ -49,6 +49,7 @@ from safesteer.pipeline import peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
 from safesteer.run_config import PRESETS, RUN, RunArguments
 from safesteer.tokens_config import TokensConfig
+from safesteer.validation import check_choice
 
 COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
                       "borderline-unsafe-test", "xstest-proxy", "ordinary-test", "borderline-test",
@@ -151,8 +152,7 @@ class CompareArguments:
         "help": "Tokens generated per evaluated answer (default 64, as the demo check; 16 with --quick)."})
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise SafesteerError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        check_choice(self, "preset", sorted(PRESETS))
         for name, sizes in EVAL_SIZES.items():
             if getattr(self, name) is None:
                 setattr(self, name, sizes[self.quick])

@@ -94,6 +94,7 @@ def resolve_source(model: str) -> ModelSource:
 def _directory_source(model: str, path: Path) -> ModelSource:
     location = str(path.resolve())
     if (path / "config.json").is_file():
+        read_json(path / "config.json")  # a damaged config is named here, not deep in transformers
         return ModelSource("directory", location)
     adapter_config = path / "adapter_config.json"
     if adapter_config.is_file():

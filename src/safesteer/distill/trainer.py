@@ -66,6 +66,7 @@ from safesteer.io import (
     differing_settings,
     guard_output_dir,
     publish_dir,
+    read_json,
     write_json,
 )
 from safesteer.judge import is_refusal
@@ -417,7 +418,7 @@ class Distiller:
         accelerator = self.accelerator
         if self.resume and config_path.is_file():
             for path, current in ((config_path, config), (inputs_path, inputs)):
-                saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+                saved = read_json(path) if path.is_file() else {}
                 differences = differing_settings(saved, current)
                 if differences:
                     raise SafesteerError(

@@ -47,6 +47,7 @@ from safesteer.io import write_json
 from safesteer.judge import is_refusal
 from safesteer.models import generate_responses, load_adapter, load_model, pretrained_location
 from safesteer.report import HARMFUL_KINDS, Results, plot_results, pooled_styles, worst_of_kinds
+from safesteer.validation import check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +217,10 @@ class EvalArguments:
         if duplicates:
             raise SafesteerError(f"--targets: each target needs its own name; {', '.join(duplicates)} "
                                  "appear(s) twice (give one NAME=TARGET)")
-        if self.judge_format not in JUDGE_FORMATS:
-            raise SafesteerError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got "
-                                 f"{self.judge_format!r}")
-        for name in ("limit", "capability_limit", "gsm8k_limit"):
-            if getattr(self, name) < 0:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"):
-            if getattr(self, name) < 1:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 1")
+        check_choice(self, "judge_format", JUDGE_FORMATS)
+        check_range(self, ("limit", "capability_limit", "gsm8k_limit"), low=0)
+        check_range(self, ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"),
+                    low=1)
 
 
 # ------------------------------------------------------------------------- targets
