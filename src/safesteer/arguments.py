@@ -131,8 +131,8 @@ def build_parser(command: Command) -> _Parser:
     prog = f"safesteer {command.name}"
     parser = _Parser(prog=prog, description=command.help, formatter_class=_Formatter, allow_abbrev=False)
     parser.options = {}
-    parser.add_argument("--config", metavar="FILE", help="YAML file of options: the names below without "
-                        "the dashes as keys (n_train: 4); flags on the command line win.")
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options, keyed by the names below "
+                        "without the leading dashes (max_new_tokens: 32); flags on the command line win.")
     if command.presets:
         parser.add_argument("--preset", choices=sorted(command.presets), help="Defaults for a whole "
                             "run, overridden by --config and flags: "

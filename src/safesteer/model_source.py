@@ -172,7 +172,8 @@ def check_hub(repo_id: str, what: str) -> bool:
 
 def model_type(model: str) -> str | None:
     """The ``model_type`` of ``--model`` (e.g. "llama", "qwen2") without loading weights; None when
-    it cannot be read (a GGUF file, or a hub id without network)."""
+    it cannot be read (a GGUF file, a hub repository without one). A hub id without network is the
+    one-line error of :func:`check_hub`."""
     source = resolve_source(model)
     if source.kind == "adapter":
         source = adapter_base(source)
@@ -184,9 +185,9 @@ def model_type(model: str) -> str | None:
     if source.kind == "hub":
         from transformers import AutoConfig
 
+        cached_only = check_hub(source.location, "--model")
         try:
-            cached_only = check_hub(source.location, "--model")
             return AutoConfig.from_pretrained(source.location, local_files_only=cached_only).model_type
-        except (OSError, SafesteerError):
+        except OSError:
             return None
     return None
