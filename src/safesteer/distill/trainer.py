@@ -710,7 +710,7 @@ class Distiller:
         stop = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         last_metrics: dict[str, float] | None = None
         progress = progress_bar(total=self.total_steps, initial=self.step, desc="distill", unit="step",
-                        disable=not accelerator.is_local_main_process)
+                                disable=not accelerator.is_local_main_process)
         with progress:
             while self.step < stop:
                 step = self.step + 1
