@@ -53,7 +53,7 @@ CASES = [
          "unknown option(s) --no-such-flag",
          in_subprocess=True),
     case("snake_case option", f"direction --output-dir {OUT} --n_train 4",
-         "unknown option(s) --n_train (did you mean --n_train -> --n-train?)"),
+         "unknown option(s) --n_train (did you mean --n-train?)"),
     case("switch given a value", f"run --output-dir {OUT} --overwrite yes", "unexpected value(s) yes"),
     case("required option missing", "run --preset demo",
          "the following arguments are required: --output-dir"),

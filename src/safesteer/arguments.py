@@ -234,12 +234,8 @@ def _unknown(parser: _Parser, remaining: Sequence[str]) -> SafesteerError:
                               "takes no value: --no-overwrite turns it off); see "
                               f"`{parser.prog} --help`")
     known = [option for action in parser.options.values() for option in action.option_strings]
-    hints = []
-    for token in options:
-        name = token.split("=")[0]
-        close = difflib.get_close_matches(name.replace("_", "-"), known, n=1)
-        if close:
-            hints.append(f"{name} -> {close[0]}")
+    hints = [match for token in options
+             for match in difflib.get_close_matches(token.split("=")[0].replace("_", "-"), known, n=1)]
     hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     return SafesteerError(f"unknown option(s) {' '.join(options)}{hint}; see `{parser.prog} --help`")
 
