@@ -22,6 +22,7 @@ from safesteer.io import (
     claim_output_dir,
     clear_output_dir,
     publish_dir,
+    settle_file_modes,
     write_json,
 )
 
@@ -227,3 +228,17 @@ def test_an_impossible_output_directory_is_found_by_trying_and_nothing_is_left(t
         check_writable(Path("/proc/safesteer-x/run"))
     check_writable(tmp_path / "new" / "run")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_published_directories_hold_files_of_the_usual_mode(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "sub/config.json"):
+        (staging / name).write_bytes(b"x")
+        os.chmod(staging / name, 0o600)
+    previous = os.umask(0o022)
+    try:
+        settle_file_modes(staging)
+    finally:
+        os.umask(previous)
+    assert {path.stat().st_mode & 0o777 for path in staging.rglob("*") if path.is_file()} == {0o644}

@@ -43,6 +43,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def settle_file_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode of any new file (0644 under umask 022), before
+    it is published: libraries that save through temporary files (safetensors weights from
+    transformers 5 and peft) leave theirs 0600, unreadable to the user's group beside readable
+    configs."""
+    mode = _file_mode()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_json(path: Path, payload: Any) -> None:
     text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -237,6 +248,7 @@ def publish_dir(staging: Path, final: Path, kind: OutputKind) -> Path:
     it is ``kind``'s output (checked here, where the delete happens, whatever the caller checked)
     and is first renamed aside, so ``final`` is always either the old or the new directory."""
     check_output_dir(final, kind, overwrite=True)
+    settle_file_modes(staging)
     if not final.exists():
         os.replace(staging, final)
         return final

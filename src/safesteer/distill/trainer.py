@@ -67,6 +67,7 @@ from safesteer.io import (
     guard_output_dir,
     publish_dir,
     read_json,
+    settle_file_modes,
     write_json,
 )
 from safesteer.judge import is_refusal
@@ -164,6 +165,7 @@ def _publish_dir(staging: Path, final: Path) -> None:
     """Move a fully written ``staging`` directory to ``final``, replacing any older copy: for the
     trainer's own subdirectories of the run (a directory the user names goes through
     :func:`safesteer.io.publish_dir`, which replaces only its own kind)."""
+    settle_file_modes(staging)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
