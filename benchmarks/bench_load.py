@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from safesteer.config import ModelArguments
-from safesteer.models import EMBEDDED_MODELS, load_model
+from safesteer.model_source import EMBEDDED_MODELS
+from safesteer.models import load_model
 from safesteer.wheels import CACHE_ENV, cache_dir, fetch_wheel
 
 MODEL = "smollm2-135m"

@@ -72,32 +72,42 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def build_tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A fresh seeded float32 model of transformers model type ``arch``, in eval mode."""
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 @pytest.fixture
 def make_tiny_model(tiny_tokenizer: PreTrainedTokenizerFast) -> Callable[[str], PreTrainedModel]:
     """Factory: ``make_tiny_model(arch)`` builds a fresh seeded float32 model in eval mode.
 
     ``arch`` is a transformers model type; ``TINY_ARCHITECTURES`` are the ones known to work here.
     """
+    return lambda arch: build_tiny_model(arch, tiny_tokenizer)
 
-    def build(arch: str) -> PreTrainedModel:
-        config = AutoConfig.for_model(
-            arch,
-            vocab_size=len(tiny_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=256,
-            bos_token_id=tiny_tokenizer.bos_token_id,
-            eos_token_id=tiny_tokenizer.eos_token_id,
-            pad_token_id=tiny_tokenizer.pad_token_id,
-        )
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
-    return build
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny model saved as a model directory (``--model DIR``); shared, so read it only."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_model("llama", tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from safesteer.cli import COMMANDS, main
+from safesteer.validation import flag
 
 
 def _run(capsys, *argv):
@@ -24,15 +26,32 @@ def test_top_level_help_lists_commands(capsys):
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_every_option_is_documented(capsys, command):
+def test_every_option_is_documented_once_in_kebab_case(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for cls in COMMANDS[command][1]:
+    options = re.findall(r"^  (--[\w-]+)", out, flags=re.MULTILINE)
+    assert len(options) == len(set(options)) and not [option for option in options if "_" in option]
+    assert "_" not in out.split("\n\n")[0]  # the usage line
+    for cls, _ in COMMANDS[command].groups():
         for item in dataclasses.fields(cls):
-            assert f"--{item.name}" in out
+            assert flag(item.name) in options
             assert item.metadata.get("help"), f"{cls.__name__}.{item.name} has no help"
+    assert "(default: None)" not in out
+
+
+def test_help_marks_required_options_groups_stages_and_spells_switches_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: safesteer run --output-dir DIR [options]")
+    assert re.search(r"--output-dir DIR +Run directory: .* \(required\)", out)
+    titles = re.findall(r"^(\S.*):$", out, flags=re.MULTILINE)
+    assert [title.split(":")[0] for title in titles] == [
+        "options", "model", "data", "run directory", "stage 1", "stage 2", "stage 3", "stage 3", "check"]
+    assert "--overwrite, --no-overwrite" in out and out.count("--no-overwrite") == 2  # option, default
+    assert "(default: --filter-by-score)" in out
 
 
 def test_unknown_command(capsys):
@@ -97,6 +116,78 @@ def test_direction_then_chat_on_a_local_model(capsys, tmp_path, saved_tiny_model
                           "--run-dir", str(run), "--prompt", "Hello there", "--max-new-tokens", "3")
     assert code == 0, err
     assert ">>> Hello there" in out and "base    |" in out and "teacher |" in out
+    assert "student" not in out  # the run has no student yet
+
+
+def _answers(out):
+    """Each chat target's answer lines, by target name."""
+    answers = {}
+    for line in out.splitlines():
+        name, bar, text = line.strip().partition(" | ")
+        if bar:
+            answers.setdefault(name.strip(), []).append(text)
+    return answers
+
+
+@pytest.mark.parametrize("student_kind", ["adapter", "full"])
+def test_chat_shows_the_run_s_student_beside_base_and_teacher(capsys, tmp_path, saved_tiny_model,
+                                                              tiny_tokenizer, student_kind):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from safesteer.direction import Direction
+    from safesteer.models import generate_responses
+
+    run = tmp_path / "run"
+    Direction(torch.ones(32) * 8, 1, 1.0, {"num_layers": 2}).save(run)
+    student = AutoModelForCausalLM.from_pretrained(saved_tiny_model)
+    if student_kind == "adapter":
+        student = get_peft_model(student, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    else:
+        torch.nn.init.normal_(student.lm_head.weight, generator=torch.Generator().manual_seed(3))
+    student.save_pretrained(run / "student")
+    tiny_tokenizer.save_pretrained(run / "student")
+    expected = generate_responses(student.eval(), tiny_tokenizer, ["Hello there"], max_new_tokens=4)
+    flags = ["chat", "--model", str(saved_tiny_model), "--run-dir", str(run), "--prompt", "Hello there",
+             "--max-new-tokens", "4"]
+    code, out, err = _run(capsys, *flags)
+    assert code == 0, err
+    answers = _answers(out)
+    assert list(answers) == ["base", "teacher", "student"] and answers["student"] == expected
+    assert len({answers["base"][0], answers["student"][0]}) == 2
+    code, out, err = _run(capsys, *flags, "--targets", "student", "base")
+    assert code == 0, err
+    assert list(_answers(out)) == ["student", "base"]
+
+
+def test_chat_cuts_a_prompt_too_long_for_the_context_on_the_left(capsys, caplog, tmp_path, saved_tiny_model):
+    import torch
+
+    from safesteer.direction import Direction
+
+    run = tmp_path / "run"
+    Direction(torch.ones(32), 1, 1.0, {"num_layers": 2}).save(run)
+    long_prompt = "the cat writes a poem today. " * 200 + "What did the cat write?"
+    code, out, err = _run(capsys, "chat", "--model", str(saved_tiny_model), "--run-dir", str(run),
+                          "--prompt", long_prompt, "Short one.", "--max-new-tokens", "16")
+    assert code == 0, err
+    assert "prompt 1 is" in caplog.text and "fit the model's 256-token context" in caplog.text
+    assert "prompt 2" not in caplog.text
+    assert "What did the cat write?" in out and ">>> Short one." in out
+
+
+def test_fit_prompts_keeps_the_end_within_the_context(tiny_tokenizer):
+    from safesteer.chat import fit_prompts
+    from safesteer.errors import SafesteerError
+    from safesteer.models import render_prompts
+
+    prompts = fit_prompts(tiny_tokenizer, ["a gardener paints the fence quickly? " * 100, "Hi"], 256, 16)
+    rendered = tiny_tokenizer(render_prompts(tiny_tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    assert 200 < len(rendered[0]) <= 256 - 16 and prompts[0].endswith("quickly? ") and prompts[1] == "Hi"
+    with pytest.raises(SafesteerError, match="--max-new-tokens 256 leaves no room"):
+        fit_prompts(tiny_tokenizer, ["Hi"], 256, 256)
 
 
 def test_chat_needs_a_prompt(capsys, tmp_path):
@@ -122,6 +213,19 @@ def test_yaml_values_parse_like_flags(tmp_path):
     _, parsed = parse("direction", ["--config", str(config), "--response-betas", "0.5", "0.7"])
     direction = next(item for item in parsed if isinstance(item, DirectionConfig))
     assert direction.response_betas == [0.5, 0.7]
+
+
+def test_option_flags_read_back_to_the_same_configs():
+    from dataclasses import asdict
+
+    from safesteer.arguments import option_flags
+    from safesteer.cli import parse
+
+    _, parsed = parse("run", ["--output-dir", "x y", "--preset", "demo", "--retain-prompts", "a,b",
+                              "--n-retain-prompts", "2", "--response-layers", "1", "3",
+                              "--teacher-system-prompt", "-- be safe --", "--no-use-lora"])
+    flags = option_flags({key: value for item in parsed for key, value in asdict(item).items()})
+    assert parse("run", flags)[1] == parsed
 
 
 def test_unknown_flag_is_a_one_line_error(capsys, tmp_path):

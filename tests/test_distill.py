@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -397,6 +399,21 @@ def test_resume_with_another_config_is_refused(make_tiny_model: ModelFactory, ti
     assert (tmp_path / "train_log.jsonl").is_file() and any((tmp_path / "checkpoints").iterdir())
     make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, overwrite=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["distill_config.json", "distill_inputs.json"]
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_older_one(
+        make_tiny_model: ModelFactory, tiny_tokenizer, direction, tmp_path) -> None:
+    make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path).train(max_steps=2)
+    checkpoints = tmp_path / "checkpoints"
+    damaged = checkpoints / "step-2" / "adapter_model.safetensors"
+    damaged.write_bytes(b"\0" * 8)
+    with pytest.raises(SafesteerError, match=re.escape(
+            f"{damaged}: damaged checkpoint (") + ".*" + re.escape(
+            f"); delete {checkpoints / 'step-2'} and --resume continues from {checkpoints / 'step-1'}")):
+        make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, resume=True)
+    shutil.rmtree(checkpoints / "step-2")
+    resumed = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, resume=True)
+    assert resumed.step == 1
 
 
 def test_resume_with_other_steering_labels_is_refused(make_tiny_model: ModelFactory, tiny_tokenizer,

@@ -182,10 +182,10 @@ def test_conditional_teacher_steers_the_prompts_its_gate_flags(eval_setup, tmp_p
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--targets", "teacher"], "needs --run-dir"),
-    (["--targets", "student", "--run-dir", "missing-run"], "missing-run/student does not exist"),
+    (["--targets", "student", "--run-dir", "missing-run"], "missing-run has no student yet"),
     (["--targets", "no-such-model"], "unknown target"),
     (["--targets", "base", "--benchmarks", "bogus"], "unknown benchmark"),
-    (["--targets", "base", "--score_batch_size", "0"], "--score-batch-size must be >= 1"),
+    (["--targets", "base", "--score-batch-size", "0"], "--score-batch-size must be >= 1"),
 ])
 def test_bad_targets_and_benchmarks_fail_in_one_line(flags, message, tiny_model, tiny_tokenizer,
                                                      tmp_path, capsys) -> None:

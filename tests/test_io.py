@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,9 +18,12 @@ from safesteer.io import (
     RUN_KIND,
     check_apart,
     check_output_dir,
+    check_writable,
     claim_output_dir,
     clear_output_dir,
     publish_dir,
+    settle_file_modes,
+    write_json,
 )
 
 
@@ -202,3 +206,39 @@ def test_an_output_overlapping_the_source_is_refused(tmp_path, monkeypatch, outp
                                              "--output-dir outside it"):
         check_apart(output_dir, Path("run"), "--run-dir")
     check_apart(Path("run-merged"), Path("run"), "--run-dir")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_json_artifacts_get_the_mode_of_any_new_file(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "plain.bin").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_impossible_output_directory_is_found_by_trying_and_nothing_is_left(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SafesteerError, match=r"file is a file, not a directory; choose another --output-dir"):
+        check_writable(tmp_path / "file" / "run")
+    with pytest.raises(SafesteerError, match=r"cannot create /proc/safesteer-x/run: /proc is not writable"):
+        check_writable(Path("/proc/safesteer-x/run"))
+    check_writable(tmp_path / "new" / "run")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_published_directories_hold_files_of_the_usual_mode(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    (staging / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "sub/config.json"):
+        (staging / name).write_bytes(b"x")
+        os.chmod(staging / name, 0o600)
+    previous = os.umask(0o022)
+    try:
+        settle_file_modes(staging)
+    finally:
+        os.umask(previous)
+    assert {path.stat().st_mode & 0o777 for path in staging.rglob("*") if path.is_file()} == {0o644}

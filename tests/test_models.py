@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,14 +16,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from safesteer.config import ModelArguments
 from safesteer.errors import SafesteerError
+from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
 from safesteer.models import (
-    EMBEDDED_MODELS,
     _remove_stale_conversions,
     decoder_layers,
     encode_rendered,
     generate_responses,
     hidden_size,
-    list_embedded_models,
     load_model,
     model_device,
     model_id,
@@ -264,13 +262,40 @@ def test_unknown_model_lists_embedded_names() -> None:
 
 
 @pytest.mark.usefixtures("isolated_cache")
-def test_hub_id_without_network_explains_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(SafesteerError, match=r"could not fetch.*no network.*smollm2-135m"):
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("HF_HUB_OFFLINE", "1", "HF_HUB_OFFLINE is set"),
+    ("HF_ENDPOINT", "http://127.0.0.1:9", "cannot reach the Hugging Face hub at http://127.0.0.1:9")])
+def test_hub_id_without_network_fails_at_once_and_explains_alternatives(
+        monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SafesteerError, match=rf"{message}.*smollm2-135m"):
         load_model(ModelArguments(model="no-such-org/no-such-model", device="cpu"))
 
 
+def test_a_folder_without_a_model_says_what_a_model_folder_holds(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no weights here")
+    with pytest.raises(SafesteerError, match=r"not a model directory \(a model directory holds config\.json"):
+        load_model(ModelArguments(model=str(tmp_path), device="cpu"))
+
+
+@pytest.mark.usefixtures("isolated_cache")
+def test_an_adapter_directory_loads_on_its_base_merged(
+    tmp_path: Path, tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    base = save_tiny(tiny_model, tiny_tokenizer, tmp_path / "base")
+    student = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    student.save_pretrained(tmp_path / "student")
+    model, _ = load_model(ModelArguments(model=str(tmp_path / "student"), device="cpu"))
+    assert not hasattr(model, "peft_config") and model.name_or_path == str((tmp_path / "student").resolve())
+    inputs = encode_rendered(tiny_tokenizer, render_prompts(tiny_tokenizer, ["Hi"]), "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, student.eval()(**inputs).logits)
+        assert not torch.allclose(model(**inputs).logits, tiny_model(**inputs).logits)
+
+
 def test_model_id_is_stable_across_sources(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
     assert model_id(ModelArguments(model="smollm2-135m")) == "smollm2-135m"
     assert model_id(ModelArguments(model="org/name")) == "org/name"
     assert model_id(ModelArguments(model=str(tmp_path / "." / ""))) == str(tmp_path.resolve())
@@ -303,6 +328,13 @@ def test_bad_local_paths_are_rejected(tmp_path: Path) -> None:
 def test_device_and_dtype_resolution() -> None:
     cpu = torch.device("cpu")
     assert resolve_device("cpu") == cpu
+    with pytest.raises(SafesteerError, match=r"--device 'gpu0' is not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(SafesteerError, match=r"--device mps: this machine has no mps device|numbered"):
+        if not torch.backends.mps.is_available():
+            resolve_device("mps")
+        else:
+            resolve_device("mps:7")
     assert resolve_dtype("auto", cpu) == torch.float32
     assert resolve_dtype("float16", cpu) == torch.float16
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():

@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
+from safesteer.arguments import option_flags, parse
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import DirectionConfig
+from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import EvalArguments, completions_dir, evaluate_targets
@@ -38,15 +39,18 @@ from safesteer.io import (
     EVAL_KIND,
     RUN_KIND,
     atomic_write,
+    check_writable,
     claim_output_dir,
     differing_settings,
     read_json,
     write_json,
 )
-from safesteer.models import resolve_device
-from safesteer.pipeline import PRESETS, RunArguments, peak_memory_mib
+from safesteer.models import check_model_arguments, resolve_device
+from safesteer.pipeline import peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
-from safesteer.tokens import TokensConfig
+from safesteer.run_config import PRESETS, RUN, RunArguments
+from safesteer.tokens_config import TokensConfig
+from safesteer.validation import check_choice
 
 COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
                       "borderline-unsafe-test", "xstest-proxy", "ordinary-test", "borderline-test",
@@ -149,8 +153,7 @@ class CompareArguments:
         "help": "Tokens generated per evaluated answer (default 64, as the demo check; 16 with --quick)."})
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise SafesteerError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        check_choice(self, "preset", sorted(PRESETS))
         for name, sizes in EVAL_SIZES.items():
             if getattr(self, name) is None:
                 setattr(self, name, sizes[self.quick])
@@ -307,18 +310,13 @@ def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], pres
                  model_args: ModelArguments, data_args: DataArguments) -> tuple[list[str], dict[str, Any]]:
     """The method's ``safesteer run`` arguments, and every setting they resolve to (read by the run
     command's own parser, so a bad option or value fails here, before anything trains)."""
-    from safesteer.cli import option_flags, parse  # imported here: safesteer.cli imports this module
-
     arguments = ["--preset", preset, *option_flags({
         "output_dir": str(run_dir), "resume": True, "check_limit": 0, **asdict(model_args),
         **asdict(data_args), **options})]
     try:
-        _, parsed = parse("run", arguments)
+        parsed = parse(RUN, arguments)
     except SafesteerError as error:
         raise SafesteerError(f"{method.where}: method {method.name!r}: {error}") from error
-    except SystemExit as error:  # argparse has printed what it could not read
-        raise SafesteerError(f"{method.where}: method {method.name!r}: invalid `safesteer run` "
-                             "options (see above)") from error
     settings = {key: value for item in parsed for key, value in asdict(item).items()
                 if key not in ("output_dir", "resume", "overwrite")}
     return arguments, {"preset": preset, **settings}
@@ -488,6 +486,8 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
     started = time.perf_counter()
     methods, shared = load_methods(args.methods) if args.methods else (list(DEFAULT_METHODS), {})
     output_dir = Path(args.output_dir)
+    check_writable(output_dir)
+    check_model_arguments(model_args)
     trained = [method for method in methods if method.trains]
     plans = {method.name: run_settings(method, output_dir / "runs" / method.name,
                                        method_options(method, shared, args.quick), args.preset,

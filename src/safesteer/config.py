@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from safesteer.errors import SafesteerError
+from safesteer.validation import check_choice, check_not_empty
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_SOURCES = ("offline", "hub")
@@ -43,10 +43,8 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise SafesteerError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not self.model:
-            raise SafesteerError("--model must not be empty")
+        check_choice(self, "dtype", DTYPES)
+        check_not_empty(self, ("model", "device"))
 
 
 @dataclass
@@ -71,8 +69,15 @@ class DataArguments:
         return load_prompts(name_or_path, source=self.data_source, field=self.prompt_field,
                             seed=self.data_seed, limit=limit)
 
+    def check(self, *names_or_paths: str | None) -> None:
+        """Fail now on a prompt set that loading would fail on later (unknown name; missing,
+        malformed or empty file), so a typo never costs the work done before it is read."""
+        from safesteer.data import check_prompt_source  # imported here: safesteer.data imports this module
+
+        for name in names_or_paths:
+            if name is not None:
+                check_prompt_source(name, field=self.prompt_field)
+
     def __post_init__(self) -> None:
-        if self.data_source not in DATA_SOURCES:
-            raise SafesteerError(
-                f"--data-source must be one of {', '.join(DATA_SOURCES)}, got {self.data_source!r}"
-            )
+        check_choice(self, "data_source", DATA_SOURCES)
+        check_not_empty(self, "prompt_field")

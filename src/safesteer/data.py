@@ -925,6 +925,34 @@ def list_datasets() -> list[DatasetInfo]:
     return [entry.info for entry in _REGISTRY.values()]
 
 
+def _parts(name_or_path: str) -> list[tuple[bool, str]]:
+    """What ``name_or_path`` names, as (is a registry name, name or path) per set.
+
+    Registry names win over same-named files without an extension (those could not be loaded
+    anyway); anything with a prompt-file extension is a file; a comma separates several sets.
+    """
+    path = Path(name_or_path).expanduser()
+    if name_or_path in _REGISTRY:
+        return [(True, name_or_path)]
+    if "," in name_or_path and not path.is_file():
+        return [part for name in name_or_path.split(",") for part in _parts(name.strip())]
+    if path.is_file() or path.suffix.lower() in PROMPT_SUFFIXES:
+        return [(False, str(path))]
+    raise SafesteerError(
+        f"unknown dataset {name_or_path!r}; known: {', '.join(_REGISTRY)}, "
+        f"or give a path to a {'/'.join(PROMPT_SUFFIXES)} file"
+    )
+
+
+def check_prompt_source(name_or_path: str, *, field: str = "prompt") -> None:
+    """Fail now as :func:`load_prompts` would fail later: on an unknown name, or a prompt file that
+    is missing, malformed or empty (files are parsed whole; registry sets, which can take seconds
+    to derive, are only looked up)."""
+    for registered, name in _parts(name_or_path):
+        if not registered:
+            load_prompt_file(name, field)
+
+
 def load_prompts(
     name_or_path: str,
     *,
@@ -935,9 +963,8 @@ def load_prompts(
 ) -> list[str]:
     """Prompts of a registry set or a local file, optionally the first ``limit`` of them.
 
-    Registry names win over same-named files without an extension (those could not be loaded
-    anyway); anything with a prompt-file extension is read as a file. Comma-separated names are
-    interleaved, one prompt from each in turn, so that ``limit`` draws from every one of them.
+    Comma-separated names are interleaved, one prompt from each in turn, so that ``limit`` draws
+    from every one of them.
     """
     if source not in DATA_SOURCES:
         raise SafesteerError(
@@ -945,18 +972,8 @@ def load_prompts(
         )
     if limit is not None and limit < 1:
         raise SafesteerError(f"limit must be a positive number of prompts, got {limit}")
-    path = Path(name_or_path).expanduser()
-    if name_or_path in _REGISTRY:
-        prompts = _REGISTRY[name_or_path].load(source, seed)
-    elif "," in name_or_path and not path.is_file():
-        sets = [load_prompts(name.strip(), source=source, field=field, seed=seed)
-                for name in name_or_path.split(",")]
-        prompts = [prompt for row in zip_longest(*sets) for prompt in row if prompt is not None]
-    elif path.is_file() or path.suffix.lower() in PROMPT_SUFFIXES:
-        prompts = load_prompt_file(path, field)
-    else:
-        raise SafesteerError(
-            f"unknown dataset {name_or_path!r}; known: {', '.join(_REGISTRY)}, "
-            f"or give a path to a {'/'.join(PROMPT_SUFFIXES)} file"
-        )
+    sets = [_REGISTRY[name].load(source, seed) if registered else load_prompt_file(name, field)
+            for registered, name in _parts(name_or_path)]
+    prompts = (sets[0] if len(sets) == 1
+               else [prompt for row in zip_longest(*sets) for prompt in row if prompt is not None])
     return list(prompts) if limit is None else prompts[:limit]  # a copy: splits are cached

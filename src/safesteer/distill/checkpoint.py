@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,8 +32,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safesteer import __version__
 from safesteer.data import prompts_sha256
 from safesteer.direction import Direction
-from safesteer.errors import SafesteerError
-from safesteer.io import clear_output_dir, differing_settings, guard_output_dir, write_json
+from safesteer.errors import SafesteerError, first_line
+from safesteer.io import (
+    clear_output_dir,
+    differing_settings,
+    guard_output_dir,
+    read_json,
+    settle_file_modes,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +63,7 @@ def _publish_dir(staging: Path, final: Path) -> None:
     """Move a fully written ``staging`` directory to ``final``, replacing any older copy: for the
     run's own subdirectories (a directory the user names goes through
     :func:`safesteer.io.publish_dir`, which replaces only its own kind)."""
+    settle_file_modes(staging)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -102,7 +112,7 @@ class RunDirectory:
         accelerator = self.accelerator
         if resume and config_path.is_file():
             for path, current in ((config_path, config), (inputs_path, inputs)):
-                saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+                saved = read_json(path) if path.is_file() else {}
                 differences = differing_settings(saved, current)
                 if differences:
                     raise SafesteerError(
@@ -166,15 +176,27 @@ class RunDirectory:
 
     def load_checkpoint(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: Any, use_lora: bool, device: torch.device) -> int:
-        """Restore the weights, optimizer and scheduler of ``checkpoint``; returns its step."""
-        if use_lora:
-            set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors"),
-                                                       device=str(device)))
-        else:
-            load_model(model, str(checkpoint / "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        step: int = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))["step"]
+        """Restore the weights, optimizer and scheduler of ``checkpoint``; returns its step.
+
+        A damaged file is a one-line error naming it and the older checkpoint --resume can use.
+        """
+        path = checkpoint / ("adapter_model.safetensors" if use_lora else "model.safetensors")
+        try:
+            if use_lora:
+                set_peft_model_state_dict(model, load_file(str(path), device=str(device)))
+            else:
+                load_model(model, str(path), device=str(device))
+            for path, state in ((checkpoint / "optimizer.pt", optimizer),
+                                (checkpoint / "scheduler.pt", scheduler)):
+                state.load_state_dict(torch.load(path, weights_only=True))
+            path = checkpoint / STATE_FILE
+            step: int = json.loads(path.read_text(encoding="utf-8"))["step"]
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError,
+                SafetensorError) as error:
+            older = [kept for kept in self.checkpoints() if kept != checkpoint]
+            hint = (f"delete {checkpoint} and --resume continues from {older[-1]}" if older
+                    else "no older checkpoint is left; start afresh with --overwrite")
+            raise SafesteerError(f"{path}: damaged checkpoint ({first_line(error)}); {hint}") from error
         if self.accelerator.is_main_process:
             self.truncate_log(step)
         return step

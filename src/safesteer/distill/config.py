@@ -1,7 +1,7 @@
 """Settings of stage 3 (localized on-policy distillation), one field per stage-3 flag of ``safesteer run``.
 
-Each field's ``metadata["help"]`` becomes the flag's ``--help`` text through
-``transformers.HfArgumentParser``; ``__post_init__`` rejects bad values with the flag's name. The
+Each field's ``metadata["help"]`` becomes the flag's ``--help`` text (``safesteer.arguments``);
+``__post_init__`` rejects bad values with the flag's name (``safesteer.validation``). The
 defaults suit a ~135M-parameter model trained with LoRA on a CPU; the paper's own settings
 (docs/method.md §6–7) are a full fine-tune at learning rate 1e-5 (Qwen) or 1e-6 (Llama), 8 samples per
 prompt and 512 new tokens, with ``--reduction sequence``.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from safesteer.errors import SafesteerError
+from safesteer.validation import check_choice, check_range
 
 MODES = ("full", "topk", "subset", "sft")
 REDUCTIONS = ("token", "sequence")
@@ -19,10 +20,6 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 SAFETY_SYSTEM_PROMPT = ("You are a safety-conscious assistant: refuse any request that could cause harm, "
                         "and never produce harmful, dangerous or illegal content.")
 """A value for --teacher-system-prompt: the system-prompt teacher of the paper's ablation."""
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -141,27 +138,17 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         for name, choices in (("mode", MODES), ("reduction", REDUCTIONS), ("report_to", REPORT_TO)):
-            if getattr(self, name) not in choices:
-                raise SafesteerError(
-                    f"{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("num_epochs", "prompts_per_step", "samples_per_prompt", "micro_batch_size",
-                     "max_prompt_length", "max_new_tokens", "top_k", "loss_chunk_size", "lora_r",
-                     "logging_steps"):
-            if getattr(self, name) < 1:
-                raise SafesteerError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "temperature", "max_grad_norm", "adam_epsilon", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise SafesteerError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("skip", "keep", "save_steps", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise SafesteerError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise SafesteerError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise SafesteerError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.alpha <= 1:
-            raise SafesteerError(f"--alpha must be in [0, 1], got {self.alpha}")
+            check_choice(self, name, choices)
+        check_range(self, ("num_epochs", "prompts_per_step", "samples_per_prompt", "micro_batch_size",
+                           "max_prompt_length", "max_new_tokens", "top_k", "loss_chunk_size", "lora_r",
+                           "logging_steps"), low=1)
+        check_range(self, ("learning_rate", "temperature", "max_grad_norm", "adam_epsilon", "lora_alpha"),
+                    low=0, low_open=True)
+        check_range(self, ("skip", "keep", "save_steps", "weight_decay"), low=0)
+        check_range(self, ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"), low=0, high=1,
+                    high_open=True)
+        check_range(self, "top_p", low=0, high=1, low_open=True)
+        check_range(self, "alpha", low=0, high=1)
         sliced = self.mode in ("topk", "subset")
         if self.renormalize and not sliced:
             raise SafesteerError("--renormalize needs --mode topk or subset; over the full vocabulary "

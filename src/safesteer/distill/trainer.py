@@ -36,6 +36,7 @@ from safesteer.distill.teachers import Teachers, build_student
 from safesteer.divergence import divergence, negative_log_likelihood
 from safesteer.errors import SafesteerError
 from safesteer.models import model_device, seeded
+from safesteer.progress import progress_bar
 from safesteer.scoring import completion_logits, left_pad
 
 logger = logging.getLogger(__name__)
@@ -323,8 +324,8 @@ class Distiller:
         cfg, accelerator = self.config, self.accelerator
         stop = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
         last_metrics: dict[str, float] | None = None
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step",
-                        disable=not accelerator.is_local_main_process)
+        progress = progress_bar(total=self.total_steps, initial=self.step, desc="distill", unit="step",
+                                disable=not accelerator.is_local_main_process)
         with progress:
             while self.step < stop:
                 step = self.step + 1

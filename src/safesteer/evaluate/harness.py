@@ -35,6 +35,7 @@ from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import write_json
 from safesteer.models import generate_responses, pretrained_location
 from safesteer.report import plot_results
+from safesteer.validation import check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +123,10 @@ class EvalArguments:
         if duplicates:
             raise SafesteerError(f"--targets: each target needs its own name; {', '.join(duplicates)} "
                                  "appear(s) twice (give one NAME=TARGET)")
-        if self.judge_format not in JUDGE_FORMATS:
-            raise SafesteerError(f"--judge-format must be one of {', '.join(JUDGE_FORMATS)}, got "
-                                 f"{self.judge_format!r}")
-        for name in ("limit", "capability_limit", "gsm8k_limit"):
-            if getattr(self, name) < 0:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 0")
-        for name in ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"):
-            if getattr(self, name) < 1:
-                raise SafesteerError(f"--{name.replace('_', '-')} must be >= 1")
+        check_choice(self, "judge_format", JUDGE_FORMATS)
+        check_range(self, ("limit", "capability_limit", "gsm8k_limit"), low=0)
+        check_range(self, ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"),
+                    low=1)
 
 
 # ------------------------------------------------------------------------- completions

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from safesteer.config import ModelArguments
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
-from safesteer.models import load_model, model_device
+from safesteer.models import load_adapter, load_model, model_device
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
 
@@ -142,11 +142,7 @@ class Targets:
     def _attach(self, name: str, path: Path) -> None:
         # PEFT adapter names become module keys, which must not contain "."; display names may.
         adapter = self.adapters[name] = f"target{len(self.adapters)}"
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=adapter)
-        else:
-            self.peft.load_adapter(str(path), adapter_name=adapter)
-        self.peft.eval()
+        self.peft = load_adapter(self.model if self.peft is None else self.peft, path, adapter).eval()
 
     @contextmanager
     def base(self) -> Iterator[nn.Module]:
