@@ -203,7 +203,7 @@ def test_failed_run_leaves_no_output_directory(capsys, tmp_path):
 
 def test_yaml_values_parse_like_flags(tmp_path):
     from safesteer.cli import parse
-    from safesteer.direction import DirectionConfig
+    from safesteer.direction_config import DirectionConfig
 
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path / 'run'}\nresponse_betas: 0.25\nfilter_by_score: false\n")

@@ -14,7 +14,7 @@ import torch
 from safesteer import pipeline
 from safesteer.cli import main
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import RunArguments
+from safesteer.run_config import RunArguments
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_paper_preset_takes_the_family_settings_of_the_model(architecture, learn
                                                              make_tiny_model, tmp_path, caplog):
     from safesteer.cli import parse
     from safesteer.distill.config import DistillConfig
-    from safesteer.tokens import TokensConfig
+    from safesteer.tokens_config import TokensConfig
 
     model_dir = tmp_path / architecture
     make_tiny_model(architecture).save_pretrained(model_dir)

@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.data import PROMPT_SUFFIXES
-from safesteer.direction import Direction, DirectionConfig
+from safesteer.direction import Direction
+from safesteer.direction_config import DirectionConfig
 from safesteer.distill.checkpoint import DISTILL_ARTIFACTS, STUDENT_DIR
 from safesteer.distill.export import merge_student
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.harness import EvalArguments, evaluate_targets, split_target
+from safesteer.evaluate.harness import EvalArguments, evaluate_targets
+from safesteer.evaluate.targets import split_target
 from safesteer.io import (
     EVAL_KIND,
     EXPORT_KIND,
@@ -30,7 +32,7 @@ from safesteer.io import (
 )
 from safesteer.models import check_model_arguments, load_model, model_id, num_layers
 from safesteer.pipeline import safety_tokens, teacher_direction
-from safesteer.tokens import TokensConfig
+from safesteer.tokens_config import TokensConfig
 from safesteer.validation import check_layers
 
 if TYPE_CHECKING:
