@@ -5,18 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "safesteer"
-
-# Cycles that predate the rule, each to be removed by restructuring (issue 13, part B); the test
-# below fails on any other cycle, and the strict xfail starts failing once these are gone.
-KNOWN_CYCLES = {
-    frozenset({"safesteer.config", "safesteer.data"}):
-        "DataArguments.load is a loader inside a config, and DATA_SOURCES lives in config",
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SOURCE).with_suffix("").parts)
@@ -113,11 +103,5 @@ def test_evaluation_never_imports_training_code() -> None:
     assert {name: targets for name, targets in offending.items() if targets} == {}
 
 
-def test_no_import_cycle_beyond_the_known_ones() -> None:
-    assert set(import_cycles(import_graph())) - set(KNOWN_CYCLES) == set()
-
-
-@pytest.mark.xfail(strict=True, reason="known cycles, to be removed in issue 13 part B: "
-                                       + "; ".join(KNOWN_CYCLES.values()))
 def test_no_import_cycle() -> None:
     assert import_cycles(import_graph()) == []

@@ -29,7 +29,7 @@ from torch import nn
 
 from safesteer import __version__
 from safesteer.config import DataArguments
-from safesteer.data import prompts_sha256
+from safesteer.data.splits import prompts_sha256
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_write, read_json, write_json

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from safesteer.data import prompts_sha256
+from safesteer.data.splits import prompts_sha256
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
 from safesteer.models import encode_rendered, model_device, position_ids, render_prompts

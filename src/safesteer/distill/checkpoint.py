@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer import __version__
-from safesteer.data import prompts_sha256
+from safesteer.data.splits import prompts_sha256
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError, first_line
 from safesteer.io import (
