@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.data.formats import PROMPT_SUFFIXES
-from safesteer.direction import Direction
+from safesteer.direction.artifact import Direction
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.checkpoint import DISTILL_ARTIFACTS, STUDENT_DIR
 from safesteer.distill.export import merge_student

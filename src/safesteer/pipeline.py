@@ -24,7 +24,8 @@ import torch
 from accelerate import Accelerator
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import Direction, find_direction
+from safesteer.direction.artifact import Direction
+from safesteer.direction.find import find_direction
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller, make_accelerator

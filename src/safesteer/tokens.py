@@ -36,7 +36,7 @@ from safesteer.scoring import last_logits
 from safesteer.tokens_config import TokensConfig
 
 if TYPE_CHECKING:
-    from safesteer.direction import Direction
+    from safesteer.direction.artifact import Direction
 
 logger = logging.getLogger(__name__)
 
