@@ -7,6 +7,14 @@ from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "safesteer"
+MAX_LINES = 400  # one concept per module: about what a reader holds in mind at once
+
+# Modules still over MAX_LINES, each to be split (issue 13, part B). The test below fails on any
+# other long module, and on one of these once it fits, so that the list only shrinks.
+KNOWN_LONG = {
+    "safesteer.compare": "methods from YAML, the shared stages, one run per method and the table",
+    "safesteer.models": "loading, block discovery, chat rendering and generation",
+}
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SOURCE).with_suffix("").parts)
@@ -105,3 +113,8 @@ def test_evaluation_never_imports_training_code() -> None:
 
 def test_no_import_cycle() -> None:
     assert import_cycles(import_graph()) == []
+
+
+def test_no_module_over_the_line_limit_beyond_the_known_ones() -> None:
+    lengths = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
+    assert {name for name, lines in lengths.items() if lines > MAX_LINES} == set(KNOWN_LONG)
