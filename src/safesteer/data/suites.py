@@ -1,5 +1,6 @@
 """The over-refusal proxy (docs/data.md §4) and the jailbreak suites (docs/data.md §5), built from
-pinned wheels: attack templates and suffixes applied to a seeded subset of JBB goals.
+pinned wheels: JBB behaviours rephrased in another tense, and attack templates and suffixes applied
+to a seeded subset of JBB goals.
 """
 
 from __future__ import annotations
