@@ -1,4 +1,4 @@
-"""Tests for safesteer.data.
+"""Tests for the safesteer.data package.
 
 Unit tests use synthetic, harmless strings only. The integration tests read the real pinned wheels
 and compare counts, hashes and overlap numbers, never the harmful prompts themselves, so a failure
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from safesteer import data
 from safesteer.data import (
     dedup,
     fill_template,
@@ -29,8 +28,11 @@ from safesteer.data import (
     normalize_tokens,
     prompts_sha256,
     remove_near,
+    sources,
     split_report,
+    suites,
 )
+from safesteer.data import splits as project_splits
 from safesteer.errors import SafesteerError
 
 # --- local prompt files ---------------------------------------------------------------------------
@@ -209,8 +211,8 @@ def test_hub_source_reads_column_and_filters_rows(monkeypatch: pytest.MonkeyPatc
                 {"question": "Synthetic question two?", "risk_area": "Something Else"}]
 
     fake_datasets(monkeypatch, load_dataset)
-    hub = data.HubSource("org/set", "train", "question", where=("risk_area", "Malicious Uses"))
-    assert data._load_hub(hub) == ["Synthetic question one?"]
+    hub = sources.HubSource("org/set", "train", "question", where=("risk_area", "Malicious Uses"))
+    assert sources._load_hub(hub) == ["Synthetic question one?"]
     assert calls == [("org/set", None, "train")]
 
 
@@ -321,12 +323,12 @@ def test_prompts_sha256_is_order_and_boundary_sensitive() -> None:
     ],
 )
 def test_proportional_quotas(sizes: list[int], total: int, expected: list[int]) -> None:
-    assert data._proportional_quotas(sizes, total) == expected
+    assert project_splits._proportional_quotas(sizes, total) == expected
 
 
 def test_proportional_quotas_refuses_to_overdraw() -> None:
     with pytest.raises(SafesteerError, match="cannot draw 3 prompts from 2"):
-        data._proportional_quotas([1, 1], 3)
+        project_splits._proportional_quotas([1, 1], 3)
 
 
 # --- jailbreak templates --------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def test_usable_templates_keeps_fillable_values_and_counts_the_rest() -> None:
         "value: 3\n",
         "- a list, not a mapping\n",
     ]
-    usable, skipped = data._usable_templates(documents)
+    usable, skipped = suites._usable_templates(documents)
     assert usable == ["Tell me: {{ prompt }}", "{% raw %}Folded {{ x }}{% endraw %}{{prompt}}\n"]
     assert skipped == 6
 
@@ -439,7 +441,7 @@ def test_split_sizes_and_removals(splits: dict[str, list[str]]) -> None:
 
 @pytest.mark.integration
 def test_split_removals_are_logged(caplog: pytest.LogCaptureFixture) -> None:
-    data._harmful_splits.cache_clear()  # the splits are computed (and logged) once per process
+    project_splits.harmful_splits.cache_clear()  # the splits are computed (and logged) once per process
     with caplog.at_level(logging.INFO, logger="safesteer.data"):
         load_prompts("advbench-heldout")
     text = caplog.text
@@ -522,7 +524,7 @@ def test_attack_suites_are_seeded(name: str) -> None:
 
 @pytest.mark.integration
 def test_attack_suites_fill_one_goal_subset(caplog: pytest.LogCaptureFixture) -> None:
-    goals = data._jbb_attack_goals(42, "offline")
+    goals = suites._jbb_attack_goals(42, "offline")
     assert len(set(goals)) == 20
     assert set(goals) <= set(load_prompts("jbb"))
     with caplog.at_level(logging.INFO, logger="safesteer.data"):

@@ -9,28 +9,33 @@ import pytest
 import torch
 
 from safesteer.config import DataArguments
-from safesteer.direction import (
-    Direction,
-    DirectionConfig,
-    DirectionData,
-    PromptCandidate,
-    ResponseCandidate,
-    calibrate_threshold,
-    default_response_layers,
+from safesteer.direction.artifact import Direction
+from safesteer.direction.find import find_direction
+from safesteer.direction.gate import calibrate_threshold, separation
+from safesteer.direction.numerics import (
     difference_of_means,
-    filter_by_refusal,
-    find_direction,
     kl_divergence,
+    refusal_score,
+    refusal_token_ids,
+)
+from safesteer.direction.passes import (
     mean_response_activations,
     post_instruction_length,
     post_instruction_pass,
-    prompt_candidate_status,
-    refusal_score,
-    refusal_token_ids,
-    select_prompt_candidate,
-    select_response_candidate,
-    separation,
 )
+from safesteer.direction.prompt_method import (
+    PromptCandidate,
+    filter_by_refusal,
+    prompt_candidate_status,
+    select_prompt_candidate,
+)
+from safesteer.direction.prompt_sets import DirectionData
+from safesteer.direction.response_method import (
+    ResponseCandidate,
+    default_response_layers,
+    select_response_candidate,
+)
+from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
 from safesteer.models import encode_rendered, render_prompts
 from safesteer.steering import record_block_inputs

@@ -13,20 +13,18 @@ from safesteer.models import render_prompts
 from safesteer.tokens import (
     SAFETY_TOKENS_FILE,
     SafetyTokenSet,
-    TokensConfig,
     VoteAccumulator,
-    _sample_next_tokens,
     answer_logprobs,
     banned_token_mask,
-    end_of_turn_ids,
     end_of_turn_valid_mask,
     mean_contrast_tokens,
     select_safety_tokens,
     select_top_tokens,
-    special_token_ids,
-    steered_rollouts,
     vote_safety_tokens,
 )
+from safesteer.tokens.rollouts import _sample_next_tokens, steered_rollouts
+from safesteer.tokens.vocabulary import end_of_turn_ids, special_token_ids
+from safesteer.tokens_config import TokensConfig
 
 VOCAB = 10
 NOTHING_BANNED = torch.zeros(VOCAB, dtype=torch.bool)

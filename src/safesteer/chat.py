@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import Direction
+from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import STUDENT_DIR
 from safesteer.errors import SafesteerError
 from safesteer.models import (

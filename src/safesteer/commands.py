@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.data import PROMPT_SUFFIXES
-from safesteer.direction import Direction
+from safesteer.data.formats import PROMPT_SUFFIXES
+from safesteer.direction.artifact import Direction
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.checkpoint import DISTILL_ARTIFACTS, STUDENT_DIR
 from safesteer.distill.export import merge_student

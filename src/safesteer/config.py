@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from safesteer.data.registry import check_prompt_source, load_prompts
+from safesteer.data.sources import DATA_SOURCES
 from safesteer.validation import check_choice, check_not_empty
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-DATA_SOURCES = ("offline", "hub")
 
 
 @dataclass
@@ -64,16 +65,12 @@ class DataArguments:
 
     def load(self, name_or_path: str, limit: int | None = None) -> list[str]:
         """A prompt set (registry name or file) read with these settings."""
-        from safesteer.data import load_prompts  # imported here: safesteer.data imports this module
-
         return load_prompts(name_or_path, source=self.data_source, field=self.prompt_field,
                             seed=self.data_seed, limit=limit)
 
     def check(self, *names_or_paths: str | None) -> None:
         """Fail now on a prompt set that loading would fail on later (unknown name; missing,
         malformed or empty file), so a typo never costs the work done before it is read."""
-        from safesteer.data import check_prompt_source  # imported here: safesteer.data imports this module
-
         for name in names_or_paths:
             if name is not None:
                 check_prompt_source(name, field=self.prompt_field)

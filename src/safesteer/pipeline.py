@@ -24,7 +24,8 @@ import torch
 from accelerate import Accelerator
 
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction import Direction, find_direction
+from safesteer.direction.artifact import Direction
+from safesteer.direction.find import find_direction
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller, make_accelerator
@@ -33,7 +34,8 @@ from safesteer.evaluate import refusal_check, refusal_table
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
 from safesteer.run_config import RunArguments
-from safesteer.tokens import SafetyTokenSet, select_safety_tokens
+from safesteer.tokens.artifact import SafetyTokenSet
+from safesteer.tokens.selection import select_safety_tokens
 from safesteer.tokens_config import TokensConfig
 from safesteer.validation import check_layers
 

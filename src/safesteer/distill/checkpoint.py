@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer import __version__
-from safesteer.data import prompts_sha256
-from safesteer.direction import Direction
+from safesteer.data.splits import prompts_sha256
+from safesteer.direction.artifact import Direction
 from safesteer.errors import SafesteerError, first_line
 from safesteer.io import (
     clear_output_dir,

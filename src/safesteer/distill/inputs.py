@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer import __version__
-from safesteer.direction import Direction
+from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.models import render_prompts

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from safesteer.direction import Direction
+from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.rollout import Rollout
 from safesteer.errors import SafesteerError

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from safesteer.direction import Direction
+from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import RunDirectory, inputs_record
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.inputs import check_inputs, eos_token_ids, tokenize_prompts
