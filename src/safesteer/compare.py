@@ -260,6 +260,7 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
     output_dir = Path(args.output_dir)
     check_writable(output_dir)
     check_model_arguments(model_args)
+    data_args.check(*args.evaluation(["base"], None).exclude_near)  # with --data-source hub: the hub too
     trained = [method for method in methods if method.trains]
     plans = {method.name: run_settings(method, output_dir / "runs" / method.name,
                                        method_options(method, shared, args.quick), args.preset,
