@@ -4,8 +4,9 @@ Every target answers the same prompts with the same greedy decoding and is judge
 judge; capability measures are teacher-forced on the same gold answers. Completions are saved as
 JSONL, one file per target and benchmark, so a rerun (or a resumed run) reuses them and only
 generates what is missing; the numbers are recomputed from the saved files each time. The
-benchmarks and their scorers are :mod:`safesteer.evaluate.benchmarks`, the targets
-:mod:`safesteer.evaluate.targets`, the Markdown tables :mod:`safesteer.evaluate.tables`.
+options are :mod:`safesteer.evaluate.config`, the benchmarks and their scorers
+:mod:`safesteer.evaluate.benchmarks`, the targets :mod:`safesteer.evaluate.targets`, the Markdown
+tables :mod:`safesteer.evaluate.tables`.
 """
 
 from __future__ import annotations
