@@ -2,7 +2,9 @@
 process each time (interpreter start-up and imports included), median of several repeats. The
 target is under 1 s: printing help must not import torch or transformers.
 
-    .venv/bin/python benchmarks/bench_help.py [--repeats 7] [--commands run direction ...]
+    .venv/bin/python benchmarks/bench_help.py [--repeats 7] [--commands run eval ...]
+
+Every command is timed unless ``--commands`` names some.
 
 Also reports whether the help process imported torch or transformers (it must not).
 """
@@ -14,6 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from safesteer.cli import COMMANDS
 
 TARGET_S = 1.0
 _HEAVY = "import sys, runpy; sys.argv = ['safesteer', *{argv!r}]\n" \
@@ -39,8 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="processes per command (median reported)")
-    parser.add_argument("--commands", nargs="*", default=["run"],
-                        help="commands whose --help is timed besides the top-level one")
+    parser.add_argument("--commands", nargs="*", default=list(COMMANDS),
+                        help="commands whose --help is timed besides the top-level one (default: all)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}; {args.repeats} repeats; target < {TARGET_S:.1f} s")
     for argv in [["--help"], *([command, "--help"] for command in args.commands)]:

@@ -9,10 +9,12 @@ model of ``tests/conftest.py``.
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from safesteer.cli import main
+from safesteer.config import DataArguments
 from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
 from safesteer.io import RUN_KIND, claim_output_dir
 
 OUT = "{ws}/out"
@@ -293,3 +297,71 @@ def test_bad_input_fails_in_one_line_and_changes_nothing(case: Case, workspace: 
 def test_there_are_at_least_forty_cases_each_named_once() -> None:
     names = [case.name for case in CASES]
     assert len(names) >= 40 and len(set(names)) == len(names)
+
+
+# --- --data-source hub: the datasets package, the offline switches and the network, before any work
+
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT")
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: refused at once
+
+
+def _datasets_package(monkeypatch: pytest.MonkeyPatch, cache: Path | None) -> None:
+    """A stand-in for the ``datasets`` package whose datasets cache is ``cache``; None: not installed."""
+    if cache is None:
+        monkeypatch.setitem(sys.modules, "datasets", None)
+        return
+    package = types.ModuleType("datasets")
+    package.__spec__ = importlib.machinery.ModuleSpec("datasets", None)
+    package.config = types.SimpleNamespace(HF_DATASETS_CACHE=str(cache))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", package)
+
+
+@pytest.mark.parametrize(("installed", "env", "message"), [
+    (False, {}, "--data-source hub needs the 'datasets' package (pip install datasets); or use the "
+                "default --data-source offline"),
+    (True, {"HF_HUB_OFFLINE": "1"}, "--data-source hub: the Hugging Face libraries are offline "
+                                    "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) and no dataset is cached in "
+                                    "{ws}/datasets-cache; use the default --data-source offline"),
+    (True, {"HF_ENDPOINT": UNREACHABLE}, f"--data-source hub: cannot reach the Hugging Face hub at "
+                                         f"{UNREACHABLE} (")],
+    ids=["no datasets package", "hub switched off, nothing cached", "hub unreachable"])
+@pytest.mark.parametrize("command", [
+    f"direction --output-dir {OUT}", f"run --output-dir {OUT}", f"eval --output-dir {OUT} --targets base",
+    f"compare --output-dir {OUT}", "tokens --run-dir {ws}/run"], ids=lambda command: command.split()[0])
+def test_hub_data_source_without_a_usable_hub_fails_before_any_work(
+        command: str, installed: bool, env: dict[str, str], message: str, workspace: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = workspace / "datasets-cache"
+    for name in HUB_OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _datasets_package(monkeypatch, cache if installed else None)
+    before = snapshot(workspace)
+    code = main([arg.format(ws=workspace) for arg in [*command.split(), "--data-source", "hub"]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("safesteer: error: "), err
+    assert message.format(ws=workspace) in err
+    assert snapshot(workspace) == before
+
+
+def test_hub_data_source_is_checked_only_for_named_sets_and_accepts_a_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local files need no hub; with the hub switched off, datasets cached earlier are read."""
+    for name in HUB_OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", UNREACHABLE)
+    _datasets_package(monkeypatch, tmp_path / "cache")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Describe cats.\n")
+    hub = DataArguments(data_source="hub")
+    hub.check(str(prompts), None)
+    with pytest.raises(SafesteerError, match="cannot reach the Hugging Face hub"):
+        hub.check(str(prompts), "jbb")
+    with pytest.raises(SafesteerError, match="cannot reach the Hugging Face hub"):
+        hub.check(f"{prompts},advbench")
+    DataArguments().check("jbb")  # offline: no hub at all
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "cache" / "walledai___adv_bench").mkdir(parents=True)
+    hub.check("jbb")

@@ -19,7 +19,7 @@ from safesteer.benign import (
 )
 from safesteer.data import jaccard, normalize_tokens, request_style
 from safesteer.errors import SafesteerError
-from safesteer.evaluate import refusal_table
+from safesteer.evaluate.check import refusal_table
 from safesteer.report import pooled_styles, worst_of_kinds
 
 REQUESTS = [Request(f"{category} prompt {index}", category, f"{category}/{index // 2}")

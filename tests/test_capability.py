@@ -1,5 +1,5 @@
-"""safesteer.evaluate.capability: scoring on tiny random models, pure helpers by hand; the real
-benchmark wheels only under ``-m integration``."""
+"""safesteer.evaluate.capability and .grading: scoring on tiny random models, pure helpers by hand;
+the real benchmark wheels only under ``-m integration``."""
 
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.capability import (
     choice_letter_ids,
     choice_logprobs,
-    extract_code,
-    extract_final_number,
     gold_nll_per_token,
-    gsm8k_exact_match,
-    mean_confidence_interval,
     mean_kl_to_base,
     multiple_choice_accuracy,
+)
+from safesteer.evaluate.grading import (
+    extract_code,
+    extract_final_number,
+    gsm8k_exact_match,
+    mean_confidence_interval,
     wilson_interval,
 )
 from safesteer.evaluate.sandbox import humaneval_pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -39,6 +41,17 @@ def test_every_option_is_documented_once_in_kebab_case(capsys, command):
             assert flag(item.name) in options
             assert item.metadata.get("help"), f"{cls.__name__}.{item.name} has no help"
     assert "(default: None)" not in out
+
+
+def test_no_command_s_help_imports_torch_or_transformers():
+    """The options of every command are plain data: reading them loads no model library, so
+    ``--help`` and the checks of the options take a fraction of a second (timed by
+    benchmarks/bench_help.py)."""
+    code = ("import sys\nfrom safesteer.arguments import build_parser\nfrom safesteer.cli import COMMANDS\n"
+            "for command in COMMANDS.values():\n    build_parser(command).format_help()\n"
+            "print(sorted(name for name in ('torch', 'transformers', 'peft') if name in sys.modules))")
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert process.stdout.strip() == "[]"
 
 
 def test_help_marks_required_options_groups_stages_and_spells_switches_once(capsys):
@@ -237,7 +250,7 @@ def test_unknown_flag_is_a_one_line_error(capsys, tmp_path):
 
 def test_compare_reads_a_yaml_config_and_its_methods_file_errors_are_one_line(capsys, tmp_path):
     from safesteer.cli import parse
-    from safesteer.compare import CompareArguments
+    from safesteer.compare_config import CompareArguments
 
     methods = tmp_path / "methods.yaml"
     methods.write_text("- name: mine\n  run: {mode: sideways}\n  extra: 1\n")

@@ -14,20 +14,22 @@ import pytest
 from safesteer import compare
 from safesteer.cli import main
 from safesteer.compare import (
-    DEFAULT_METHODS,
     QUICK_RETAIN_PROMPTS,
     QUICK_RUN,
-    CompareArguments,
-    Method,
     capability_drift,
     comparison_rows,
     comparison_table,
     dominators,
-    load_methods,
     method_options,
     pareto_front,
-    run_option_problem,
     train_method,
+)
+from safesteer.compare_config import (
+    DEFAULT_METHODS,
+    CompareArguments,
+    Method,
+    load_methods,
+    run_option_problem,
 )
 from safesteer.errors import SafesteerError
 from safesteer.report import plot_pareto

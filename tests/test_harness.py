@@ -17,7 +17,8 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate import harness
 from safesteer.evaluate.benchmarks import BENCHMARKS as REGISTRY
 from safesteer.evaluate.benchmarks import Benchmark
-from safesteer.evaluate.harness import EvalArguments, _completions
+from safesteer.evaluate.config import EvalArguments
+from safesteer.evaluate.harness import _completions
 from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 

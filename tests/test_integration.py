@@ -113,7 +113,7 @@ def test_quick_compare_tabulates_every_method(tmp_path, capsys):
     import json
     import math
 
-    from safesteer.compare import DEFAULT_METHODS
+    from safesteer.compare_config import DEFAULT_METHODS
 
     out = tmp_path / "compare"
     assert main(["compare", "--quick", "--output-dir", str(out)]) == 0, capsys.readouterr().err

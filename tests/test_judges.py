@@ -7,18 +7,20 @@ import string
 import pytest
 
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.judges import (
+from safesteer.evaluate.judge_formats import (
     JUDGE_FORMATS,
+    Verdict,
+    parse_harmbench,
+    parse_llama_guard,
+    parse_wildguard,
+)
+from safesteer.evaluate.judges import (
     VALIDATION_SETS,
     LabelledResponse,
     LLMJudge,
-    Verdict,
     agreement,
     keyword_agreement,
-    parse_harmbench,
     parse_labelled_csv,
-    parse_llama_guard,
-    parse_wildguard,
 )
 from safesteer.judge import is_refusal
 

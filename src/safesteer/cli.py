@@ -92,13 +92,13 @@ class ExportArguments:
 
 
 def _eval_groups() -> tuple[tuple[type, str], ...]:
-    from safesteer.evaluate.harness import EvalArguments
+    from safesteer.evaluate.config import EvalArguments
 
     return (ModelArguments, "model"), (DataArguments, "data"), (EvalArguments, "evaluation")
 
 
 def _compare_groups() -> tuple[tuple[type, str], ...]:
-    from safesteer.compare import CompareArguments
+    from safesteer.compare_config import CompareArguments
 
     return (ModelArguments, "model"), (DataArguments, "data"), (CompareArguments, "comparison")
 

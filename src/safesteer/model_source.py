@@ -2,21 +2,21 @@
 
 An embedded model, a local model directory, a LoRA adapter directory (a student), a ``.gguf`` file
 or a hub id. Every mistake a user can make here (a typo, a folder that holds no model, a hub id
-without network) is found in milliseconds and reported in one line, instead of after a minute of
-download retries or as a traceback from deep inside ``from_pretrained``. Imports nothing heavy.
+without network: :mod:`safesteer.hub`) is found in milliseconds and reported in one line, instead
+of after a minute of download retries or as a traceback from deep inside ``from_pretrained``.
+Imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from safesteer.errors import SafesteerError
+from safesteer.hub import hub_cached, hub_endpoint, hub_is_offline, unreachable
 from safesteer.io import read_json
 from safesteer.wheels import PinnedWheel
 
@@ -47,8 +47,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 
 # Hub ids are "namespace/name"; a bare word like "foo" is far more likely a typo than a legacy id.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRUE = ("1", "true", "yes", "on")
-_HUB_PROBE_S = 5.0
 MODEL_FOLDER = ("a model directory holds config.json and the weights (*.safetensors or "
                 "pytorch_model.bin); a LoRA adapter directory holds adapter_config.json")
 
@@ -127,19 +125,6 @@ def adapter_base(source: ModelSource) -> ModelSource:
     return base
 
 
-def hub_is_offline() -> bool:
-    """Whether the user has told the Hugging Face libraries not to use the network."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_cached(repo_id: str) -> bool:
-    """Whether ``repo_id``'s config is in the local Hugging Face cache (loadable without network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-
-
 def check_hub(repo_id: str, what: str) -> bool:
     """Whether ``repo_id`` must come from the local cache (True) or may be fetched (False).
 
@@ -153,20 +138,13 @@ def check_hub(repo_id: str, what: str) -> bool:
         raise SafesteerError(f"{what} {repo_id}: a Hugging Face hub id, but HF_HUB_OFFLINE is set and "
                              "it is not in the local cache; pass a local model directory or .gguf file, "
                              f"or an embedded model ({embedded_names()})")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD"),
-                               timeout=_HUB_PROBE_S).close()
-    except urllib.error.HTTPError:
-        return False  # the hub answered; from_pretrained reports a missing or gated repository
-    except (OSError, ValueError) as error:
+    reason = unreachable(f"/api/models/{repo_id}")
+    if reason is not None:
         if hub_cached(repo_id):
             return True
-        reason = getattr(error, "reason", error)
-        raise SafesteerError(f"{what} {repo_id}: cannot reach the Hugging Face hub at {endpoint} "
-                             f"({reason}) and it is not in the local cache; pass a local model "
-                             f"directory or .gguf file, or an embedded model ({embedded_names()})"
-                             ) from error
+        raise SafesteerError(f"{what} {repo_id}: cannot reach the Hugging Face hub at {hub_endpoint()} "
+                             f"({reason}) and it is not in the local cache; pass a local model directory "
+                             f"or .gguf file, or an embedded model ({embedded_names()})")
     return False
 
 

@@ -30,7 +30,7 @@ from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
-from safesteer.evaluate import refusal_check, refusal_table
+from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
 from safesteer.run_config import RunArguments

@@ -3,7 +3,9 @@
 Each :class:`Benchmark` carries its own scorer, a function of (the evaluation, the target's
 display name, the target, the benchmark) returning the benchmark's ``results.json`` cell, so adding
 a benchmark is adding one registry row; a name that is not registered is an error
-(:func:`lookup`), never another benchmark's score.
+(:func:`lookup`), never another benchmark's score. The scorers reach the model only through
+:class:`~safesteer.evaluate.harness.Evaluation`, so this registry imports no torch and the options
+of ``safesteer eval`` are read without it.
 """
 
 from __future__ import annotations
@@ -17,27 +19,25 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from safesteer.data import PROMPT_SUFFIXES, prompt_categories, request_style
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.capability import (
-    TokenAverage,
+from safesteer.evaluate.grading import (
     correct_choices,
     extract_code,
-    gold_nll_per_token,
     gsm8k_exact_match,
     mean_confidence_interval,
-    mean_kl_to_base,
     wilson_interval,
 )
 from safesteer.evaluate.sandbox import humaneval_pass
-from safesteer.evaluate.targets import Target
 from safesteer.gold import load_gsm8k, load_humaneval
 from safesteer.judge import is_refusal
 
 if TYPE_CHECKING:
+    from safesteer.evaluate.capability import TokenAverage
     from safesteer.evaluate.harness import Evaluation
+    from safesteer.evaluate.targets import Target
 
 Kind = Literal["safety", "jailbreak", "over-refusal", "capability"]
 Cell = dict[str, Any]
-Scorer = Callable[["Evaluation", str, Target, "Benchmark"], Cell]
+Scorer = Callable[["Evaluation", str, "Target", "Benchmark"], Cell]
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,8 @@ def _letter_nll(evaluation: Evaluation, target_name: str, target: Target, benchm
 
 def _gold_nll(evaluation: Evaluation, target: Target, benchmark: Benchmark, items: Sequence[Any]) -> Cell:
     """NLL per token of each item's ``reference`` after its ``message``, teacher-forced."""
-    return _token_mean(benchmark, gold_nll_per_token(
-        target, evaluation.tokenizer, [item.message for item in items],
-        [item.reference for item in items], batch_size=evaluation.args.score_batch_size))
+    return _token_mean(benchmark, evaluation.gold_nll(target, [item.message for item in items],
+                                                      [item.reference for item in items]))
 
 
 def _gsm8k_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
@@ -173,16 +172,13 @@ def _kl_benign(evaluation: Evaluation, target_name: str, target: Target, benchma
     prompts, responses = evaluation.benign_answers()
     if target_name == "base":
         return _mean(benchmark, [0.0] * len(prompts), pooled=0.0)
-    return _token_mean(benchmark, mean_kl_to_base(
-        target, evaluation.targets.base, evaluation.tokenizer, prompts, responses,
-        batch_size=evaluation.args.score_batch_size))
+    return _token_mean(benchmark, evaluation.kl_to_base(target, prompts, responses))
 
 
 def _benign_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
     """NLL per token of the base model's own benign answers."""
     prompts, responses = evaluation.benign_answers()
-    return _token_mean(benchmark, gold_nll_per_token(target, evaluation.tokenizer, prompts, responses,
-                                                     batch_size=evaluation.args.score_batch_size))
+    return _token_mean(benchmark, evaluation.gold_nll(target, prompts, responses))
 
 
 # ------------------------------------------------------------------------- the registry

@@ -1,4 +1,4 @@
-"""General-capability checks: log-likelihood scoring, answer extraction, KL to the base model, CIs.
+"""General-capability checks on a model: letter likelihoods, gold-answer NLL, KL to the base model.
 
 Safety training should leave general ability alone, so base, teacher and student are compared on
 the three capability benchmarks that are reproducible offline (docs/data.md §8): MMLU-STEM, GSM8K-100
@@ -9,16 +9,15 @@ Every model-facing function renders prompts with the tokenizer's own chat templa
 tokens, appended to the prompt ids the way ``generate`` appends sampled tokens: the ids at the
 prompt/answer boundary are never re-tokenized together (docs/method.md §9.2). Scoring is batched, left
 padded, without gradient, and puts inputs on the device of the model's input embeddings, so it
-works unchanged on a PEFT-wrapped student.
+works unchanged on a PEFT-wrapped student. Grading the answers and the confidence intervals are
+:mod:`safesteer.evaluate.grading`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 
 import torch
 from torch import Tensor, nn
@@ -26,51 +25,11 @@ from transformers import PreTrainedTokenizerBase
 
 from safesteer.divergence import divergence, log_softmax_at
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.grading import correct_choices
 from safesteer.evaluate.targets import Target, teacher_forced
 from safesteer.gold import CHOICE_LETTERS, MultipleChoiceQuestion
 from safesteer.models import encode_rendered, model_device, render_prompts
 from safesteer.scoring import completion_logits, last_logits, left_pad
-
-_ANSWER_MARKER = re.compile(r"####|answer is|answer:|\\boxed\{", re.IGNORECASE)
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
-_CODE_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
-
-
-# --- answer extraction ----------------------------------------------------------------------------
-
-
-def extract_final_number(text: str) -> str | None:
-    """The final numeric answer in ``text``, commas removed; None when there is no number.
-
-    The first number after the last answer marker ("####", "answer is", "answer:", "\\boxed{")
-    wins, so trailing checks ("The answer is 42. Check: 6 * 7 = 42") do not matter; without a
-    marker, the last number in the text.
-    """
-    markers = list(_ANSWER_MARKER.finditer(text))
-    if markers:
-        after = _NUMBER.search(text, markers[-1].end())
-        if after:
-            return after.group().replace(",", "")
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
-
-
-def gsm8k_exact_match(generated_text: str, gold: str) -> bool:
-    """Whether the final number of ``generated_text`` equals ``gold`` numerically (5.00 == 5)."""
-    predicted = extract_final_number(generated_text)
-    if predicted is None:
-        return False
-    try:
-        return Decimal(predicted) == Decimal(gold.replace(",", "").strip())
-    except InvalidOperation:
-        return False
-
-
-def extract_code(response: str) -> str:
-    """The first fenced code block of a chat answer, else the whole answer (a bare completion)."""
-    block = _CODE_BLOCK.search(response)
-    return block.group(1) if block else response
-
 
 # --- multiple choice ------------------------------------------------------------------------------
 
@@ -114,14 +73,6 @@ def choice_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         for index, row in zip(indices, letters, strict=True):
             scores[index] = row[:len(questions[index].choices)]
     return scores
-
-
-def correct_choices(scores: Sequence[Sequence[float]],
-                    questions: Sequence[MultipleChoiceQuestion]) -> list[bool]:
-    """Per question, whether its most likely letter (of its options only; a tie goes to the
-    earlier letter) is the correct one; ``scores`` from :func:`choice_logprobs`."""
-    return [max(range(len(row)), key=row.__getitem__) == question.answer
-            for row, question in zip(scores, questions, strict=True)]
 
 
 def multiple_choice_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -260,41 +211,3 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
             totals[index] = summed[row].item()
             counts[index] = int(batch.answer_mask[row].sum())
     return _token_average(totals, counts)
-
-
-# --- confidence intervals -------------------------------------------------------------------------
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion (95 % at z = 1.96); (0, 1) when n = 0.
-
-    Unlike the normal (Wald) interval it stays inside [0, 1] and is not degenerate at 0/n or n/n,
-    which matters for refusal and accuracy rates near the ends on 100-item benchmarks.
-    """
-    if not 0 <= successes <= n:
-        raise SafesteerError(f"need 0 <= successes <= n, got {successes} of {n}")
-    if n == 0:
-        return 0.0, 1.0
-    rate = successes / n
-    spread = z * z / n
-    centre = (rate + spread / 2) / (1 + spread)
-    half_width = z * math.sqrt(rate * (1 - rate) / n + spread / (4 * n)) / (1 + spread)
-    return max(0.0, centre - half_width), min(1.0, centre + half_width)
-
-
-def mean_confidence_interval(values: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
-    """(mean, low, high) for per-item continuous values, e.g. per-item NLL or KL.
-
-    Normal approximation: mean ± z·s/√n with the sample standard deviation s (n − 1), justified
-    by the central limit theorem for the ~100+ items here; NaN values (empty answers) are dropped.
-    The bounds are NaN below two values.
-    """
-    finite = [value for value in values if not math.isnan(value)]
-    if not finite:
-        raise SafesteerError("no values to average")
-    mean = sum(finite) / len(finite)
-    if len(finite) < 2:
-        return mean, math.nan, math.nan
-    variance = sum((value - mean) ** 2 for value in finite) / (len(finite) - 1)
-    half_width = z * math.sqrt(variance / len(finite))
-    return mean, mean - half_width, mean + half_width

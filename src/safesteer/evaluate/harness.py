@@ -4,8 +4,9 @@ Every target answers the same prompts with the same greedy decoding and is judge
 judge; capability measures are teacher-forced on the same gold answers. Completions are saved as
 JSONL, one file per target and benchmark, so a rerun (or a resumed run) reuses them and only
 generates what is missing; the numbers are recomputed from the saved files each time. The
-benchmarks and their scorers are :mod:`safesteer.evaluate.benchmarks`, the targets
-:mod:`safesteer.evaluate.targets`, the Markdown tables :mod:`safesteer.evaluate.tables`.
+options are :mod:`safesteer.evaluate.config`, the benchmarks and their scorers
+:mod:`safesteer.evaluate.benchmarks`, the targets :mod:`safesteer.evaluate.targets`, the Markdown
+tables :mod:`safesteer.evaluate.tables`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,109 +25,21 @@ import torch
 
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.data import remove_near
-from safesteer.errors import SafesteerError
-from safesteer.evaluate.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, lookup
-from safesteer.evaluate.capability import choice_logprobs
-from safesteer.evaluate.judges import JUDGE_FORMATS, LLMJudge
+from safesteer.evaluate.benchmarks import lookup
+from safesteer.evaluate.capability import TokenAverage, choice_logprobs, gold_nll_per_token, mean_kl_to_base
+from safesteer.evaluate.config import EvalArguments
+from safesteer.evaluate.judges import LLMJudge
 from safesteer.evaluate.lm_eval import write_handoff
 from safesteer.evaluate.tables import category_table, results_table, summary_table, target_summary
-from safesteer.evaluate.targets import BUILT_IN_TARGETS, DEFAULT_TARGETS, Target, Targets, split_target
+from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import write_json
 from safesteer.models import generate_responses, pretrained_location
 from safesteer.report import plot_results
-from safesteer.validation import check_choice, check_range
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-
-
-@dataclass
-class EvalArguments:
-    """What to evaluate, on which benchmarks, how much of each."""
-
-    output_dir: str = field(metadata={"help": "Directory for results.json, results.md, the plots and "
-                                              "the saved completions."})
-    targets: list[str] = field(
-        default_factory=lambda: list(DEFAULT_TARGETS),
-        metadata={"help": "base (--model), teacher (base + the direction of --run-dir), "
-                          "conditional-teacher (the teacher steering only the prompts the "
-                          "direction's harmfulness gate flags), student (--run-dir/student), or a "
-                          "model directory / LoRA adapter directory / hub id, evaluated the same "
-                          "way. NAME=TARGET shows TARGET under NAME (in the tables and the saved "
-                          "completions), e.g. opd=runs/opd/student."})
-    run_dir: str | None = field(default=None, metadata={"help": "A `safesteer run` directory: its "
-                                                                 "direction and student."})
-    benchmarks: list[str] = field(
-        default_factory=lambda: list(DEFAULT_BENCHMARKS),
-        metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS) + "; or a local prompt "
-                          "file of harmful requests (.json/.jsonl/.csv/.txt), scored like the "
-                          "safety benchmarks."})
-    limit: int = field(default=50, metadata={"help": "Prompts per safety, jailbreak and over-refusal "
-                                                     "benchmark (seeded sample; 0 = all)."})
-    capability_limit: int = field(default=64, metadata={"help": "Items per capability benchmark "
-                                                                 "(seeded sample; 0 = all)."})
-    gsm8k_limit: int = field(default=20, metadata={"help": "GSM8K problems answered by generation "
-                                                           "(0 = all 100)."})
-    max_new_tokens: int = field(default=64, metadata={
-        "help": "Tokens generated per safety, jailbreak and over-refusal answer. The keyword judge "
-                "reads its first 200 characters (about 50 tokens), so shorter answers hide refusals "
-                "that follow a helpful opening."})
-    gsm8k_max_new_tokens: int = field(default=256, metadata={"help": "Tokens per GSM8K / HumanEval "
-                                                                     "answer."})
-    eval_batch_size: int = field(default=32, metadata={"help": "Prompts per generation batch."})
-    score_batch_size: int = field(
-        default=8, metadata={"help": "Rows per teacher-forced forward (MMLU letters, gold-answer NLLs, "
-                                     "kl-benign). Each row's logits span the whole vocabulary, so on a "
-                                     "CPU small batches are faster and use less memory; raise it on "
-                                     "a GPU."})
-    exclude_near: list[str] = field(
-        default_factory=lambda: ["safesteer-train", "direction-harmful-train", "direction-harmful-val"],
-        metadata={"help": "Prompt sets the models were trained or selected on: harmful benchmark "
-                          "prompts with Jaccard >= 0.6 to any of them are dropped and counted."})
-    benign_reference: str = field(default="ordinary-test", metadata={
-        "help": "Benign prompts whose base-model answers kl-benign and benign-nll score (use "
-                "ordinary-val when choosing settings)."})
-    eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
-    judge_model: str | None = field(
-        default=None, metadata={"help": "A local safety-classifier model (e.g. Llama Guard 3) that "
-                                        "also judges every safety, jailbreak and over-refusal "
-                                        "answer; its harmful-response rate is reported beside the "
-                                        "keyword refusal rate."})
-    judge_format: str = field(default="llama-guard-3", metadata={
-        "help": "Prompt format of --judge-model: " + ", ".join(JUDGE_FORMATS)})
-    lm_eval_tasks: str | None = field(
-        default=None, metadata={"help": "Comma-separated lm-evaluation-harness tasks: writes "
-                                        "lm_eval/commands.sh (one lm-eval call per target) and the "
-                                        "teacher in lm-eval's `steered` format; run it where lm-eval "
-                                        "and the hub are available."})
-
-    def __post_init__(self) -> None:
-        # Both "--targets base teacher" and "--targets base,teacher" work.
-        self.targets = [name for entry in self.targets for name in entry.split(",") if name]
-        self.benchmarks = [name for entry in self.benchmarks for name in entry.split(",") if name]
-        for name in [*self.benchmarks, self.benign_reference]:
-            lookup(name)
-        if not self.targets:
-            raise SafesteerError("--targets needs at least one target")
-        names = []
-        for spec in self.targets:
-            name, source = split_target(spec)
-            if not name or not source:
-                raise SafesteerError(f"--targets: expected NAME=TARGET with both parts, got {spec!r}")
-            if name in BUILT_IN_TARGETS and source != name:
-                raise SafesteerError(f"--targets: {name!r} is the built-in target of that name; "
-                                     f"choose another name for {spec!r}")
-            names.append(name)
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise SafesteerError(f"--targets: each target needs its own name; {', '.join(duplicates)} "
-                                 "appear(s) twice (give one NAME=TARGET)")
-        check_choice(self, "judge_format", JUDGE_FORMATS)
-        check_range(self, ("limit", "capability_limit", "gsm8k_limit"), low=0)
-        check_range(self, ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"),
-                    low=1)
 
 
 # ------------------------------------------------------------------------- completions
@@ -228,6 +141,16 @@ class Evaluation:
                                          batch_size=self.args.score_batch_size)
             self._letters[key] = (questions, scores)
         return self._letters[key]
+
+    def gold_nll(self, target: Target, prompts: list[str], references: list[str]) -> TokenAverage:
+        """NLL per token of each reference answer after its prompt, teacher-forced."""
+        return gold_nll_per_token(target, self.tokenizer, prompts, references,
+                                  batch_size=self.args.score_batch_size)
+
+    def kl_to_base(self, target: Target, prompts: list[str], responses: list[str]) -> TokenAverage:
+        """KL(target‖base) per token, teacher-forced on ``responses``."""
+        return mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
+                               batch_size=self.args.score_batch_size)
 
     def benign_answers(self) -> tuple[list[str], list[str]]:
         """The --benign-reference prompts and the base model's greedy answers to them, which

@@ -240,7 +240,7 @@ def humaneval_program(problem: HumanEvalProblem, completion: str) -> str:
     """prompt + completion + tests + ``check(entry_point)``.
 
     A bare body (base-model style) continues the prompt's function; a whole function (chat style,
-    see :func:`~safesteer.evaluate.capability.extract_code`) follows the docstring-only stub and
+    see :func:`~safesteer.evaluate.grading.extract_code`) follows the docstring-only stub and
     replaces it, so both forms run.
     """
     return (f"{problem.prompt}{completion}\n\n{problem.test}\n\n"

@@ -20,12 +20,10 @@ from torch import Tensor, nn
 from safesteer.config import ModelArguments
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
 from safesteer.models import load_adapter, load_model, model_device
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
-
-BUILT_IN_TARGETS = ("base", "teacher", "conditional-teacher", "student")
-DEFAULT_TARGETS = ("base", "teacher", "student")
 
 
 class ConditionalTeacher:
@@ -70,13 +68,6 @@ def teacher_forced(target: Target, prompt_ids: Tensor,
 
 def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
-
-
-def split_target(spec: str) -> tuple[str, str]:
-    """A ``--targets`` entry as (display name, what to evaluate): ``NAME=TARGET`` is shown as NAME,
-    any other entry as itself."""
-    name, equals, source = spec.partition("=")
-    return (name, source) if equals else (spec, spec)
 
 
 class Targets:
