@@ -46,7 +46,9 @@ def number(value: float | None, digits: int = 3) -> str:
         return "—"
     if math.isnan(value):
         return "n/a"
-    return f"{value:.{digits}g}" if abs(value) >= 1e4 or 0 < abs(value) < 1e-3 else f"{value:.{digits}f}"
+    if abs(value) >= 1e4 or 0 < abs(value) < 1e-3:
+        return f"{value:.{max(1, digits - 1)}e}"
+    return f"{value:.{digits}f}"
 
 
 def table(
@@ -109,7 +111,7 @@ th { background: #f2f5f8; } td.num { text-align: right; font-variant-numeric: ta
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0 12px; }
 dt { font-weight: bold; } dd { margin: 0; }
 figure { margin: 8px 0 16px; } figcaption { font-size: 12px; color: #555555; }
-.plots { display: flex; flex-wrap: wrap; gap: 10px; }
+.plots, .columns { display: flex; flex-wrap: wrap; gap: 10px 24px; align-items: flex-start; }
 .note { font-size: 12px; color: #555555; }
 .ci { color: #666666; font-size: 11px; }
 details { border: 1px solid #dddddd; border-radius: 4px; padding: 4px 10px; margin: 8px 0; }

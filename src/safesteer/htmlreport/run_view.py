@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safesteer.htmlreport.page import Markup, definitions, figures, note, number, percent, section, table
+from safesteer.htmlreport.page import Markup, definitions, figures, note, number, percent, section, table, tag
 from safesteer.htmlreport.sources import TRAIN_LOG, load, load_lines
 from safesteer.htmlreport.svg import line_chart
 
@@ -27,6 +27,7 @@ CURVES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("learning rate", "", ("lr",)),
     ("gradient norm", "before clipping", ("grad_norm",)),
 )
+TOKEN_ROWS = 25  # a longer token table continues in a column beside it
 SERIES_NAMES = {"student_mass_s": "student", "teacher_mass_s": "teacher"}
 
 
@@ -137,7 +138,9 @@ def token_table(tokens: Mapping[str, Any]) -> Markup:
             zip(ids, strings, scores, teacher, base, strict=False), 1
         )
     ]
-    return table(["#", "token", "id", "votes", "teacher p", "base p", "teacher / base"], rows, numeric_from=2)
+    header = ["#", "token", "id", "votes", "teacher p", "base p", "teacher / base"]
+    halves = [rows[start : start + TOKEN_ROWS] for start in range(0, len(rows), TOKEN_ROWS)]
+    return tag("div", *(table(header, half, numeric_from=2) for half in halves), class_="columns")
 
 
 def costs(check: Mapping[str, Any]) -> Markup:

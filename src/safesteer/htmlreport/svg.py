@@ -30,7 +30,7 @@ def ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values covering [low, high]: steps of 1, 2 or 5 times a power of ten."""
     if not high > low:
         return [low]
-    raw = (high - low) / max(1, count - 1)
+    raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(factor * power for factor in (1, 2, 5, 10) if factor * power >= raw)
     first = math.floor(low / step) * step
@@ -118,17 +118,20 @@ def _axes(frame: Frame, x_ticks: Sequence[float] | None, x_label: str, y_label: 
     return parts
 
 
-def _no_data(title: str) -> str:
-    return _canvas(
-        title, [_text(WIDTH / 2, HEIGHT / 2, "no data recorded", size=11, extra=' fill="#888888"')]
-    )
+def _no_data(title: str, detail: str = "no data recorded") -> str:
+    return _canvas(title, [_text(WIDTH / 2, HEIGHT / 2, detail, size=10, extra=' fill="#888888"')])
 
 
 def _legend(names: Sequence[str], x: float, y: float) -> list[str]:
-    parts = []
+    """Swatches and names on a white panel, so that a curve under it does not hide them."""
+    width = 22 + 6 * max(len(name) for name in names)
+    parts = [
+        f'<rect x="{x - 3:.1f}" y="{y - 11:.1f}" width="{width}" height="{12 * len(names) + 4}" '
+        'fill="#ffffff" fill-opacity="0.85" stroke="#dddddd"/>'
+    ]
     for index, name in enumerate(names):
         row = y + 12 * index
-        parts.append(f'<rect x="{x:.1f}" y="{row - 7:.1f}" width="10" height="3" fill="{colour(index)}"/>')
+        parts.append(f'<rect x="{x:.1f}" y="{row - 5:.1f}" width="10" height="3" fill="{colour(index)}"/>')
         parts.append(_text(x + 14, row, name, anchor="start", size=9))
     return parts
 
@@ -231,7 +234,7 @@ def scatter_chart(
     shown = [point for point in points if _finite(point.x, point.y)]
     missing = [point.label for point in points if point not in shown]
     if not shown:
-        return _no_data(title)
+        return _no_data(title, "not shown (a value is missing): " + ", ".join(missing))
     width, height = 480, 320
     frame = Frame(
         *_range([p.x for p in shown], 0.12),
