@@ -365,3 +365,14 @@ def test_plot_scales_and_empty_plots():
     assert "n/a" in chart and chart.count("<rect") == 3  # background, frame, one bar
     with pytest.raises(SafesteerError):
         write_report(Path("/nonexistent/run"))
+
+
+def test_the_directory_can_come_from_a_yaml_config(tmp_path):
+    from safesteer.cli import parse
+
+    config = tmp_path / "report.yaml"
+    config.write_text(f"directory: {tmp_path / 'run'}\noutput: {tmp_path / 'page.html'}\n")
+    _, (args,) = parse("report", ["--config", str(config)])
+    assert (args.directory, args.output) == (str(tmp_path / "run"), str(tmp_path / "page.html"))
+    _, (args,) = parse("report", ["elsewhere"])
+    assert args.directory == "elsewhere" and args.output is None
