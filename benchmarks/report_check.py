@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops
 
 from safesteer.htmlreport.build import write_report
 from safesteer.htmlreport.svg import PALETTE
@@ -30,6 +30,7 @@ from safesteer.htmlreport.svg import PALETTE
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CELL_WIDTH, CELL_HEIGHT, COLUMNS = 500, 380, 3
 MIN_PAGE_INK = 0.02  # share of the page's pixels that are not background
+MIN_PAGE_HEIGHT = 400  # pixels down to the last ink: a header alone is shorter
 MIN_CELL_INK = 0.005  # an empty plot cell has none
 
 
@@ -89,10 +90,12 @@ def check(browser: str, page: Path, work: Path, keep: Path | None) -> list[str]:
     """What is wrong with the rendered page (nothing: an empty list); prints what it measured."""
     problems = []
     whole = screenshot(browser, page, work / "page.png", 1280, 12000)
-    page_ink = ink(whole)
-    print(f"page: {page_ink:.1%} of the pixels carry ink")
-    if page_ink < MIN_PAGE_INK:
-        problems.append(f"the page is blank ({page_ink:.2%} ink)")
+    box = ImageChops.difference(whole, Image.new("RGB", whole.size, "white")).getbbox()
+    height = box[3] if box else 0  # the window is taller than most pages: measure down to the last ink
+    page_ink = ink(whole.crop((0, 0, whole.width, height))) if height else 0.0
+    print(f"page: {height} px of content, {page_ink:.1%} of its pixels carry ink")
+    if height < MIN_PAGE_HEIGHT or page_ink < MIN_PAGE_INK:
+        problems.append(f"the page is blank ({height} px of content, {page_ink:.2%} ink)")
     count = contact_sheet(page.read_text(encoding="utf-8"), work / "plots.html")
     if count:
         rows = -(-count // COLUMNS)

@@ -266,6 +266,8 @@ def _self_contained(text: str) -> Page:
                 assert value.startswith(("#", "data:")), (tag, name, value)
                 assert not re.match(r"(https?:)?//", value)
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)  # no event handlers
+        if tag in ("polyline", "circle", "rect", "line", "path", "text"):  # a NaN coordinate draws nothing
+            assert not re.search(r"\b(nan|inf)\b", " ".join(map(str, attrs.values())), re.IGNORECASE), attrs
     assert "http://" not in text and "https://" not in text
     for svg in re.findall(r"<svg.*?</svg>", text, flags=re.DOTALL):
         ET.fromstring(svg)  # well-formed: a broken plot would not render

@@ -13,17 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safesteer.htmlreport.page import (
-    Markup,
-    figures,
-    join,
-    note,
-    number,
-    percent,
-    section,
-    table,
-    tag,
-)
+from safesteer.htmlreport.page import Markup, figures, join, note, number, percent, section, table, tag
 from safesteer.htmlreport.run_view import Section
 from safesteer.htmlreport.sources import RESULTS_FILE, load, load_lines
 from safesteer.htmlreport.svg import Bar, Point, bar_chart, scatter_chart
