@@ -2,6 +2,7 @@
 #   make demo   the whole method on the embedded default model (safesteer run --preset demo)
 #   make test   runs the test suite (unit + integration)
 #   make compare  SafeSteer against its baselines (safesteer compare; the README's Results)
+#   make report-check  renders the demo's report in headless Chromium (installed if missing)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ OUTPUT_DIR ?= runs/demo
 # The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo compare test lint clean
+.PHONY: install demo compare report-check test lint clean
 
 $(BIN)/safesteer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +23,13 @@ install: $(BIN)/safesteer
 
 demo: install
 	$(BIN)/safesteer run --preset demo --output-dir $(OUTPUT_DIR) --overwrite
+	$(BIN)/safesteer report $(OUTPUT_DIR)
 
 compare: install
 	$(BIN)/safesteer compare --output-dir runs/compare
+
+report-check: install
+	$(BIN)/python benchmarks/report_check.py $(OUTPUT_DIR) --install
 
 test: install
 	$(BIN)/ruff check src tests benchmarks

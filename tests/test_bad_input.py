@@ -215,6 +215,17 @@ CASES = [
          "--targets student: {ws}/run has no student yet"),
     case("eval teacher without a run", f"eval --output-dir {OUT} --targets base teacher",
          "target 'teacher' needs --run-dir"),
+    # --- reports
+    case("report without a directory", "report", "the following arguments are required: DIR"),
+    case("report of a missing directory", "report {ws}/no-run", "{ws}/no-run: no such directory"),
+    case("report of a folder of the user's", "report {ws}/mine",
+         "{ws}/mine: not a directory safesteer wrote; nothing to report"),
+    case("report of a damaged run", "report {ws}/broken-run",
+         "{ws}/broken-run/direction.json: line 1: invalid JSON"),
+    case("report onto a directory", "report {ws}/run --output {ws}/empty",
+         "--output {ws}/empty is a directory"),
+    case("report under /proc", "report {ws}/run --output /proc/safesteer-test/report.html",
+         "--output /proc/safesteer-test/report.html: cannot write it"),
 ]
 
 

@@ -38,7 +38,10 @@ def test_every_option_is_documented_once_in_kebab_case(capsys, command):
     assert "_" not in out.split("\n\n")[0]  # the usage line
     for cls, _ in COMMANDS[command].groups():
         for item in dataclasses.fields(cls):
-            assert flag(item.name) in options
+            if item.metadata.get("positional"):  # an operand: in the usage line, not an option
+                assert f" {item.metadata['metavar']} " in out.split("\n\n")[0]
+            else:
+                assert flag(item.name) in options
             assert item.metadata.get("help"), f"{cls.__name__}.{item.name} has no help"
     assert "(default: None)" not in out
 

@@ -21,6 +21,7 @@ from safesteer.evaluate.config import EvalArguments
 from safesteer.evaluate.harness import _completions
 from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
+from safesteer.htmlreport.build import build_report
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
@@ -105,6 +106,10 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
                                                                      monkeypatch) -> None:
     out = tmp_path / "eval"
     assert main(["eval", *eval_setup, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == f"report: `safesteer report {out}` writes {out / 'report.html'}"
+    page = build_report(out)  # every benchmark kind, as a real evaluation writes them
+    assert page.count('class="answer"') == 3 * 4 * 4 and page.count("<svg") == len(BENCHMARKS) + 1
     summary = json.loads((out / "results.json").read_text())
     results = summary["results"]
     assert list(results) == ["base", "teacher", "student"]
@@ -134,7 +139,7 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     assert (out / "completions" / "student" / "gsm8k.jsonl").is_file()
     for name in ("results.md", "bars.png", "tradeoff.png"):
         assert (out / name).stat().st_size > 0
-    assert "| harmless-test | over-refusal | refusal rate ↓ | 5 |" in capsys.readouterr().out
+    assert "| harmless-test | over-refusal | refusal rate ↓ | 5 |" in printed
 
     def no_generation(*args, **kwargs):
         raise AssertionError("a rerun must reuse the saved completions")

@@ -47,6 +47,12 @@ def test_run_writes_every_artifact_and_resumes(capsys, tmp_path, run_setup):
         assert (run_dir / name).exists(), name
     check = json.loads((run_dir / "check.json").read_text())
     assert set(check["refusal"]) == {"base", "teacher", "student"}
+    assert out.splitlines()[-1] == f"report: `safesteer report {run_dir}` writes {run_dir / 'report.html'}"
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    for anchor in ("run-settings", "run-curves", "run-tokens", "run-costs", "run-check"):
+        assert f'id="{anchor}"' in page
+    assert page.count("<polyline") >= 5 and "| prompt set |" not in page and "<td>student</td>" not in page
 
     code = main(["run", *run_setup, "--output-dir", str(run_dir)])
     assert code == 2 and "--resume" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Each field is one kebab-case option (``n_train`` -> ``--n-train``) whose help text is the field's
 ``metadata["help"]``; a boolean is ``--flag/--no-flag``, a list takes one or more values, a field
-without a default is required. A YAML file's keys are the field names and its values are read like
+without a default is required, and one marked ``metadata["positional"]`` is a bare operand
+(``safesteer report DIR``). A YAML file's keys are the field names and its values are read like
 flags: they become flags placed before the real ones, which therefore win. Every mistake is a
 one-line SafesteerError naming the option (and, in a YAML file, the line). Imports nothing heavy,
 so ``--help`` prints in a fraction of a second.
@@ -109,6 +110,9 @@ def _field_type(hint: Any) -> tuple[type, bool]:
 def _add_option(group: argparse._ArgumentGroup, item: Field[Any], hint: Any) -> argparse.Action:
     kind, many = _field_type(hint)
     metadata = item.metadata
+    if metadata.get("positional"):  # the command's one operand (`safesteer report DIR`)
+        return group.add_argument(item.name, type=kind, metavar=metadata.get("metavar", "VALUE"),
+                                  help=metadata.get("help"))
     kwargs: dict[str, Any] = {"dest": item.name, "help": metadata.get("help")}
     if item.default is not MISSING:
         kwargs["default"] = item.default
@@ -145,8 +149,8 @@ def build_parser(command: Command) -> _Parser:
             name = item.metadata.get("group", title)
             group = titled.get(name) or titled.setdefault(name, parser.add_argument_group(name))
             parser.options[item.name] = _add_option(group, item, hints[item.name])
-    required = [f"{action.option_strings[0]} {action.metavar}" for action in parser.options.values()
-                if action.required]
+    required = [" ".join([*action.option_strings[:1], str(action.metavar)])
+                for action in parser.options.values() if action.required]
     parser.usage = " ".join([prog, *required, "[options]"])
     return parser
 
@@ -222,7 +226,7 @@ def yaml_arguments(path: str, parser: _Parser) -> list[str]:
         problem = None if value is None else _yaml_value_problem(action, value)
         if problem:
             raise SafesteerError(f"{where}: {key}: {problem}")
-        tokens += option_flags({action.dest: value})
+        tokens += option_flags({action.dest: value}) if action.option_strings else [str(value)]
     return tokens
 
 

@@ -103,6 +103,12 @@ def _compare_groups() -> tuple[tuple[type, str], ...]:
     return (ModelArguments, "model"), (DataArguments, "data"), (CompareArguments, "comparison")
 
 
+def _report_groups() -> tuple[tuple[type, str], ...]:
+    from safesteer.htmlreport.command import ReportArguments
+
+    return ((ReportArguments, "report"),)
+
+
 COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("direction", "Extract and select a refusal direction; write the steered teacher's artifacts.",
             "safesteer.commands:direction_command",
@@ -125,6 +131,9 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
     Command("compare", "Train and evaluate several methods on one model and one data set; a paper-style "
                        "table and a safety-vs-capability Pareto plot.",
             "safesteer.compare:compare_methods", _compare_groups),
+    Command("report", "One self-contained HTML page of a run, eval or compare directory: settings, "
+                      "training curves, tokens, tables, plots and answers side by side.",
+            "safesteer.htmlreport.command:report_command", _report_groups),
 )}
 
 

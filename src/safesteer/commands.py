@@ -21,6 +21,7 @@ from safesteer.distill.export import merge_student
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import EvalArguments, split_target
 from safesteer.evaluate.harness import evaluate_targets
+from safesteer.htmlreport.command import report_hint
 from safesteer.io import (
     EVAL_KIND,
     EXPORT_KIND,
@@ -118,7 +119,9 @@ def eval_command(model_args: ModelArguments, data_args: DataArguments,
     data_args.check(*args.exclude_near, *prompt_files)
     _check_run_targets(args)
     claim_output_dir(output_dir, EVAL_KIND)
-    return evaluate_targets(model_args, data_args, args)
+    summary = evaluate_targets(model_args, data_args, args)
+    print(report_hint(output_dir))
+    return summary
 
 
 def _check_run_targets(args: EvalArguments) -> None:

@@ -31,6 +31,7 @@ from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller, make_accelerator
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_check, refusal_table
+from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
 from safesteer.run_config import RunArguments
@@ -173,6 +174,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     write_json(output_dir / "check.json", summary)
     print("wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in laps.seconds.items())
           + f"; total {sum(laps.seconds.values()):.0f} s")
+    print(report_hint(output_dir))
     return summary
 
 
