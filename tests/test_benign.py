@@ -20,7 +20,7 @@ from safesteer.benign import (
 from safesteer.data import jaccard, normalize_tokens, request_style
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_table
-from safesteer.report import pooled_styles, worst_of_kinds
+from safesteer.report import mean_of_kinds, pooled_styles, worst_of_kinds
 
 REQUESTS = [Request(f"{category} prompt {index}", category, f"{category}/{index // 2}")
             for category, size in (("a", 10), ("b", 7), ("c", 1)) for index in range(size)]
@@ -97,6 +97,13 @@ def test_worst_of_kinds_is_the_maximum_over_refusal_and_the_minimum_harmful_refu
     assert worst_of_kinds(results, ("over-refusal",)) == (0.7, "b2")
     assert worst_of_kinds(results, ("safety", "jailbreak")) == (0.4, "h2")
     assert math.isnan(worst_of_kinds(results, ("missing",))[0])
+
+
+def test_mean_of_kinds_skips_an_emptied_benchmark() -> None:
+    results = {"h1": _cell("safety", 0.9, True), "h2": _cell("safety", math.nan, True),
+               "h3": _cell("jailbreak", 0.5, True), "c": _cell("capability", 9.0, False)}
+    assert mean_of_kinds(results, ("safety", "jailbreak")) == 0.7
+    assert math.isnan(mean_of_kinds(results, ("over-refusal",)))
 
 
 def test_pooled_styles_weight_by_prompts() -> None:

@@ -24,8 +24,10 @@ HARMFUL_KINDS = ("safety", "jailbreak")
 
 
 def mean_of_kinds(results: Mapping[str, Mapping[str, Any]], kinds: Sequence[str]) -> float:
-    """Mean value over the target's benchmarks of these kinds (NaN without any)."""
-    values = [row["value"] for row in results.values() if row["kind"] in kinds]
+    """Mean value over the target's benchmarks of these kinds (NaN without any). A benchmark left
+    empty (NaN: every prompt was a near-duplicate of a training prompt) has no rate to average."""
+    values = [row["value"] for row in results.values()
+              if row["kind"] in kinds and not math.isnan(row["value"])]
     return sum(values) / len(values) if values else math.nan
 
 

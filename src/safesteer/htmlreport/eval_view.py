@@ -151,8 +151,7 @@ def tradeoff_plot(results: Mapping[str, Mapping[str, Any]]) -> str:
     points, label = [], "capability"
     for target, cells in results.items():
         label, capability = capability_score(dict(cells))
-        measured = {name: cell for name, cell in cells.items() if not math.isnan(cell["value"])}
-        points.append(Point(target, capability, 100 * mean_of_kinds(measured, HARMFUL_KINDS)))
+        points.append(Point(target, capability, 100 * mean_of_kinds(cells, HARMFUL_KINDS)))
     return scatter_chart(
         "safety vs capability", points, label, "mean harmful refusal (%) ↑", y_range=(-5.0, 105.0)
     )
