@@ -158,7 +158,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     summary: dict[str, Any] = {}
     if run.check_limit > 0:
         targets = {"base": distiller.teachers.base, "teacher": distiller.teachers.teacher,
-                   "student": lambda: nullcontext(distiller.model.eval())}
+                   "student": lambda: nullcontext(distiller.student.eval())}
         prompt_sets = {name: data_args.load(name, run.check_limit)
                        for name in [*run.check_harmful, *run.check_benign]}
         results = refusal_check(tokenizer, targets, prompt_sets,

@@ -26,7 +26,10 @@ class Rollout:
     :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M,
     each prompt's M rows together. ``prompt_indices`` names each row's training prompt (a
     system-prompted teacher re-reads it) and ``steer`` [N] bool whether the row's teacher is the
-    safety teacher (steered, or system-prompted) rather than the plain base.
+    safety teacher (steered, or system-prompted) rather than the plain base. ``step`` is the
+    optimizer step (1-based) it was drawn for; ``padding`` marks the stand-in samples of a process
+    that had no prompt that step, which run every forward and backward but weigh zero and are
+    not counted.
     """
 
     sequences: Tensor
@@ -35,6 +38,8 @@ class Rollout:
     texts: list[str]
     prompt_indices: list[int]
     steer: Tensor
+    step: int
+    padding: bool
 
     @property
     def prompt_length(self) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -43,9 +44,16 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(config: DistillConfig, output_dir: str | Path) -> Accelerator:
-    """The run's Accelerator: one process, or each of ``accelerate launch``'s (multi-CPU too)."""
+    """The run's Accelerator: one process, or each of ``accelerate launch``'s with the user's config
+    (DDP on CPU or GPU, FSDP, DeepSpeed).
+
+    The trainer places the model itself (``--device`` with one process, the process's device with
+    several), and the schedule counts optimizer steps, so accelerate neither moves the model nor
+    steps the schedule once per process.
+    """
     return Accelerator(log_with=None if config.report_to == "none" else config.report_to,
-                       project_dir=str(output_dir))
+                       project_dir=str(output_dir), device_placement=False,
+                       step_scheduler_with_optimizer=False)
 
 
 @dataclass
@@ -97,14 +105,20 @@ class Distiller:
       samples the completions and the loss is the student's
       ``divergence.negative_log_likelihood`` of them; no teacher forward runs in training.
     * **Micro-batching** (--micro-batch-size, --gradient-checkpointing): teacher and student
-      forwards and the backward run on this many completions at a time; the gradient does not
-      depend on it.
+      forwards and the backward run on this many completions at a time, gradients accumulating
+      without synchronisation (``accelerator.accumulate``) until the step's last micro-batch; the
+      gradient does not depend on it.
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
-    * **Several processes** (``accelerate launch``): each process samples and scores its share of
-      the step's prompts; gradients are summed across processes, which with the global denominator
-      gives the single-process gradient. The model is moved to each process's device.
+    * **Several processes** (``accelerate launch`` or torchrun, with the user's accelerate config):
+      the student, its optimizer and schedule go through ``accelerator.prepare`` (DDP, FSDP or
+      DeepSpeed). Each process samples with the unwrapped student and scores its share of the
+      step's prompts; every process runs the same number of micro-batches (a process without
+      prompts that step samples the step's first prompt with weight zero), so the engines'
+      collectives line up. The engine averages gradients over processes, so each process's loss is
+      scaled by the process count: with the global denominator the result is the single-process
+      gradient of the same global batch (docs/method.md §6.10).
     * **Logging** (--logging-steps, --report-to): per step, loss, k3 KL(student‖teacher) and mass
       on S of both models (both left out with --mode sft), refusal-phrase rate of the samples,
       completion length, truncated share, share of completions with the safety teacher
@@ -175,19 +189,25 @@ class Distiller:
                                self.steer_prompts, self.safety_token_ids, cfg.conditional_teacher,
                                accelerator.num_processes)
         checkpoint = self.run.prepare(asdict(cfg), inputs, resume=self.resume, overwrite=self.overwrite)
-        self.model, self.teacher_model = build_student(self.base_model, cfg, self.device)
+        student, self.teacher_model = build_student(self.base_model, cfg, self.device)
+        optimizer = torch.optim.AdamW(
+            [p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps)
+        # self.model is the engine's (DDP/FSDP/DeepSpeed) wrapper that trains; self.student the
+        # plain (PEFT) model under it, for generate, disable_adapter and saving.
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
+        self.student = accelerator.unwrap_model(self.model)
+        if cfg.use_lora:
+            self.teacher_model = self.student
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.teachers = Teachers(self.model, self.teacher_model, self.direction, self.prompt_ids,
+        self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
                                  self.device)
-        self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps)
         if checkpoint is not None:
-            self.step = self.run.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
+            self.step = self.run.load_checkpoint(checkpoint, self.student, self.optimizer, self.scheduler,
                                                  cfg.use_lora, self.device)
         if cfg.report_to != "none":
             accelerator.init_trackers("safesteer-distill", config=asdict(cfg))
@@ -197,12 +217,22 @@ class Distiller:
 
     def step_prompt_indices(self, step: int) -> list[int]:
         """Indices of the prompts this process trains on at ``step`` (1-based)."""
+        return self._step_shares(step)[self.accelerator.process_index]
+
+    def _step_shares(self, step: int) -> list[list[int]]:
+        """Each process's prompt indices at ``step``: the step's prompts dealt out in turn."""
         epoch, position = divmod(step - 1, self.steps_per_epoch)
         order = list(range(len(self.prompts)))
         random.Random(self.config.seed + epoch).shuffle(order)
-        size, accelerator = self.config.prompts_per_step, self.accelerator
+        size, processes = self.config.prompts_per_step, self.accelerator.num_processes
         step_indices = order[position * size:(position + 1) * size]
-        return step_indices[accelerator.process_index::accelerator.num_processes]
+        return [step_indices[rank::processes] for rank in range(processes)]
+
+    def micro_batches_per_process(self, step: int) -> int:
+        """Micro-batches every process runs at ``step``: the most any process needs (at least one),
+        so every process joins each of the engine's collectives."""
+        rows = max(len(share) for share in self._step_shares(step)) * self.config.samples_per_prompt
+        return max(math.ceil(rows / self.config.micro_batch_size), 1)
 
     def steer_rows(self, prompt_indices: Sequence[int], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Which of these prompts get the safety teacher, bool [len(prompt_indices)].
@@ -221,11 +251,11 @@ class Distiller:
         or with --mode sft the teacher's (after its own prompt), appended to the student's prompt."""
         cfg = self.config
         indices = self.step_prompt_indices(step)
+        padding = not indices
+        if padding:  # no prompt for this process: sample the step's first one, weighted zero
+            indices = self._step_shares(step)[0][:1]
         input_ids, attention_mask = left_pad([self.prompt_ids[index] for index in indices],
                                              self.tokenizer.pad_token_id, self.device)
-        if not indices:
-            empty = input_ids.new_zeros(0, 0)
-            return Rollout(empty, empty, empty, [], [], torch.zeros(0, dtype=torch.bool, device=self.device))
         steer = self.steer_rows(indices, input_ids, attention_mask).repeat_interleave(cfg.samples_per_prompt)
         row_indices = [index for index in indices for _ in range(cfg.samples_per_prompt)]
         input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
@@ -236,34 +266,43 @@ class Distiller:
             with self.teachers.for_rows(row_indices, steer) as (teacher, teacher_ids, teacher_mask):
                 completions = sample_completions(teacher, teacher_ids, teacher_mask, **sampling)
         else:
-            self.model.eval()
-            completions = sample_completions(self.model, input_ids, attention_mask, **sampling)
+            self.student.eval()
+            completions = sample_completions(self.student, input_ids, attention_mask, **sampling)
         mask = completion_mask(completions, self.eos_token_ids)
         texts = self.tokenizer.batch_decode(
             [row[:length].tolist() for row, length in zip(completions, mask.sum(1).tolist(), strict=True)],
             skip_special_tokens=True)
         return Rollout(torch.cat([input_ids, completions], dim=1),
                        torch.cat([attention_mask, torch.ones_like(completions)], dim=1), mask, texts,
-                       row_indices, steer)
+                       row_indices, steer, step, padding)
 
     def backward(self, rollout: Rollout) -> dict[str, float]:
         """Teacher-forced loss of ``rollout``, backpropagated one micro-batch at a time.
 
         Each micro-batch's ``reduce_loss`` is divided by the step's global count of loss tokens
-        (--reduction token) or completions (sequence), so the summed gradients, which are also
-        summed across processes, are those of one loss over the whole step, whatever
-        --micro-batch-size and the process count. Returns the step's global metrics.
+        (--reduction token) or completions (sequence), so the gradients summed over micro-batches
+        and processes are those of one loss over the whole step, whatever --micro-batch-size and
+        the process count. The engine averages over processes, hence the loss backpropagated is
+        ``num_processes`` times this process's share. Gradients synchronise on the last
+        micro-batch only; processes with fewer rows repeat their first with weight zero, so all
+        run :meth:`micro_batches_per_process` of them. Returns the step's global metrics.
         """
-        cfg = self.config
-        size = len(rollout.texts)
+        cfg, accelerator = self.config, self.accelerator
+        size = 0 if rollout.padding else len(rollout.texts)
         prompt_length = rollout.prompt_length
-        masks = (loss_mask(rollout.completion_mask, skip=cfg.skip, keep=cfg.keep) if size
-                 else rollout.completion_mask)
+        masks = loss_mask(rollout.completion_mask, skip=cfg.skip, keep=cfg.keep) * (not rollout.padding)
         local_items = masks.sum() if cfg.reduction == "token" else torch.tensor(size)
-        items = max(sum_over_processes(self.accelerator, local_items.double().view(1)).item(), 1.0)
+        items = max(sum_over_processes(accelerator, local_items.double().view(1)).item(), 1.0)
+        count = self.micro_batches_per_process(rollout.step)
+        starts = list(range(0, size, cfg.micro_batch_size))
+        weights = [float(accelerator.num_processes)] * len(starts) + [0.0] * (count - len(starts))
+        # The accumulation window is this step's micro-batches; accelerate divides the loss by its
+        # length (but DeepSpeed's engine by its own, fixed one), undone below.
+        accelerator.gradient_accumulation_steps, accelerator.step = count, 0
+        window = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else count
         totals = StepTotals.zeros(self.device)
-        for start in range(0, size, cfg.micro_batch_size):
-            rows = slice(start, start + cfg.micro_batch_size)
+        for start, weight in zip(starts + [0] * (count - len(starts)), weights, strict=True):
+            rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
             completions = rollout.completion_mask[rows]
             length = int(completions.sum(1).max())
             first = int(rollout.attention_mask[rows, :prompt_length].any(0).int().argmax())
@@ -272,20 +311,21 @@ class Distiller:
             sampled = sequences[:, -length:]
             teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
-            student_logits = completion_logits(self.model, sequences, attention, length, cfg.temperature)
-            loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
-                               masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
-                               num_items_in_step=items)
-            self.accelerator.backward(loss)
-            statistics = None if teacher_logits is None else token_statistics(
-                student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
-            totals.add_micro_batch(loss, completions[:, :length], statistics)
+            with accelerator.accumulate(self.model):
+                student_logits = completion_logits(self.model, sequences, attention, length, cfg.temperature)
+                loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
+                                   masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
+                                   num_items_in_step=items)
+                accelerator.backward(loss * (weight * window))
+            if weight:
+                statistics = None if teacher_logits is None else token_statistics(
+                    student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
+                totals.add_micro_batch(loss, completions[:, :length], statistics)
         if size:
             eos = torch.tensor(self.eos_token_ids, device=self.device)
             truncated = ~torch.isin(rollout.sequences[:, prompt_length:], eos).any(1)
             totals.count_completions(rollout.texts, truncated, rollout.steer)
-        self._sum_gradients_across_processes()
-        return totals.metrics(self.accelerator, with_teacher=cfg.mode != "sft",
+        return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
 
     def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
@@ -300,15 +340,6 @@ class Distiller:
             token_ids=self.safety_ids_tensor if cfg.mode == "subset" else None,
             top_k=cfg.top_k if cfg.mode == "topk" else None, alpha=cfg.alpha,
             renormalize=cfg.renormalize, complement=cfg.complement, chunk_size=cfg.loss_chunk_size)
-
-    def _sum_gradients_across_processes(self) -> None:
-        """Sum gradients over processes; one with no prompts this step contributes zeros."""
-        if self.accelerator.num_processes == 1:
-            return
-        for parameter in self.trainable_parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            parameter.grad.copy_(sum_over_processes(self.accelerator, parameter.grad))
 
     # ----------------------------------------------------------------- the loop
 
@@ -335,13 +366,16 @@ class Distiller:
                 # and the caller's global RNG is left as it was.
                 with seeded(self._step_seed("backward", step), self.device):
                     metrics = self.backward(rollout)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm)
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm.item())):
+                # DeepSpeed clips (its config's gradient_clipping) and steps inside the last
+                # micro-batch's backward: there this reads the engine's norm, and a non-finite
+                # step is reported after it was taken.
+                grad_norm = float(accelerator.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm))
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     checkpoints = self.run.checkpoints()
                     kept = checkpoints[-1] if checkpoints else "none (no checkpoint was written yet)"
                     raise SafesteerError(
-                        f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm.item()}) at "
+                        f"non-finite loss ({metrics['loss']}) or gradient norm ({grad_norm}) at "
                         f"step {step}; the step was not applied. Last good checkpoint: {kept}. Try a "
                         "lower --learning-rate, and check the direction and model for inf/NaN")
                 learning_rate = self.scheduler.get_last_lr()[0]
@@ -351,16 +385,16 @@ class Distiller:
                 self.step = step
                 seconds = time.perf_counter() - started
                 last_metrics = {"step": step, "epoch": (step - 1) // self.steps_per_epoch, **metrics,
-                                 "grad_norm": grad_norm.item(), "lr": learning_rate,
+                                 "grad_norm": grad_norm, "lr": learning_rate,
                                  "tokens_per_second": metrics["completion_tokens"] / seconds,
                                  "seconds": seconds}
                 self._log(last_metrics, progress)
                 if (cfg.save_steps and step % cfg.save_steps == 0) or step == stop < self.total_steps:
-                    self.run.save_checkpoint(step, self.total_steps, self.model, self.optimizer,
+                    self.run.save_checkpoint(step, self.total_steps, self.student, self.optimizer,
                                              self.scheduler, cfg.use_lora)
         student_dir = None
         if self.step == self.total_steps:
-            student_dir = self.run.save_student(self.model, self.tokenizer, cfg.use_lora)
+            student_dir = self.run.save_student(self.student, self.tokenizer, cfg.use_lora)
             if cfg.report_to != "none":
                 accelerator.end_training()
         return DistillResult(self.step, self.total_steps, student_dir, last_metrics)
