@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_step import CASES
 
 WORKER = Path(__file__).with_name("distributed_step.py")

@@ -4,8 +4,10 @@ Everything a run writes goes to one output directory, from which an interrupted 
 bit-for-bit (on CPU): the config and inputs records a resume must match, ``checkpoints/step-N``
 (adapter or model, optimizer and scheduler state), ``train_log.jsonl`` and finally ``student/``.
 Directories are staged under a hidden name and renamed into place, so a kill leaves either the
-old or the new version, never half of one. Only the main process writes; every method is called
-by all processes, which wait for each other around the writes.
+old or the new version, never half of one. Only the main process writes, except a sharding
+engine's (FSDP, DeepSpeed) checkpoint, which every process writes through accelerate; every method
+is called by all processes, which wait for each other around the writes. Methods take the
+engine's prepared model and optimizer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from peft import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
@@ -50,6 +53,7 @@ LOG_FILE = "train_log.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 STUDENT_DIR = "student"
 STATE_FILE = "trainer_state.json"
+ENGINE_STATE_DIR = "engine"
 KEEP_CHECKPOINTS = 2
 DISTILL_ARTIFACTS = (CONFIG_FILE, INPUTS_FILE, LOG_FILE, CHECKPOINTS_DIR, STUDENT_DIR)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
@@ -100,6 +104,8 @@ class RunDirectory:
     def __init__(self, path: Path, accelerator: Accelerator) -> None:
         self.path = path
         self.accelerator = accelerator
+        # Sharded weights and optimizer state are each process's own: accelerate saves and loads them.
+        self.sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     def prepare(self, config: dict[str, Any], inputs: dict[str, Any], *, resume: bool,
                 overwrite: bool) -> Path | None:
@@ -157,13 +163,17 @@ class RunDirectory:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if self.sharded:
+            accelerator.save_state(str(staging / ENGINE_STATE_DIR))
+        elif accelerator.is_main_process:
+            student = accelerator.unwrap_model(model)
             if use_lora:
-                model.save_pretrained(staging, save_embedding_layers=False)  # type: ignore[operator]
+                student.save_pretrained(staging, save_embedding_layers=False)
             else:
-                save_model(model, str(staging / "model.safetensors"))
+                save_model(student, str(staging / "model.safetensors"))
             torch.save(optimizer.state_dict(), staging / "optimizer.pt")
             torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        if accelerator.is_main_process:
             write_json(staging / STATE_FILE, {"step": step, "total_steps": total_steps,
                                               "num_processes": accelerator.num_processes,
                                               "safesteer_version": __version__})
@@ -182,12 +192,16 @@ class RunDirectory:
         """
         path = checkpoint / ("adapter_model.safetensors" if use_lora else "model.safetensors")
         try:
-            if use_lora:
-                set_peft_model_state_dict(model, load_file(str(path), device=str(device)))
+            if self.sharded:
+                path = checkpoint / ENGINE_STATE_DIR
+                self.accelerator.load_state(str(path))
+            elif use_lora:
+                set_peft_model_state_dict(self.accelerator.unwrap_model(model),
+                                          load_file(str(path), device=str(device)))
             else:
-                load_model(model, str(path), device=str(device))
-            for path, state in ((checkpoint / "optimizer.pt", optimizer),
-                                (checkpoint / "scheduler.pt", scheduler)):
+                load_model(self.accelerator.unwrap_model(model), str(path), device=str(device))
+            for path, state in (() if self.sharded else ((checkpoint / "optimizer.pt", optimizer),
+                                                          (checkpoint / "scheduler.pt", scheduler))):
                 state.load_state_dict(torch.load(path, weights_only=True))
             path = checkpoint / STATE_FILE
             step: int = json.loads(path.read_text(encoding="utf-8"))["step"]
@@ -225,13 +239,14 @@ class RunDirectory:
     def save_student(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, use_lora: bool) -> Path:
         """``student/``: the adapter (or full model) with safetensors, plus the tokenizer."""
         final = self.path / STUDENT_DIR
+        state = self.accelerator.get_state_dict(model)  # gathered from the shards, on every process
         if self.accelerator.is_main_process:
             staging = self.path / f".{STUDENT_DIR}.tmp"
             shutil.rmtree(staging, ignore_errors=True)
             # save_embedding_layers=False: base embeddings are never trained, and peft's "auto" check
             # would look the base model up on the hub.
             extra = {"save_embedding_layers": False} if use_lora else {}
-            model.save_pretrained(staging, **extra)  # type: ignore[operator]
+            self.accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state, **extra)
             tokenizer.save_pretrained(staging)
             _publish_dir(staging, final)
         self.accelerator.wait_for_everyone()

@@ -196,6 +196,11 @@ class Distiller:
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps)
+        deepspeed = accelerator.state.deepspeed_plugin
+        micro_batch_key = "train_micro_batch_size_per_gpu"
+        if deepspeed is not None and deepspeed.deepspeed_config.get(micro_batch_key) == "auto":
+            # Without a dataloader DeepSpeed cannot infer it; it only enters its bookkeeping.
+            deepspeed.deepspeed_config[micro_batch_key] = cfg.micro_batch_size
         # self.model is the engine's (DDP/FSDP/DeepSpeed) wrapper that trains; self.student the
         # plain (PEFT) model under it, for generate, disable_adapter and saving.
         self.model, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -207,7 +212,7 @@ class Distiller:
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
                                  self.device)
         if checkpoint is not None:
-            self.step = self.run.load_checkpoint(checkpoint, self.student, self.optimizer, self.scheduler,
+            self.step = self.run.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                                  cfg.use_lora, self.device)
         if cfg.report_to != "none":
             accelerator.init_trackers("safesteer-distill", config=asdict(cfg))
@@ -390,11 +395,11 @@ class Distiller:
                                  "seconds": seconds}
                 self._log(last_metrics, progress)
                 if (cfg.save_steps and step % cfg.save_steps == 0) or step == stop < self.total_steps:
-                    self.run.save_checkpoint(step, self.total_steps, self.student, self.optimizer,
+                    self.run.save_checkpoint(step, self.total_steps, self.model, self.optimizer,
                                              self.scheduler, cfg.use_lora)
         student_dir = None
         if self.step == self.total_steps:
-            student_dir = self.run.save_student(self.student, self.tokenizer, cfg.use_lora)
+            student_dir = self.run.save_student(self.model, self.tokenizer, cfg.use_lora)
             if cfg.report_to != "none":
                 accelerator.end_training()
         return DistillResult(self.step, self.total_steps, student_dir, last_metrics)
