@@ -28,7 +28,8 @@ from safesteer.direction.artifact import Direction
 from safesteer.direction.find import find_direction
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.trainer import Distiller, make_accelerator
+from safesteer.distill.engine import make_accelerator
+from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.htmlreport.command import report_hint

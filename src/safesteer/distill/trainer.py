@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -29,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import RunDirectory, inputs_record
 from safesteer.distill.config import DistillConfig
+from safesteer.distill.engine import make_accelerator, prepare_student, start_accumulation
 from safesteer.distill.inputs import check_inputs, eos_token_ids, tokenize_prompts
 from safesteer.distill.loss import loss_mask, reduce_loss
 from safesteer.distill.metrics import StepTotals, sum_over_processes, token_statistics
@@ -41,19 +41,6 @@ from safesteer.progress import progress_bar
 from safesteer.scoring import completion_logits, left_pad
 
 logger = logging.getLogger(__name__)
-
-
-def make_accelerator(config: DistillConfig, output_dir: str | Path) -> Accelerator:
-    """The run's Accelerator: one process, or each of ``accelerate launch``'s with the user's config
-    (DDP on CPU or GPU, FSDP, DeepSpeed).
-
-    The trainer places the model itself (``--device`` with one process, the process's device with
-    several), and the schedule counts optimizer steps, so accelerate neither moves the model nor
-    steps the schedule once per process.
-    """
-    return Accelerator(log_with=None if config.report_to == "none" else config.report_to,
-                       project_dir=str(output_dir), device_placement=False,
-                       step_scheduler_with_optimizer=False)
 
 
 @dataclass
@@ -112,13 +99,10 @@ class Distiller:
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
     * **Several processes** (``accelerate launch`` or torchrun, with the user's accelerate config):
-      the student, its optimizer and schedule go through ``accelerator.prepare`` (DDP, FSDP or
-      DeepSpeed). Each process samples with the unwrapped student and scores its share of the
-      step's prompts; every process runs the same number of micro-batches (a process without
-      prompts that step samples the step's first prompt with weight zero), so the engines'
-      collectives line up. The engine averages gradients over processes, so each process's loss is
-      scaled by the process count: with the global denominator the result is the single-process
-      gradient of the same global batch (docs/method.md §6.10).
+      student, optimizer and schedule go through ``accelerator.prepare`` (DDP, FSDP, DeepSpeed;
+      :mod:`safesteer.distill.engine`). Each process samples with the unwrapped student and scores
+      its share of the step's prompts, all in the same number of micro-batches; the step equals
+      the one-process step on the same samples (docs/method.md §6.10).
     * **Logging** (--logging-steps, --report-to): per step, loss, k3 KL(student‖teacher) and mass
       on S of both models (both left out with --mode sft), refusal-phrase rate of the samples,
       completion length, truncated share, share of completions with the safety teacher
@@ -196,17 +180,10 @@ class Distiller:
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps)
-        deepspeed = accelerator.state.deepspeed_plugin
-        micro_batch_key = "train_micro_batch_size_per_gpu"
-        if deepspeed is not None and deepspeed.deepspeed_config.get(micro_batch_key) == "auto":
-            # Without a dataloader DeepSpeed cannot infer it; it only enters its bookkeeping.
-            deepspeed.deepspeed_config[micro_batch_key] = cfg.micro_batch_size
-        # self.model is the engine's (DDP/FSDP/DeepSpeed) wrapper that trains; self.student the
-        # plain (PEFT) model under it, for generate, disable_adapter and saving.
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(student, optimizer, scheduler)
-        self.student = accelerator.unwrap_model(self.model)
-        if cfg.use_lora:
-            self.teacher_model = self.student
+        # self.model, the engine's wrapper, trains; self.student under it generates, teaches, saves.
+        self.model, self.optimizer, self.scheduler = prepare_student(accelerator, student, optimizer,
+                                                                     scheduler, cfg.micro_batch_size)
+        self.student = accelerator.unwrap_model(self.model)  # with LoRA, also self.teacher_model
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
@@ -285,12 +262,11 @@ class Distiller:
         """Teacher-forced loss of ``rollout``, backpropagated one micro-batch at a time.
 
         Each micro-batch's ``reduce_loss`` is divided by the step's global count of loss tokens
-        (--reduction token) or completions (sequence), so the gradients summed over micro-batches
-        and processes are those of one loss over the whole step, whatever --micro-batch-size and
-        the process count. The engine averages over processes, hence the loss backpropagated is
-        ``num_processes`` times this process's share. Gradients synchronise on the last
-        micro-batch only; processes with fewer rows repeat their first with weight zero, so all
-        run :meth:`micro_batches_per_process` of them. Returns the step's global metrics.
+        (--reduction token) or completions (sequence), and scaled for the engine's average
+        (:func:`safesteer.distill.engine.start_accumulation`), so the synchronised gradient is that
+        of one loss over the whole step, whatever --micro-batch-size and the process count.
+        Processes with fewer rows repeat their first with weight zero, so all run
+        :meth:`micro_batches_per_process` of them. Returns the step's global metrics.
         """
         cfg, accelerator = self.config, self.accelerator
         size = 0 if rollout.padding else len(rollout.texts)
@@ -300,11 +276,8 @@ class Distiller:
         items = max(sum_over_processes(accelerator, local_items.double().view(1)).item(), 1.0)
         count = self.micro_batches_per_process(rollout.step)
         starts = list(range(0, size, cfg.micro_batch_size))
-        weights = [float(accelerator.num_processes)] * len(starts) + [0.0] * (count - len(starts))
-        # The accumulation window is this step's micro-batches; accelerate divides the loss by its
-        # length (but DeepSpeed's engine by its own, fixed one), undone below.
-        accelerator.gradient_accumulation_steps, accelerator.step = count, 0
-        window = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else count
+        scale = start_accumulation(accelerator, count)
+        weights = [scale] * len(starts) + [0.0] * (count - len(starts))
         totals = StepTotals.zeros(self.device)
         for start, weight in zip(starts + [0] * (count - len(starts)), weights, strict=True):
             rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
@@ -321,7 +294,7 @@ class Distiller:
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
                                    masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                    num_items_in_step=items)
-                accelerator.backward(loss * (weight * window))
+                accelerator.backward(loss * weight)
             if weight:
                 statistics = None if teacher_logits is None else token_statistics(
                     student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
