@@ -3,7 +3,8 @@
 ``python tests/distributed_step.py MODEL_DIR OUT_DIR`` runs every case of :data:`CASES` in one
 process; under ``torchrun --nproc-per-node 2`` the same cases run as a prepared-DDP (gloo) step.
 Each process saves, per case, the step's gradient (after the backward, before the optimizer step),
-the metrics and the trainable weights after one optimizer step, for the test to compare.
+the metrics, the trainable weights after one optimizer step (which ends in a checkpoint) and after
+a second one taken by a run resumed from that checkpoint, for the test to compare.
 
 Sampling is replaced by completions fixed by each row's prompt, so a row has the same tokens
 whichever process samples it and in whatever batch; everything else (the split of the step's
@@ -60,7 +61,7 @@ def fixed_completions(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return torch.stack(rows).to(input_ids.device)
 
 
-def run_case(name: str, model_dir: Path, out_dir: Path) -> None:
+def make_distiller(name: str, model_dir: Path, out_dir: Path, resume: bool) -> Distiller:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
@@ -68,17 +69,28 @@ def run_case(name: str, model_dir: Path, out_dir: Path) -> None:
                           metadata={"num_layers": model.config.num_hidden_layers})
     config = DistillConfig(**{**SETTINGS, **CASES[name]})  # type: ignore[arg-type]
     distiller = Distiller(model, tokenizer, direction, PROMPTS, config, out_dir / name,
-                          safety_token_ids=SAFETY_IDS, overwrite=True)
+                          safety_token_ids=SAFETY_IDS, overwrite=not resume, resume=resume)
     distiller.setup()
-    named = [(key, p) for key, p in distiller.student.named_parameters() if p.requires_grad]
+    return distiller
+
+
+def trainable(distiller: Distiller) -> dict[str, torch.Tensor]:
+    return {key: p for key, p in distiller.student.named_parameters() if p.requires_grad}
+
+
+def run_case(name: str, model_dir: Path, out_dir: Path) -> None:
+    distiller = make_distiller(name, model_dir, out_dir, resume=False)
     metrics = distiller.backward(distiller.sample(1))
-    gradient = {key: p.grad.detach().clone() for key, p in named}
+    gradient = {key: p.grad.detach().clone() for key, p in trainable(distiller).items()}
     distiller.optimizer.zero_grad(set_to_none=True)
     result = distiller.train(max_steps=1)
-    rank = distiller.accelerator.process_index
+    weights = {key: p.detach().clone() for key, p in trainable(distiller).items()}
+    resumed = make_distiller(name, model_dir, out_dir, resume=True)
+    resumed.train(max_steps=2)
     torch.save({"gradient": gradient, "metrics": metrics, "step_metrics": result.last_metrics,
-                "weights": {key: p.detach().clone() for key, p in named}},
-               out_dir / f"{name}-rank{rank}.pt")
+                "weights": weights, "resumed_step": resumed.step,
+                "resumed_weights": {key: p.detach().clone() for key, p in trainable(resumed).items()}},
+               out_dir / f"{name}-rank{distiller.accelerator.process_index}.pt")
 
 
 def main() -> None:

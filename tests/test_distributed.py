@@ -63,3 +63,15 @@ def test_two_process_step_matches_the_one_process_step(steps, case: str) -> None
     # in g moves the update by up to its own size, so the weights get lr/1000 of slack.
     torch.testing.assert_close(flat(first["weights"]), flat(single["weights"]), atol=1e-5, rtol=1e-4)
     assert torch.equal(flat(first["weights"]), flat(second["weights"]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_process_run_resumes_from_its_checkpoint(steps, case: str) -> None:
+    """The checkpoint written after step 1 (adapter or model, prepared optimizer, schedule) lets a
+    new two-process run take step 2 as the one-process run does."""
+    single, first, second = steps[case]
+    assert single["resumed_step"] == first["resumed_step"] == second["resumed_step"] == 2
+    assert not torch.equal(flat(first["resumed_weights"]), flat(first["weights"]))
+    torch.testing.assert_close(flat(first["resumed_weights"]), flat(single["resumed_weights"]),
+                               atol=2e-5, rtol=1e-4)
+    assert torch.equal(flat(first["resumed_weights"]), flat(second["resumed_weights"]))
