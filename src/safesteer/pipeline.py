@@ -157,7 +157,10 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     if not state.is_main_process:
         return {"stage_seconds": laps.seconds}
     summary: dict[str, Any] = {}
-    if run.check_limit > 0:
+    if run.check_limit > 0 and distiller.run.sharded:
+        logger.warning("closing check skipped: under FSDP or DeepSpeed no process holds the whole "
+                       "student; evaluate %s with `safesteer eval`", result.student_dir)
+    elif run.check_limit > 0:
         targets = {"base": distiller.teachers.base, "teacher": distiller.teachers.teacher,
                    "student": lambda: nullcontext(distiller.student.eval())}
         prompt_sets = {name: data_args.load(name, run.check_limit)
