@@ -20,7 +20,7 @@ from safesteer.distill.export import merge_student
 from safesteer.distill.rollout import Rollout, completion_mask
 from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
-from safesteer.models import render_prompts
+from safesteer.models import decoder_layers, render_prompts
 from safesteer.scoring import completion_logits
 
 PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",
@@ -347,6 +347,32 @@ def test_conditional_teacher_steers_the_prompts_the_gate_flags(make_tiny_model: 
     assert distiller.backward(rollout)["steered_rows"] == rollout.steer.double().mean().item()
     with pytest.raises(SafesteerError, match="no harmfulness gate"):
         make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "gateless", config)
+
+
+def test_the_gate_read_leaves_the_students_sampling_alone(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                         direction, tmp_path) -> None:
+    """--conditional-teacher reads the gate (a cut-short forward) right before sampling: the student
+    must then draw the same completions, still decoding one token per forward (KV cache)."""
+    gated = Direction(direction.vector, direction.layer, direction.coefficient, direction.metadata,
+                      Gate(torch.randn(32, generator=torch.Generator().manual_seed(2)), 1, 0.0))
+    rollouts: list[Rollout] = []
+    lengths: list[tuple[int, int]] = []  # (batch, positions) of each forward of the student's block 0
+
+    def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        lengths.append(tuple((args or (kwargs["hidden_states"],))[0].shape[:2]))
+
+    for conditional in (False, True):
+        model = make_tiny_model("llama")
+        distiller = make_distiller(model, tiny_tokenizer, gated, tmp_path / str(conditional),
+                                   make_config(conditional_teacher=conditional, prompts_per_step=4))
+        lengths.clear()
+        handle = decoder_layers(model)[0].register_forward_pre_hook(record, with_kwargs=True)
+        rollouts.append(distiller.sample(1))
+        handle.remove()
+    prompts = rollouts[1].prompt_length
+    assert lengths[:2] == [(4, prompts), (8, prompts)]  # the gate read, then generate's prefill
+    assert set(lengths[2:]) == {(8, 1)}
+    torch.testing.assert_close(rollouts[1].sequences, rollouts[0].sequences, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------- checkpoints and outputs
