@@ -88,7 +88,8 @@ def test_methods_file_mistakes_name_the_file_and_line(tmp_path, text, message) -
 
 def test_default_methods_are_valid_and_in_order() -> None:
     assert [method.name for method in DEFAULT_METHODS] == [
-        "teacher", "conditional-teacher", "safesteer", "safesteer-conditional", "opd-full", "opd-topk",
+        "teacher", "conditional-teacher", "safesteer", "safesteer-harmful-only", "safesteer-conditional",
+        "opd-full", "opd-topk",
         "subset-renormalize", "forward-kl", "system-prompt-teacher", "sft"]
     assert [method.name for method in DEFAULT_METHODS if not method.trains] == [
         "teacher", "conditional-teacher"]

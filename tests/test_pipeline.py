@@ -149,7 +149,7 @@ def test_preset_then_yaml_then_flags(tmp_path):
 
     _, parsed = parse("run", ["--preset", "demo", "--output-dir", "x"])
     assert get(parsed, DistillConfig).max_new_tokens == 32
-    assert get(parsed, RunArguments).check_limit == 40
+    assert get(parsed, RunArguments).check_limit == 20
     config = tmp_path / "c.yaml"
     config.write_text("max_new_tokens: 20\ncheck_limit: 5\n")
     _, parsed = parse("run", ["--preset", "demo", "--config", str(config), "--check-limit", "7",

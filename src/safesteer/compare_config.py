@@ -63,9 +63,12 @@ DEFAULT_METHODS = (
     Method("teacher", "inference-time steering alone (the teacher)", target="teacher"),
     Method("conditional-teacher", "inference-time steering of the prompts the harmfulness gate "
                                   "flags", target="conditional-teacher"),
-    Method("safesteer", "SafeSteer: the preset as is", run={}),
+    Method("safesteer", "SafeSteer: the preset as is (--preset demo adds benign retain prompts, "
+                        "beyond the paper)", run={}),
+    Method("safesteer-harmful-only", "SafeSteer on the harmful prompts alone, as in the paper (no "
+                                     "retain prompts)", run={"n_retain_prompts": 0}),
     Method("safesteer-conditional", "SafeSteer from the conditional teacher; uses general data "
-                                    "(benign prompts taught by the unsteered model)",
+                                    "(benign prompts, taught as the gate decides)",
            run={"conditional_teacher": True, "retain_prompts": "direction-harmless-train",
                 "n_retain_prompts": 28}),
     Method("opd-full", "on-policy distillation over the whole vocabulary",
