@@ -112,7 +112,7 @@ CASES = [
     case("renormalised complement", f"run --output-dir {OUT} --renormalize --complement",
          "--complement needs"),
     case("retain count without a set", f"run --output-dir {OUT} --n-retain-prompts 5",
-         "--retain-prompts and --n-retain-prompts > 0 go together"),
+         "--n-retain-prompts > 0 needs --retain-prompts"),
     case("negative check limit", f"run --output-dir {OUT} --check-limit -1",
          "--check-limit must be >= 0, got -1"),
     case("eval negative limit", f"eval --output-dir {OUT} --targets base --limit -1", "--limit must be >= 0"),

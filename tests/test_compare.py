@@ -104,6 +104,11 @@ def test_quick_shrinks_every_method_and_its_retain_prompts() -> None:
     assert options == {**QUICK_RUN, "mode": "full", "p_min": 0.0, "retain_prompts": "x",
                        "n_retain_prompts": QUICK_RETAIN_PROMPTS}
     assert "n_retain_prompts" not in method_options(Method("m", run={}), {}, quick=True)
+    preset = {"retain_prompts": "x", "n_retain_prompts": 24}
+    assert method_options(Method("m", run={}), {}, quick=True, preset=preset)["n_retain_prompts"] == \
+        QUICK_RETAIN_PROMPTS
+    assert method_options(Method("m", run={"n_retain_prompts": 0}), {}, quick=True,
+                          preset=preset)["n_retain_prompts"] == 0
     assert method_options(method, {"horizon": 7}, quick=False) == {"horizon": 7, **method.run}
 
 

@@ -19,19 +19,20 @@ from safesteer.models import generate_responses, load_model
 pytestmark = pytest.mark.integration
 
 
-DIRECTION_FLAGS = ["--n-train", "64", "--n-val", "16", "--response-n-val", "12"]
+DIRECTION_FLAGS = ["--method", "response", "--n-train", "64", "--n-val", "16", "--response-n-val", "12"]
 
 
 @pytest.fixture(scope="module")
 def direction_run(tmp_path_factory):
-    """The default ``auto`` direction, with smaller prompt sets so it fits CI's budget."""
+    """The demo preset's response direction (``auto`` falls back to it on this model after every
+    prompt-method candidate fails), with smaller prompt sets so it fits CI's budget."""
     output_dir = tmp_path_factory.mktemp("direction")
     code = main(["direction", "--output-dir", str(output_dir), *DIRECTION_FLAGS])
     assert code == 0
     return output_dir
 
 
-def test_auto_direction_makes_the_teacher_refuse_held_out_harmful_prompts(direction_run):
+def test_response_direction_makes_the_teacher_refuse_held_out_harmful_prompts(direction_run):
     direction = Direction.load(direction_run)
     assert direction.metadata["selection_reason"]
     model, tokenizer = load_model(ModelArguments())

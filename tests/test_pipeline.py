@@ -126,11 +126,11 @@ def test_run_with_retain_prompts_and_no_check_records_time_and_memory(capsys, tm
     assert len(log) == 3 and 0 < sum(record["steered_rows"] for record in log) / 3 < 1
 
 
-def test_retain_options_go_together():
+def test_a_retain_count_needs_a_set_and_a_set_with_count_0_is_off():
     with pytest.raises(SafesteerError, match="--retain-prompts"):
         RunArguments(output_dir="x", n_retain_prompts=3)
-    with pytest.raises(SafesteerError, match="--retain-prompts"):
-        RunArguments(output_dir="x", retain_prompts="direction-harmless-train")
+    # how `--preset demo --n-retain-prompts 0` turns the preset's retain prompts off
+    assert RunArguments(output_dir="x", retain_prompts="direction-harmless-train").n_retain_prompts == 0
 
 
 def test_presets_are_listed_and_applied(capsys):

@@ -44,7 +44,7 @@ from safesteer.io import (
 from safesteer.models import check_model_arguments, resolve_device
 from safesteer.pipeline import peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
-from safesteer.run_config import RUN
+from safesteer.run_config import PRESETS, RUN
 
 # --quick: every training method 2 optimizer steps at a tiny size; stages 1-2 on small sets, the
 # direction by the response method alone (the prompt method scores every layer and position: minutes
@@ -67,13 +67,15 @@ SETTINGS_FILE = "compare_settings.json"  # a finished method's resolved `safeste
 # ------------------------------------------------------------------------- training
 
 
-def method_options(method: Method, shared: Mapping[str, Any], quick: bool) -> dict[str, Any]:
+def method_options(method: Method, shared: Mapping[str, Any], quick: bool,
+                   preset: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The method's ``safesteer run`` options on top of the preset: the shared ones, its own, and
-    with ``quick`` the tiny sizes (retain prompts included) over both."""
+    with ``quick`` the tiny sizes over both, retain prompts included wherever the method ends up
+    with some (its own, the shared ones or the ``preset``'s defaults)."""
     options = {**shared, **method.run}
     if quick:
         options.update(QUICK_RUN)
-        if options.get("retain_prompts"):
+        if {**(preset or {}), **options}.get("n_retain_prompts"):
             options["n_retain_prompts"] = QUICK_RETAIN_PROMPTS
     return options
 
@@ -263,7 +265,8 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
     data_args.check(*args.evaluation(["base"], None).exclude_near)  # with --data-source hub: the hub too
     trained = [method for method in methods if method.trains]
     plans = {method.name: run_settings(method, output_dir / "runs" / method.name,
-                                       method_options(method, shared, args.quick), args.preset,
+                                       method_options(method, shared, args.quick,
+                                                      PRESETS[args.preset][1]), args.preset,
                                        model_args, data_args)
              for method in trained}
     source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method

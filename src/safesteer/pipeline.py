@@ -145,7 +145,8 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
     print(f"safety tokens ({len(tokens.ids)}): {' '.join(repr(text) for text in tokens.strings[:20])} ...")
 
     harmful = data_args.load(run.train_prompts, run.n_train_prompts)
-    retain = data_args.load(run.retain_prompts, run.n_retain_prompts) if run.retain_prompts else []
+    retain = (data_args.load(run.retain_prompts, run.n_retain_prompts)
+              if run.retain_prompts and run.n_retain_prompts else [])
     distiller = Distiller(model, tokenizer, direction, harmful + retain, distill_config, output_dir,
                           safety_token_ids=tokens.ids,
                           steer_prompts=[True] * len(harmful) + [False] * len(retain),

@@ -72,8 +72,9 @@ class RunArguments:
         check_range(self, ("n_train_prompts", "check_max_new_tokens"), low=1)
         check_range(self, ("n_retain_prompts", "check_limit"), low=0)
         check_not_empty(self, ("train_prompts", "retain_prompts"))
-        if (self.n_retain_prompts > 0) != (self.retain_prompts is not None):
-            raise SafesteerError("--retain-prompts and --n-retain-prompts > 0 go together")
+        # A set with a count of 0 is allowed: it is how a preset's retain prompts are turned off.
+        if self.n_retain_prompts > 0 and self.retain_prompts is None:
+            raise SafesteerError("--n-retain-prompts > 0 needs --retain-prompts (a prompt set)")
 
     def prompt_sets(self) -> list[str | None]:
         """Every prompt set the run reads besides stages 1-2's: training, retain, check sets."""
