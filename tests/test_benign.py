@@ -12,8 +12,8 @@ from safesteer.benign import (
     BORDERLINE_CATEGORIES,
     BORDERLINE_TRAIN_FILE,
     Request,
-    _jsonl_records,
     borderline_requests,
+    jsonl_records,
     split_half,
     validation_groups,
 )
@@ -66,9 +66,9 @@ def test_the_borderline_training_file_is_paired_and_disjoint_from_the_evaluation
 
 def test_bad_jsonl_names_the_file_and_line() -> None:
     with pytest.raises(SafesteerError, match=r"^f\.jsonl: line 2: invalid JSON"):
-        _jsonl_records('{"prompt": "x"}\n{oops\n', "f.jsonl")
+        jsonl_records('{"prompt": "x"}\n{oops\n', "f.jsonl")
     with pytest.raises(SafesteerError, match=r"^f\.jsonl: line 1: expected a JSON object"):
-        _jsonl_records('["x"]\n', "f.jsonl")
+        jsonl_records('["x"]\n', "f.jsonl")
 
 
 @pytest.mark.parametrize(("prompt", "style"), [

@@ -74,7 +74,8 @@ def split_half(requests: Sequence[Request], split: Split, seed: int) -> list[Req
     return half
 
 
-def _jsonl_records(text: str, origin: str) -> list[dict]:
+def jsonl_records(text: str, origin: str) -> list[dict]:
+    """The JSON objects of a JSONL text, each with its line number as ``_line``; blank lines skipped."""
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -89,15 +90,22 @@ def _jsonl_records(text: str, origin: str) -> list[dict]:
     return records
 
 
+def packaged_records(file: str) -> tuple[list[dict], str]:
+    """The records of a JSONL file shipped in ``safesteer/prompt_sets``, and its name for errors."""
+    origin = f"safesteer/prompt_sets/{file}"
+    text = resources.files("safesteer").joinpath("prompt_sets", file).read_text("utf-8")
+    return jsonl_records(text, origin), origin
+
+
 @cache
 def ordinary_requests() -> tuple[Request, ...]:
     """The ordinary-request pool in source order, exact duplicates removed; category = source."""
     sources: list[tuple[str, list[str]]] = [
         ("ifbench", [record["prompt"] for record in
-                     _jsonl_records(member_text(IFBENCH, IFBENCH_MEMBER), IFBENCH.filename)
+                     jsonl_records(member_text(IFBENCH, IFBENCH_MEMBER), IFBENCH.filename)
                      if len(record["prompt"]) <= IFBENCH_MAX_CHARS]),
         ("mt-bench", [record["turns"][0] for record in
-                      _jsonl_records(member_text(MTBENCH, MTBENCH_MEMBER), MTBENCH.filename)]),
+                      jsonl_records(member_text(MTBENCH, MTBENCH_MEMBER), MTBENCH.filename)]),
         ("gsm8k", [problem.message for problem in load_gsm8k()]),
         ("humaneval", [problem.message for problem in load_humaneval()]),
         ("mmlu", [question.message for question in load_mmlu("all", MMLU_REQUESTS, seed=42)]),
@@ -112,9 +120,7 @@ def ordinary_requests() -> tuple[Request, ...]:
 def borderline_requests(file: str = BORDERLINE_FILE) -> tuple[tuple[Request, Label], ...]:
     """One of the project's borderline files with each prompt's label; a pair's group is its
     safe id."""
-    origin = f"safesteer/prompt_sets/{file}"
-    text = resources.files("safesteer").joinpath("prompt_sets", file).read_text("utf-8")
-    records = _jsonl_records(text, origin)
+    records, origin = packaged_records(file)
     safe_ids = {record.get("id") for record in records if record.get("label") == "safe"}
     requests = []
     for record in records:

@@ -11,16 +11,15 @@ formats and their parsers are :mod:`safesteer.evaluate.judge_formats`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safesteer.benign import packaged_records
 from safesteer.config import ModelArguments
 from safesteer.data import csv_table
 from safesteer.errors import SafesteerError
@@ -86,15 +85,13 @@ class PackagedLabels:
     file: str
 
     def load(self) -> list[LabelledResponse]:
-        origin = f"safesteer/prompt_sets/{self.file}"
-        text = resources.files("safesteer").joinpath("prompt_sets", self.file).read_text("utf-8")
+        records, origin = packaged_records(self.file)
         examples = []
-        for line, row in enumerate(text.splitlines(), start=1):
-            record = json.loads(row)
+        for record in records:
             if not isinstance(record.get("refusal"), bool):
-                raise SafesteerError(f"{origin}: line {line}: 'refusal' must be true or false")
+                raise SafesteerError(f"{origin}: line {record['_line']}: 'refusal' must be true or false")
             examples.append(LabelledResponse(record["prompt"], record["response"],
-                                             record["refusal"], line))
+                                             record["refusal"], record["_line"]))
         return examples
 
 
