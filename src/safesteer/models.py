@@ -372,22 +372,33 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def render_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    system_prompt: str | None = None,
+    prefixes: list[str] | None = None,
 ) -> list[str]:
     """Each prompt as a single user turn in the tokenizer's chat template, ready for the answer.
 
     Without ``system_prompt`` no system message is sent, so templates that insert a default one
-    (SmolLM2 does) still do.
+    (SmolLM2 does) still do. ``prefixes`` pre-fill the assistant turn (the prefilling attack,
+    docs/method.md §8): the template renders each as the start of the answer, with no end-of-turn
+    token, so the model continues it.
     """
     if not tokenizer.chat_template:
         raise SafesteerError("model has no chat template; pass --chat-template PATH (a Jinja file)")
+    if prefixes is not None and len(prefixes) != len(prompts):
+        raise SafesteerError(f"{len(prefixes)} answer prefixes for {len(prompts)} prompts")
     system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     rendered = []
-    for prompt in prompts:
+    for index, prompt in enumerate(prompts):
+        conversation = [*system, {"role": "user", "content": prompt}]
+        if prefixes is not None:
+            conversation.append({"role": "assistant", "content": prefixes[index]})
         try:
             text = tokenizer.apply_chat_template(
-                [*system, {"role": "user", "content": prompt}],
-                add_generation_prompt=True,
+                conversation,
+                add_generation_prompt=prefixes is None,
+                continue_final_message=prefixes is not None,
                 tokenize=False,
             )
         except jinja2.TemplateError as error:
@@ -441,6 +452,7 @@ def generate_responses(
     top_p: float = 1.0,
     seed: int | None = None,
     system_prompt: str | None = None,
+    prefixes: list[str] | None = None,
     desc: str | None = None,
 ) -> list[str]:
     """Answer each prompt (greedy by default); returns decoded responses in the input order.
@@ -448,11 +460,12 @@ def generate_responses(
     Prompts are batched longest first to waste little padding and to hit any out-of-memory error on
     the first batch. Sampling is shaped by ``temperature`` and ``top_p``; top-k, which transformers
     and many generation configs turn on by default, is off. With ``seed`` it is reproducible.
-    Forward hooks the caller registered on the model stay active throughout.
+    Forward hooks the caller registered on the model stay active throughout. With ``prefixes`` each
+    answer starts with its prefix, and the response is what the model wrote after it.
     """
     if not prompts:
         return []
-    rendered = render_prompts(tokenizer, prompts, system_prompt)
+    rendered = render_prompts(tokenizer, prompts, system_prompt, prefixes)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
