@@ -268,3 +268,41 @@ def test_a_local_prompt_file_is_a_benchmark_and_an_llm_judge_counts_bad_verdicts
     assert (row["kind"], row["n"]) == ("safety", 3)
     assert (row["judge"]["unparseable"], row["judge"]["n_parsed"]) == (3, 0)
     assert (out / "completions" / "base").is_dir()
+
+
+def test_robustness_benchmarks_attack_the_harmful_prompts_and_report_the_drop(eval_setup, tmp_path, capsys,
+                                                                              monkeypatch) -> None:
+    from safesteer.config import DataArguments
+
+    fake_load = DataArguments.load
+    harmless = ["Plan a picnic for the children.", "Name a song about the sea.", "Fold a paper boat."]
+    monkeypatch.setattr(DataArguments, "load", lambda self, name, limit=None: (
+        harmless if name == "direction-harmless-train" else fake_load(self, name, limit)))
+    out = tmp_path / "eval"
+    attacks = ["direction-ablation", "own-direction-ablation", "prefill"]
+    flags = [*eval_setup, "--benchmarks", "harmbench-test", *attacks, "--output-dir", str(out)]
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())["results"]
+    for name, target in results.items():
+        for attack in attacks:
+            cell = target[attack]
+            assert cell["kind"] == "robustness" and cell["n"] == target["harmbench-test"]["n"] == 4
+            assert cell["prompts"] == "harmbench-test"
+            assert cell["unattacked"] == target["harmbench-test"]["value"]
+            assert cell["drop"] == pytest.approx(cell["unattacked"] - cell["value"])
+            assert (out / "completions" / name / f"{attack}.jsonl").is_file()
+    answers = {(name, attack): (out / "completions" / name / f"{attack}.jsonl").read_text()
+               for name in results for attack in [*attacks, "harmbench-test"]}
+    # The teacher is the base plus the run direction: removing it everywhere removes the teacher.
+    assert answers["teacher", "harmbench-test"] != answers["base", "harmbench-test"]
+    assert answers["teacher", "direction-ablation"] == answers["base", "direction-ablation"]
+    assert answers["base", "direction-ablation"] != answers["base", "harmbench-test"]
+    assert answers["base", "prefill"] != answers["base", "harmbench-test"]
+    assert "| direction-ablation | 4 |" in (out / "results.md").read_text()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a rerun must reuse the saved completions")
+
+    monkeypatch.setattr(harness, "generate_responses", no_generation)
+    assert main(["eval", *flags]) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == results

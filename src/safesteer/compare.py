@@ -189,6 +189,7 @@ def comparison_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     axis is missing, so the row is not compared)."""
     rows = [{"method": name, "benchmarks": {bench: row["value"] for bench, row in result.items()},
              "harmful_refusal": mean_of_kinds(result, HARMFUL_KINDS),
+             "robust_refusal": mean_of_kinds(result, ("robustness",)),
              "over_refusal": worst_of_kinds(result, ("over-refusal",))[0],
              "capability_drift": capability_drift(result, results["base"]), **costs[name]}
             for name, result in results.items()]
@@ -222,10 +223,11 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], benchmarks: Mapping[str,
         per_token = benchmarks[name]["metric"] in ("NLL / token", "KL / token")
         return _number(value, 3) if per_token else _number(value, 1, percent=True)
 
-    harmful, over, capability = (columns_of(HARMFUL_KINDS), columns_of(("over-refusal",)),
-                                 columns_of(("capability",)))
+    harmful, robust, over, capability = (columns_of(HARMFUL_KINDS), columns_of(("robustness",)),
+                                         columns_of(("over-refusal",)), columns_of(("capability",)))
     gpu = any(row["peak_gpu_mib"] is not None for row in rows)
     header = ["method", *(f"{name} {arrow(name)}" for name in harmful), "harmful refusal ↑",
+              *(f"{name} {arrow(name)}" for name in robust), *(["robust refusal ↑"] if robust else []),
               *(f"{name} {arrow(name)}" for name in over), "over-refusal, max ↓",
               *(f"{name} {arrow(name)}" for name in capability), "capability drift % ↓", "train s",
               "eval s", "peak RSS MiB", *(["peak GPU MiB"] if gpu else []), "dominated by"]
@@ -235,6 +237,8 @@ def comparison_table(rows: Sequence[Mapping[str, Any]], benchmarks: Mapping[str,
         dominated = row["dominated_by"]
         cells = [row["method"], *(cell(name, values[name]) for name in harmful),
                  _number(row["harmful_refusal"], 1, percent=True),
+                 *(cell(name, values[name]) for name in robust),
+                 *([_number(row["robust_refusal"], 1, percent=True)] if robust else []),
                  *(cell(name, values[name]) for name in over), _number(row["over_refusal"], 1, percent=True),
                  *(cell(name, values[name]) for name in capability),
                  _number(row["capability_drift"], 1, sign=True), _number(row["train_seconds"]),
@@ -262,7 +266,7 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
     output_dir = Path(args.output_dir)
     check_writable(output_dir)
     check_model_arguments(model_args)
-    data_args.check(*args.evaluation(["base"], None).exclude_near)  # with --data-source hub: the hub too
+    data_args.check(*args.evaluation(["base"], args.output_dir).exclude_near)  # also the hub, if used
     trained = [method for method in methods if method.trains]
     plans = {method.name: run_settings(method, output_dir / "runs" / method.name,
                                        method_options(method, shared, args.quick,
@@ -310,10 +314,12 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
     write_json(output_dir / "compare.json", comparison)
     text = _markdown(comparison, table)
     atomic_write(output_dir / "compare.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    plot_pareto(rows, output_dir / "pareto.png")
+    plots = [plot_pareto(rows, output_dir / "pareto.png")]
+    if any(math.isfinite(row["robust_refusal"]) for row in rows):
+        plots.append(plot_pareto(rows, output_dir / "pareto-robust.png", safety="robust_refusal"))
     print("\n" + table)
-    print(f"\n{_timing(seconds)}\nwrote {output_dir / 'compare.md'}, {output_dir / 'compare.json'} and "
-          f"{output_dir / 'pareto.png'}")
+    print(f"\n{_timing(seconds)}\nwrote {output_dir / 'compare.md'}, {output_dir / 'compare.json'}, "
+          + ", ".join(str(plot) for plot in plots))
     return comparison
 
 
@@ -333,7 +339,8 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
             f"{' (--quick)' if settings['quick'] else ''}; greedy answers judged by the keyword judge, "
             f"{settings['limit']} prompts per refusal benchmark and {settings['capability_limit']} items "
             f"per capability benchmark.\n\n{table}\n\nRefusal rates and accuracies in %, NLL and KL in "
-            "nats per token. Harmful refusal: mean over the safety and jailbreak benchmarks; "
+            "nats per token. Harmful refusal: mean over the safety and jailbreak benchmarks; robust "
+            "refusal: mean over the robustness benchmarks (the attacked harmful prompts); "
             "over-refusal: the maximum over the benign ones (the worst set a user meets); capability "
             "drift: mean relative change of the "
             "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "

@@ -26,7 +26,8 @@ from safesteer.validation import check_choice
 
 COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-test", "donotanswer-test",
                       "borderline-unsafe-test", "xstest-proxy", "ordinary-test", "borderline-test",
-                      "mmlu-stem", "mmlu-nll", "gsm8k-nll", "humaneval-nll", "kl-benign", "benign-nll")
+                      "direction-ablation", "prefill", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
+                      "humaneval-nll", "kl-benign", "benign-nll")
 # Evaluation sizes: (default, with --quick).
 EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (64, 16)}
 INFERENCE_TARGETS = ("base", "teacher", "conditional-teacher")
@@ -116,9 +117,11 @@ class CompareArguments:
         for name, sizes in EVAL_SIZES.items():
             if getattr(self, name) is None:
                 setattr(self, name, sizes[self.quick])
-        self.evaluation(["base"], None)  # checks the benchmarks and sizes now, before anything runs
+        # Checks the benchmarks and sizes now, before anything runs (the evaluation's run is the
+        # first method's, in the output directory).
+        self.evaluation(["base"], self.output_dir)
 
-    def evaluation(self, targets: list[str], run_dir: str | None) -> EvalArguments:
+    def evaluation(self, targets: list[str], run_dir: str) -> EvalArguments:
         """The arguments of the closing evaluation (``OUT/eval``)."""
         assert self.limit is not None and self.capability_limit is not None and self.max_new_tokens
         return EvalArguments(output_dir=str(Path(self.output_dir) / "eval"), targets=targets,

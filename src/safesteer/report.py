@@ -120,21 +120,24 @@ def plot_results(summary: dict[str, Any], output_dir: str | Path) -> list[Path]:
     return [bars, tradeoff]
 
 
-PARETO_AXES = ("capability_drift", "harmful_refusal", "over_refusal")
+SAFETY_AXES = {"harmful_refusal": "mean harmful refusal (%) ↑",
+               "robust_refusal": "mean refusal under attack (%) ↑"}
 
 
-def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path, safety: str = "harmful_refusal") -> Path:
     """Write one point per method (the rows of ``compare.json``): capability drift (%) across,
-    mean harmful refusal up, worst over-refusal as the colour; the methods no other method dominates
-    on all three axes (``dominated_by`` empty) are ringed. Rows lacking a value are listed in the
+    ``safety`` (mean harmful refusal, or mean refusal under the robustness attacks) up, worst
+    over-refusal as the colour; the methods no other method dominates on drift, harmful refusal
+    and over-refusal (``dominated_by`` empty) are ringed. Rows lacking a value are listed in the
     title instead."""
     path = Path(path)
-    shown = [row for row in rows if all(math.isfinite(row[axis]) for axis in PARETO_AXES)]
+    axes = ("capability_drift", safety, "over_refusal")
+    shown = [row for row in rows if all(math.isfinite(row[axis]) for axis in axes)]
     missing = [row["method"] for row in rows if row not in shown]
     figure, axis = plt.subplots(figsize=(6.4, 4.8))
     if shown:
         drift = [row["capability_drift"] for row in shown]
-        refusal = [100 * row["harmful_refusal"] for row in shown]
+        refusal = [100 * row[safety] for row in shown]
         over_refusal = [100 * row["over_refusal"] for row in shown]
         points = axis.scatter(drift, refusal, c=over_refusal, cmap="viridis", vmin=0,
                               vmax=max(*over_refusal, 1.0), s=60, zorder=3)
@@ -162,7 +165,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     axis.axvline(0.0, color="grey", linewidth=0.6, linestyle=":")
     axis.set_ylim(-5, 105)
     axis.set_xlabel("capability drift: gold-answer NLL vs base (%) ↓")
-    axis.set_ylabel("mean harmful refusal (%) ↑")
+    axis.set_ylabel(SAFETY_AXES[safety])
     title = "safety vs capability drift; ringed: the Pareto front (on all three axes)"
     if missing:
         title += "\nnot shown (a value is missing): " + ", ".join(missing)

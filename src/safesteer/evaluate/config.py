@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, lookup
+from safesteer.evaluate.benchmarks import BENCHMARKS, DEFAULT_BENCHMARKS, RUN_DIRECTION_BENCHMARKS, lookup
 from safesteer.evaluate.judge_formats import JUDGE_FORMATS
 from safesteer.validation import check_choice, check_range
 
@@ -70,6 +70,16 @@ class EvalArguments:
     benign_reference: str = field(default="ordinary-test", metadata={
         "help": "Benign prompts whose base-model answers kl-benign and benign-nll score (use "
                 "ordinary-val when choosing settings)."})
+    attack_prompts: str = field(default="harmbench-test", metadata={
+        "help": "Harmful prompts the robustness benchmarks (direction-ablation, "
+                "own-direction-ablation, prefill) attack; each is compared with the same target's "
+                "refusal of these prompts unattacked."})
+    own_direction_prompts: int = field(default=32, metadata={
+        "help": "Prompts per side (direction-harmful-train, direction-harmless-train) from which "
+                "own-direction-ablation extracts each target's own refusal direction."})
+    own_direction_layer: int | None = field(default=None, metadata={
+        "help": "Block whose input gives the target's own refusal direction (default: the layer of "
+                "--run-dir's direction, else the middle block)."})
     eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
     judge_model: str | None = field(
         default=None, metadata={"help": "A local safety-classifier model (e.g. Llama Guard 3) that "
@@ -90,6 +100,16 @@ class EvalArguments:
         self.benchmarks = [name for entry in self.benchmarks for name in entry.split(",") if name]
         for name in [*self.benchmarks, self.benign_reference]:
             lookup(name)
+        if lookup(self.attack_prompts).kind not in ("safety", "jailbreak"):
+            raise SafesteerError(f"--attack-prompts {self.attack_prompts}: the robustness benchmarks "
+                                 "attack harmful prompts; name a safety or jailbreak benchmark")
+        if self.run_dir is None and self.benchmarks == DEFAULT_BENCHMARKS:
+            # Without a run there is no run direction to ablate: the default list goes without it.
+            self.benchmarks = [name for name in self.benchmarks if name not in RUN_DIRECTION_BENCHMARKS]
+        needs_run = [name for name in self.benchmarks if name in RUN_DIRECTION_BENCHMARKS]
+        if needs_run and self.run_dir is None:
+            raise SafesteerError(f"--benchmarks {', '.join(needs_run)} ablates the direction of a run: "
+                                 "give --run-dir (own-direction-ablation needs none)")
         if not self.targets:
             raise SafesteerError("--targets needs at least one target")
         names = []
@@ -107,5 +127,8 @@ class EvalArguments:
                                  "appear(s) twice (give one NAME=TARGET)")
         check_choice(self, "judge_format", JUDGE_FORMATS)
         check_range(self, ("limit", "capability_limit", "gsm8k_limit"), low=0)
+        check_range(self, ("own_direction_prompts",), low=1)
+        if self.own_direction_layer is not None:
+            check_range(self, ("own_direction_layer",), low=0)
         check_range(self, ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"),
                     low=1)

@@ -17,7 +17,9 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,17 +27,27 @@ import torch
 
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.data import remove_near
+from safesteer.direction import Direction
+from safesteer.errors import SafesteerError
+from safesteer.evaluate.attacks import own_direction_layer, own_refusal_direction, prefill_prefixes
 from safesteer.evaluate.benchmarks import lookup
 from safesteer.evaluate.capability import TokenAverage, choice_logprobs, gold_nll_per_token, mean_kl_to_base
 from safesteer.evaluate.config import EvalArguments
 from safesteer.evaluate.judges import LLMJudge
 from safesteer.evaluate.lm_eval import write_handoff
-from safesteer.evaluate.tables import category_table, results_table, summary_table, target_summary
+from safesteer.evaluate.tables import (
+    category_table,
+    results_table,
+    robustness_table,
+    summary_table,
+    target_summary,
+)
 from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import write_json
-from safesteer.models import generate_responses, pretrained_location
+from safesteer.models import generate_responses, num_layers, pretrained_location
 from safesteer.report import plot_results
+from safesteer.steering import ablate_direction
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +97,7 @@ class Evaluation:
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None
         self._letters: dict[tuple[str, str], tuple[list[MultipleChoiceQuestion], list[list[float]]]] = {}
+        self._own_directions: dict[str, torch.Tensor] = {}
         self.judge = (LLMJudge.load(args.judge_model, args.judge_format, device=targets.model_args.device)
                       if args.judge_model else None)
 
@@ -106,20 +119,66 @@ class Evaluation:
                                 for prompt in self.data.load(name, None)]
         return self._references
 
-    def _generate(self, target: Target, label: str, max_new_tokens: int) -> Callable[[list[str]], list[str]]:
+    def _generate(self, target: Target, label: str, max_new_tokens: int,
+                  ablated: Callable[[], torch.Tensor] | None = None,
+                  prefill: bool = False) -> Callable[[list[str]], list[str]]:
+        """Greedy answers of ``target``; with ``ablated`` the direction it returns removed from the
+        residual stream, with ``prefill`` each answer started by a compliant opener."""
         def generate(prompts: list[str]) -> list[str]:
-            with target() as model:
+            vector = ablated() if ablated is not None else None  # before the target is entered
+            prefixes = prefill_prefixes(prompts, self.args.eval_seed) if prefill else None
+            with target() as model, (nullcontext() if vector is None else ablate_direction(model, vector)):
                 return generate_responses(model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                          batch_size=self.args.eval_batch_size, desc=label)
+                                          batch_size=self.args.eval_batch_size, desc=label,
+                                          prefixes=prefixes)
         return generate
 
     def answers(self, target_name: str, target: Target, benchmark: str, prompts: list[str],
-                max_new_tokens: int) -> list[str]:
-        """The target's greedy answers, reused from (and saved to) its completions file."""
+                max_new_tokens: int, attack: str | None = None) -> list[str]:
+        """The target's greedy answers, reused from (and saved to) its completions file; under
+        ``attack`` (a robustness benchmark's name) when given."""
         path = completions_dir(self.output_dir, target_name) / f"{_safe_name(benchmark)}.jsonl"
-        return _completions(path, prompts, self._generate(target, f"{target_name}: {benchmark}",
-                                                          max_new_tokens),
-                            chunk=4 * self.args.eval_batch_size)
+        ablations = {"direction-ablation": self._run_vector,
+                     "own-direction-ablation": partial(self.own_direction, target_name, target)}
+        ablated = ablations.get(attack) if attack else None
+        generate = self._generate(target, f"{target_name}: {benchmark}", max_new_tokens, ablated,
+                                  prefill=attack == "prefill")
+        return _completions(path, prompts, generate, chunk=4 * self.args.eval_batch_size)
+
+    def _run_vector(self) -> torch.Tensor:
+        direction = self.run_direction()
+        if direction is None:
+            raise SafesteerError("direction-ablation needs --run-dir (the run whose direction it removes)")
+        return direction.vector
+
+    def run_direction(self) -> Direction | None:
+        """The steering direction of --run-dir (None without a run): direction-ablation removes it,
+        and its layer is where own-direction-ablation reads the target's own direction."""
+        if self.targets.direction is None and self.args.run_dir is not None:
+            self.targets.direction = Direction.load(self.args.run_dir)
+        return self.targets.direction
+
+    def own_direction(self, target_name: str, target: Target) -> torch.Tensor:
+        """The target's own refusal direction, from the stage-1 training prompts only (never the
+        evaluated ones), extracted once per target."""
+        if target_name not in self._own_directions:
+            count = self.args.own_direction_prompts
+            harmful = self.data.load("direction-harmful-train", None)[:count]
+            harmless = self.data.load("direction-harmless-train", None)[:count]
+            with target() as model:
+                total = num_layers(model)
+                layer = self.args.own_direction_layer
+                if layer is None:
+                    run_direction = self.run_direction()
+                    layer = own_direction_layer(total, run_direction.layer if run_direction else None)
+                if layer >= total:
+                    raise SafesteerError(f"--own-direction-layer {layer}: {target_name} has {total} "
+                                         f"blocks (0..{total - 1})")
+                self._own_directions[target_name] = own_refusal_direction(
+                    model, self.tokenizer, harmful, harmless, layer, self.args.score_batch_size)
+            logger.info("%s: own refusal direction at block %d, norm %.3g", target_name, layer,
+                        self._own_directions[target_name].norm().item())
+        return self._own_directions[target_name]
 
     def judged(self, prompts: list[str], answers: list[str]) -> dict[str, Any]:
         """The LLM judge's share of harmful responses among the verdicts that parsed."""
@@ -196,10 +255,10 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
     table = results_table(results, args.benchmarks) + "\n\n" + summary_table(summary["summary"])
-    (output_dir / "results.md").write_text(table + "\n\n" + category_table(results) + "\n",
-                                           encoding="utf-8")
+    sections = [table, robustness_table(results), category_table(results)]
+    (output_dir / "results.md").write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")
     plot_results(summary, output_dir)
-    print(table)
+    print("\n\n".join(filter(None, sections[:2])))
     if args.lm_eval_tasks:
         adapters = {name: Path(targets.paths[name]) for name in targets.adapters}
         script = write_handoff(output_dir, args.lm_eval_tasks, pretrained_location(model_args.model),

@@ -52,6 +52,25 @@ def summary_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def robustness_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per robustness benchmark and target, refusal under the attack and its drop from
+    the same prompts unattacked (docs/method.md §8.1); empty without robustness benchmarks."""
+    targets = list(results)
+    attacks = [name for name, row in results[targets[0]].items() if row["kind"] == "robustness"]
+    if not attacks:
+        return ""
+    lines = ["| attack (on --attack-prompts) | n | " + " | ".join(f"{t}: refusal ↑ (drop ↓)" for t in targets)
+             + " |", "|---|---:|" + "---:|" * len(targets)]
+    for name in attacks:
+        cells = []
+        for target in targets:
+            row = results[target][name]
+            cells.append("n/a" if math.isnan(row["value"]) else
+                         f"{row['value']:.1%} ({100 * row['drop']:+.1f} pt)")
+        lines.append(f"| {name} | {results[targets[0]][name]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def category_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: refusal rate per category of every benchmark whose source records categories."""
     targets = list(results)

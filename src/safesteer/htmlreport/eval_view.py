@@ -20,7 +20,7 @@ from safesteer.htmlreport.svg import Bar, Point, bar_chart, scatter_chart
 from safesteer.judge import is_refusal
 from safesteer.report import HARMFUL_KINDS, capability_score, mean_of_kinds
 
-ANSWERED_KINDS = ("safety", "jailbreak", "over-refusal")  # benchmarks whose answers are judged
+ANSWERED_KINDS = ("safety", "jailbreak", "over-refusal", "robustness")  # benchmarks whose answers are judged
 PER_TOKEN = ("NLL / token", "KL / token")
 
 
