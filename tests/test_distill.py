@@ -20,7 +20,8 @@ from safesteer.distill.export import merge_student
 from safesteer.distill.rollout import Rollout, completion_mask
 from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers, render_prompts
+from safesteer.models.layout import decoder_layers
+from safesteer.models.rendering import render_prompts
 from safesteer.scoring import completion_logits
 
 PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",

@@ -9,7 +9,7 @@ import torch
 
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
-from safesteer.models import render_prompts
+from safesteer.models.rendering import render_prompts
 from safesteer.tokens import (
     SAFETY_TOKENS_FILE,
     SafetyTokenSet,

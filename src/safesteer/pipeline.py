@@ -34,7 +34,8 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
-from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
+from safesteer.models.layout import model_device, num_layers
+from safesteer.models.loading import check_model_arguments, load_model, model_id
 from safesteer.run_config import RunArguments
 from safesteer.tokens.artifact import SafetyTokenSet
 from safesteer.tokens.selection import select_safety_tokens

@@ -19,7 +19,8 @@ from safesteer.direction.prompt_sets import DirectionData
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
 from safesteer.judge import refusal_rate
-from safesteer.models import generate_responses, num_layers
+from safesteer.models.generation import generate_responses
+from safesteer.models.layout import num_layers
 from safesteer.progress import progress_bar
 from safesteer.steering import add_to_block_input
 

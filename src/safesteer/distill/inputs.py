@@ -13,7 +13,7 @@ from safesteer import __version__
 from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import render_prompts
+from safesteer.models.rendering import render_prompts
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import model_device, seeded
+from safesteer.models.devices import seeded
+from safesteer.models.layout import model_device
 
 
 @dataclass

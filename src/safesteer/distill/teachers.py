@@ -21,7 +21,7 @@ from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.rollout import Rollout
 from safesteer.errors import SafesteerError
-from safesteer.models import seeded
+from safesteer.models.devices import seeded
 from safesteer.scoring import completion_logits, left_pad
 
 

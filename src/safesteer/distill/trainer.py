@@ -36,7 +36,8 @@ from safesteer.distill.rollout import Rollout, completion_mask, sample_completio
 from safesteer.distill.teachers import Teachers, build_student
 from safesteer.divergence import divergence, negative_log_likelihood
 from safesteer.errors import SafesteerError
-from safesteer.models import model_device, seeded
+from safesteer.models.devices import seeded
+from safesteer.models.layout import model_device
 from safesteer.progress import progress_bar
 from safesteer.scoring import completion_logits, left_pad
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from safesteer.evaluate.targets import Target
 from safesteer.judge import refusal_rate
-from safesteer.models import generate_responses
+from safesteer.models.generation import generate_responses
 
 
 def refusal_check(tokenizer: Any, targets: dict[str, Target],

@@ -34,7 +34,8 @@ from safesteer.evaluate.tables import category_table, results_table, summary_tab
 from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import write_json
-from safesteer.models import generate_responses, pretrained_location
+from safesteer.models.generation import generate_responses
+from safesteer.models.loading import pretrained_location
 from safesteer.report import plot_results
 
 logger = logging.getLogger(__name__)

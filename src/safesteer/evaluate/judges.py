@@ -25,7 +25,9 @@ from safesteer.data import csv_table
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.judge_formats import JUDGE_FORMATS, Verdict
 from safesteer.judge import is_refusal
-from safesteer.models import encode_rendered, load_model, model_device
+from safesteer.models.layout import model_device
+from safesteer.models.loading import load_model
+from safesteer.models.rendering import encode_rendered
 from safesteer.wheels import JAILBREAKBENCH, PYRIT, PinnedWheel, member_text
 
 logger = logging.getLogger(__name__)

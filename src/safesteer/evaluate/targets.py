@@ -21,7 +21,8 @@ from safesteer.config import ModelArguments
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
-from safesteer.models import load_adapter, load_model, model_device
+from safesteer.models.layout import model_device
+from safesteer.models.loading import load_adapter, load_model
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
 
