@@ -487,6 +487,11 @@ def test_load_rejects_missing_and_malformed_files(tmp_path):
     path.write_text(f'{{"ids": [1, 2], {lists}, "settings": {{}}}}', encoding="utf-8")
     with pytest.raises(SafesteerError, match="differ in length"):
         SafetyTokenSet.load(tmp_path)
+    lists = '"strings": ["a", "a"], "scores": [1, 1], "teacher_mean_probs": [0.1, 0.1], ' \
+        '"base_mean_probs": [0.1, 0.1]'
+    path.write_text(f'{{"ids": [1, 1], {lists}, "settings": {{}}}}', encoding="utf-8")
+    with pytest.raises(SafesteerError, match="ids must be distinct integers"):
+        SafetyTokenSet.load(tmp_path)
 
 
 def test_too_few_tokens_error_names_the_flags(tiny_model, tiny_tokenizer):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -22,6 +22,7 @@ from safesteer.distill.config import DistillConfig
 from safesteer.distill.rollout import Rollout
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
+from safesteer.models.loading import adapters_disabled
 from safesteer.scoring import completion_logits, left_pad
 
 
@@ -68,15 +69,9 @@ class Teachers:
         self.temperature = temperature
         self.device = device
 
-    @contextmanager
-    def base(self) -> Iterator[nn.Module]:
+    def base(self) -> AbstractContextManager[nn.Module]:
         """The unsteered base model, in eval mode: the adapter disabled, or the frozen copy."""
-        self.weights.eval()
-        if self.weights is self.student:
-            with self.student.disable_adapter():  # type: ignore[operator]
-                yield self.student
-        else:
-            yield self.weights
+        return adapters_disabled(self.weights.eval())
 
     @contextmanager
     def teacher(self, rows: Tensor | None = None) -> Iterator[nn.Module]:

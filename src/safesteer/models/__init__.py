@@ -11,6 +11,7 @@ from safesteer.models.devices import resolve_device, resolve_dtype, seeded
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import context_length, decoder_layers, hidden_size, model_device, num_layers
 from safesteer.models.loading import (
+    adapters_disabled,
     check_model_arguments,
     load_adapter,
     load_model,
@@ -20,6 +21,7 @@ from safesteer.models.loading import (
 from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 
 __all__ = [
+    "adapters_disabled",
     "check_model_arguments",
     "context_length",
     "decoder_layers",

@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -119,6 +121,17 @@ def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") ->
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise SafesteerError(f"{damaged_weights(path)}: could not load the LoRA adapter "
                              f"({first_line(error)}); re-export or retrain it") from error
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as its base for the block: a PeftModel with its adapters switched off (the base
+    shares their weights, so base and adapters need one copy), any other model as it is."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
 
 
 def _load_pretrained(
