@@ -172,7 +172,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
                                 batch_size=direction_config.batch_size)
         laps("check")
         summary = {"refusal": results, "harmful_sets": run.check_harmful,
-                   "benign_sets": run.check_benign, "judge": "keyword (safesteer.judge)",
+                   "benign_sets": run.check_benign, "judge": "keyword (safesteer.keyword_judge)",
                    "max_new_tokens": run.check_max_new_tokens}
         print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
               f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))

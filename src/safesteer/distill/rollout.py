@@ -26,7 +26,7 @@ class Rollout:
     on the padding only), then the T sampled tokens. ``completion_mask`` is [N, T] (see
     :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M,
     each prompt's M rows together. ``prompt_indices`` names each row's training prompt (a
-    system-prompted teacher re-reads it) and ``steer`` [N] bool whether the row's teacher is the
+    system-prompted teacher re-reads it) and ``steer_mask`` [N] bool whether the row's teacher is the
     safety teacher (steered, or system-prompted) rather than the plain base. ``step`` is the
     optimizer step (1-based) it was drawn for; ``padding`` marks the stand-in samples of a process
     that had no prompt that step, which run every forward and backward but weigh zero and are
@@ -38,7 +38,7 @@ class Rollout:
     completion_mask: Tensor
     texts: list[str]
     prompt_indices: list[int]
-    steer: Tensor
+    steer_mask: Tensor
     step: int
     padding: bool
 

@@ -90,17 +90,17 @@ class Teachers:
 
     @contextmanager
     def for_rows(self, prompt_indices: Sequence[int],
-                 steer: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
+                 steer_mask: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
         """The teacher of these rows with its left-padded prompt ids and attention mask.
 
         By default the (per-row) steered base on the user prompts; with --teacher-system-prompt
-        the unsteered base on the system-prompted prompts of the rows with ``steer`` set, and on
+        the unsteered base on the system-prompted prompts of the rows with ``steer_mask`` set, and on
         the user prompts of the others.
         """
         if self.teacher_prompt_ids is None:
-            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer)
+            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer_mask)
         else:
-            sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer.tolist()]
+            sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer_mask.tolist()]
             prompts = [source[index] for source, index in zip(sources, prompt_indices, strict=True)]
             context = self.base()
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
@@ -117,7 +117,7 @@ class Teachers:
         start = rollout.prompt_length
         completions = rollout.sequences[rows, start:start + length]
         with torch.no_grad(), self.for_rows(rollout.prompt_indices[rows],
-                                            rollout.steer[rows]) as (teacher, input_ids, mask):
+                                            rollout.steer_mask[rows]) as (teacher, input_ids, mask):
             return completion_logits(teacher, torch.cat([input_ids, completions], 1),
                                      torch.cat([mask, torch.ones_like(completions)], 1), length,
                                      self.temperature)

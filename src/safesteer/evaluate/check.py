@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safesteer.evaluate.targets import Target
-from safesteer.judge import refusal_rate
+from safesteer.keyword_judge import refusal_rate
 from safesteer.models.generation import generate_responses
 
 
