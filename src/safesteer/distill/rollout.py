@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
+from safesteer.models.generation import generate_ids
 from safesteer.models.layout import model_device
 
 
@@ -70,15 +71,14 @@ def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     whatever the model's generation config says), as in the paper's sampler.
     """
     try:
-        with torch.no_grad(), seeded(seed, model_device(model)):
-            sequences = model.generate(  # type: ignore[operator]
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+        with seeded(seed, model_device(model)):
+            return generate_ids(
+                model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
                 temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
-                repetition_penalty=1.0, max_new_tokens=config.max_new_tokens,
-                eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)
+                repetition_penalty=1.0, eos_token_id=eos_token_ids)
     except torch.OutOfMemoryError as error:
         raise SafesteerError(
             f"out of memory while sampling step {step} ({len(input_ids)} completions of up to "
             f"{config.max_new_tokens} tokens): lower --prompts-per-step, --samples-per-prompt or "
             "--max-new-tokens (--micro-batch-size sizes the training passes)") from error
-    return sequences[:, input_ids.shape[1]:]

@@ -3,12 +3,13 @@ count, prompts go through the tokenizer's own chat template, and nothing switche
 
 The package in reading order: ``devices`` (``--device``/``--dtype``, seeded device RNG),
 ``loading`` (embedded, directory, GGUF, hub id, adapter on its base), ``layout`` (decoder blocks and
-sizes), ``rendering`` (chat template, left padding, positions), ``generation`` (batched answers).
-The names below are the public ones; code inside safesteer imports from the module that defines each.
+sizes), ``rendering`` (chat template, left padding, positions), ``generation`` (the shared generate
+call, batched answers). The names below are the public ones; code inside safesteer imports from
+the module that defines each.
 """
 
 from safesteer.models.devices import resolve_device, resolve_dtype, seeded
-from safesteer.models.generation import generate_responses
+from safesteer.models.generation import generate_ids, generate_responses
 from safesteer.models.layout import context_length, decoder_layers, hidden_size, model_device, num_layers
 from safesteer.models.loading import (
     adapters_disabled,
@@ -26,6 +27,7 @@ __all__ = [
     "context_length",
     "decoder_layers",
     "encode_rendered",
+    "generate_ids",
     "generate_responses",
     "hidden_size",
     "load_adapter",

@@ -1,14 +1,34 @@
-"""Let the model answer a list of prompts, batched, as decoded text."""
+"""Let the model continue prompts: the generate call every ``generate``-based sampler shares, and
+answers to a list of prompts, batched, as decoded text."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
 from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.progress import progress_bar
+
+
+def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_tokens: int, pad_token_id: int,
+                 **options: Any) -> Tensor:
+    """The ids ``model.generate`` appends to each left-padded prompt row of ``inputs`` (the
+    tokenizer's output), [rows, <= max_new_tokens], with the KV cache and no gradient.
+
+    ``options`` go to ``generate`` as given; what they leave out comes from the model's generation
+    config. Seeding is the caller's (:func:`~safesteer.models.devices.seeded`): one stream may
+    span several calls.
+    """
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens,  # type: ignore[operator]
+                                pad_token_id=pad_token_id, use_cache=True, **options)
+    return output[:, inputs["input_ids"].shape[1]:]
 
 
 def generate_responses(
@@ -43,19 +63,12 @@ def generate_responses(
     device = model_device(model)
     responses = [""] * len(prompts)
     progress = progress_bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
-    with progress, seeded(seed, device), torch.no_grad():
+    with progress, seeded(seed, device):
         for start in range(0, len(order), batch_size):
             indices = order[start : start + batch_size]
             batch = encode_rendered(tokenizer, [rendered[index] for index in indices], device)
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                pad_token_id=tokenizer.pad_token_id,
-                use_cache=True,
-                **sampling,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            new_tokens = generate_ids(model, batch, max_new_tokens=max_new_tokens,
+                                      pad_token_id=tokenizer.pad_token_id, do_sample=do_sample, **sampling)
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for index, text in zip(indices, texts, strict=True):
                 responses[index] = text.strip()
