@@ -73,4 +73,3 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=range(device_count), device_type=device.type):
         torch.manual_seed(seed)
         yield
-

@@ -78,4 +78,3 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def model_device(model: nn.Module) -> torch.device:
     """Where inputs must go: the device of the input embeddings."""
     return model.get_input_embeddings().weight.device  # type: ignore[operator]
-

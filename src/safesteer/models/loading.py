@@ -44,7 +44,6 @@ def model_id(args: ModelArguments) -> str:
     return resolve_source(args.model).location
 
 
-
 def pretrained_location(model: str) -> str:
     """What ``from_pretrained`` (and tools built on it, like lm-eval) can load for ``--model``:
     the converted directory of an embedded model, a local directory or a hub id."""
@@ -252,4 +251,3 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | 
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
         tokenizer.chat_template = chat_template
-

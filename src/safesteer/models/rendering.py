@@ -60,4 +60,3 @@ def encode_rendered(
         texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
     )
     return batch.to(device)
-
