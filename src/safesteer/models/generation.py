@@ -16,8 +16,8 @@ from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.progress import progress_bar
 
 
-def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_tokens: int, pad_token_id: int,
-                 **options: Any) -> Tensor:
+def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_tokens: int,
+                 pad_token_id: int | None, **options: Any) -> Tensor:
     """The ids ``model.generate`` appends to each left-padded prompt row of ``inputs`` (the
     tokenizer's output), [rows, <= max_new_tokens], with the KV cache and no gradient.
 
