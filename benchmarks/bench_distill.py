@@ -30,7 +30,7 @@ from safesteer.direction import (
 from safesteer.distill.checkpoint import LOG_FILE
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller
-from safesteer.models import load_model
+from safesteer.models.loading import load_model
 
 SAFETY_WORDS = ("I", "As", "Sorry", "Unfortunately", " sorry", " cannot", " illegal", " unethical",
                 " harmful", " assist", " provide", " help")

@@ -21,7 +21,7 @@ import torch
 
 from safesteer.config import ModelArguments
 from safesteer.model_source import EMBEDDED_MODELS
-from safesteer.models import load_model
+from safesteer.models.loading import load_model
 from safesteer.wheels import CACHE_ENV, cache_dir, fetch_wheel
 
 MODEL = "smollm2-135m"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safesteer.cli import main as cli_main
 from safesteer.config import ModelArguments
-from safesteer.models import load_model
+from safesteer.models.loading import load_model
 
 BUDGET_SECONDS = 600.0
 

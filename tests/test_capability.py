@@ -43,7 +43,7 @@ from safesteer.gold import (
     load_humaneval,
     load_mmlu,
 )
-from safesteer.models import render_prompts
+from safesteer.models.rendering import render_prompts
 from safesteer.steering import block_input_at_last_position
 
 ModelFactory = Callable[[str], PreTrainedModel]

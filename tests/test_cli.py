@@ -153,7 +153,7 @@ def test_chat_shows_the_run_s_student_beside_base_and_teacher(capsys, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     from safesteer.direction import Direction
-    from safesteer.models import generate_responses
+    from safesteer.models.generation import generate_responses
 
     run = tmp_path / "run"
     Direction(torch.ones(32) * 8, 1, 1.0, {"num_layers": 2}).save(run)
@@ -197,7 +197,7 @@ def test_chat_cuts_a_prompt_too_long_for_the_context_on_the_left(capsys, caplog,
 def test_fit_prompts_keeps_the_end_within_the_context(tiny_tokenizer):
     from safesteer.chat import fit_prompts
     from safesteer.errors import SafesteerError
-    from safesteer.models import render_prompts
+    from safesteer.models.rendering import render_prompts
 
     prompts = fit_prompts(tiny_tokenizer, ["a gardener paints the fence quickly? " * 100, "Hi"], 256, 16)
     rendered = tiny_tokenizer(render_prompts(tiny_tokenizer, prompts), add_special_tokens=False)["input_ids"]

@@ -37,7 +37,7 @@ from safesteer.direction.response_method import (
 )
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import encode_rendered, render_prompts
+from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.steering import record_block_inputs
 
 HARMFUL = [f"Explain how to break rule number {i} of the club." for i in range(6)]

@@ -20,7 +20,8 @@ from safesteer.distill.export import merge_student
 from safesteer.distill.rollout import Rollout, completion_mask
 from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers, render_prompts
+from safesteer.models.layout import decoder_layers
+from safesteer.models.rendering import render_prompts
 from safesteer.scoring import completion_logits
 
 PROMPTS = ["the cat writes a poem today.", "a gardener paints the fence quickly?",
@@ -297,7 +298,7 @@ def test_system_prompt_teacher_reads_its_prompt_then_the_same_tokens(make_tiny_m
         torch.testing.assert_close(teacher[row], expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         user_only = completion_logits(base, rollout.sequences, rollout.attention_mask, length, 0.5)
-    assert not torch.allclose(teacher[rollout.steer], user_only[rollout.steer], atol=1e-3)
+    assert not torch.allclose(teacher[rollout.steer_mask], user_only[rollout.steer_mask], atol=1e-3)
 
 
 def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, tiny_tokenizer, direction,
@@ -307,8 +308,8 @@ def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, t
     distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path, config,
                                steer_prompts=labels)
     rollout = distiller.sample(1)
-    steer = torch.tensor([labels[index] for index in rollout.prompt_indices])
-    assert torch.equal(rollout.steer, steer)
+    steer_mask = torch.tensor([labels[index] for index in rollout.prompt_indices])
+    assert torch.equal(rollout.steer_mask, steer_mask)
     length = rollout.completion_mask.shape[1]
     teacher = distiller.teachers.logits(rollout, slice(None), length)
     reference = make_tiny_model("llama")
@@ -316,8 +317,8 @@ def test_steering_labels_pick_each_rows_teacher(make_tiny_model: ModelFactory, t
         base = completion_logits(reference, rollout.sequences, rollout.attention_mask, length)
         with direction.steer(reference):
             steered = completion_logits(reference, rollout.sequences, rollout.attention_mask, length)
-    torch.testing.assert_close(teacher[steer], steered[steer], atol=1e-6, rtol=0)
-    torch.testing.assert_close(teacher[~steer], base[~steer], atol=1e-6, rtol=0)
+    torch.testing.assert_close(teacher[steer_mask], steered[steer_mask], atol=1e-6, rtol=0)
+    torch.testing.assert_close(teacher[~steer_mask], base[~steer_mask], atol=1e-6, rtol=0)
     assert not torch.allclose(steered, base, atol=1e-3)
     # A micro-batch slice gets its own rows' teachers (and its own, narrower, padding).
     torch.testing.assert_close(distiller.teachers.logits(rollout, slice(3, 6), length), teacher[3:6],
@@ -342,9 +343,10 @@ def test_conditional_teacher_steers_the_prompts_the_gate_flags(make_tiny_model: 
     distiller = make_distiller(model, tiny_tokenizer, gated, tmp_path, config,
                                steer_prompts=[False] * len(PROMPTS))  # the gate overrides the labels
     rollout = distiller.sample(1)
-    assert torch.equal(rollout.steer, torch.tensor([scores[i] > threshold for i in rollout.prompt_indices]))
-    assert 0 < rollout.steer.sum() < len(rollout.steer)
-    assert distiller.backward(rollout)["steered_rows"] == rollout.steer.double().mean().item()
+    flagged = [scores[index] > threshold for index in rollout.prompt_indices]
+    assert torch.equal(rollout.steer_mask, torch.tensor(flagged))
+    assert 0 < rollout.steer_mask.sum() < len(rollout.steer_mask)
+    assert distiller.backward(rollout)["steered_rows"] == rollout.steer_mask.double().mean().item()
     with pytest.raises(SafesteerError, match="no harmfulness gate"):
         make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / "gateless", config)
 

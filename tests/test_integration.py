@@ -13,8 +13,9 @@ from safesteer.cli import main
 from safesteer.config import ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import Direction
-from safesteer.judge import refusal_rate
-from safesteer.models import generate_responses, load_model
+from safesteer.keyword_judge import refusal_rate
+from safesteer.models.generation import generate_responses
+from safesteer.models.loading import load_model
 
 pytestmark = pytest.mark.integration
 

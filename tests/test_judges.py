@@ -22,7 +22,7 @@ from safesteer.evaluate.judges import (
     keyword_agreement,
     parse_labelled_csv,
 )
-from safesteer.judge import is_refusal
+from safesteer.keyword_judge import is_refusal
 
 PYRIT_COLUMNS = {"prompt_column": "objective", "response_column": "assistant_response",
                  "label_column": "human_score", "refusal_label": "1"}

@@ -1,4 +1,5 @@
-"""safesteer.models on tiny random models; the embedded default only under ``-m integration``."""
+"""safesteer.models (loading, layout, rendering, generation) on tiny random models; the embedded
+default only under ``-m integration``."""
 
 from __future__ import annotations
 
@@ -17,20 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from safesteer.config import ModelArguments
 from safesteer.errors import SafesteerError
 from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
-from safesteer.models import (
-    _remove_stale_conversions,
-    decoder_layers,
-    encode_rendered,
-    generate_responses,
-    hidden_size,
-    load_model,
-    model_device,
-    model_id,
-    num_layers,
-    render_prompts,
-    resolve_device,
-    resolve_dtype,
-)
+from safesteer.models.devices import resolve_device, resolve_dtype
+from safesteer.models.generation import generate_responses
+from safesteer.models.layout import decoder_layers, hidden_size, model_device, num_layers
+from safesteer.models.loading import _remove_stale_conversions, load_model, model_id
+from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.wheels import cache_dir
 
 TINY_LAYERS = 3

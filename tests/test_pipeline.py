@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from safesteer import pipeline
 from safesteer.cli import main
 from safesteer.errors import SafesteerError
-from safesteer.run_config import RunArguments
+from safesteer.run_config import PRESETS, RunArguments, preset_defaults
 
 
 @pytest.fixture
@@ -138,6 +139,20 @@ def test_presets_are_listed_and_applied(capsys):
         main(["run", "--help"])
     out = capsys.readouterr().out
     assert "--preset" in out and "demo" in out and "paper" in out
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_file_sets_options_of_run_to_their_values(name):
+    """A preset file (src/safesteer/presets/) is data the parser trusts: each key must be an option
+    of `safesteer run`, and each value must reach the configs as written (YAML reads `1e-3`, without
+    a dot, as text)."""
+    from safesteer.cli import parse
+
+    _, parsed = parse("run", ["--preset", name, "--output-dir", "x"])
+    values = {item.name: getattr(config, item.name) for config in parsed for item in fields(config)}
+    expected = preset_defaults(name, values["model"])
+    assert {key: values.get(key, "not an option") for key in expected} == expected
+    assert all(type(values[key]) is type(value) for key, value in expected.items())
 
 
 def test_preset_then_yaml_then_flags(tmp_path):

@@ -117,7 +117,7 @@ def make_run(directory: Path) -> Path:
             },
             "harmful_sets": ["harmful-set"],
             "benign_sets": ["benign-set"],
-            "judge": "keyword (safesteer.judge)",
+            "judge": "keyword (safesteer.keyword_judge)",
             "max_new_tokens": 8,
             "stage_seconds": {"load": 1.0, "direction": 2.5, "tokens": 1.5, "train": 9.0},
             "peak_rss_mib": 812.0,

@@ -18,7 +18,8 @@ from safesteer.evaluate.attacks import (
 )
 from safesteer.evaluate.config import DEFAULT_BENCHMARKS, EvalArguments
 from safesteer.evaluate.tables import robustness_table
-from safesteer.models import encode_rendered, generate_responses, render_prompts
+from safesteer.models.generation import generate_responses
+from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.report import plot_pareto
 from safesteer.steering import ablate_direction
 

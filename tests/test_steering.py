@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers, encode_rendered, render_prompts
+from safesteer.models.layout import decoder_layers
+from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.steering import (
     _replace_hidden,
     _split_hidden,

@@ -9,7 +9,7 @@ import torch
 
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
-from safesteer.models import render_prompts
+from safesteer.models.rendering import render_prompts
 from safesteer.tokens import (
     SAFETY_TOKENS_FILE,
     SafetyTokenSet,
@@ -486,6 +486,11 @@ def test_load_rejects_missing_and_malformed_files(tmp_path):
     lists = '"strings": ["a"], "scores": [1], "teacher_mean_probs": [0.1], "base_mean_probs": [0.1]'
     path.write_text(f'{{"ids": [1, 2], {lists}, "settings": {{}}}}', encoding="utf-8")
     with pytest.raises(SafesteerError, match="differ in length"):
+        SafetyTokenSet.load(tmp_path)
+    lists = '"strings": ["a", "a"], "scores": [1, 1], "teacher_mean_probs": [0.1, 0.1], ' \
+        '"base_mean_probs": [0.1, 0.1]'
+    path.write_text(f'{{"ids": [1, 1], {lists}, "settings": {{}}}}', encoding="utf-8")
+    with pytest.raises(SafesteerError, match="ids must be distinct integers"):
         SafetyTokenSet.load(tmp_path)
 
 

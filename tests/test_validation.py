@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from safesteer.errors import SafesteerError
-from safesteer.validation import check_choice, check_layers, check_not_empty, check_range, flag
+from safesteer.validation import (
+    check_choice,
+    check_layers,
+    check_not_empty,
+    check_range,
+    flag,
+    token_ids_problem,
+)
 
 
 @dataclass
@@ -57,3 +64,21 @@ def test_choice_empty_and_layers() -> None:
     with pytest.raises(SafesteerError, match=r"--response-layers: layer\(s\) 2, 7 outside 0\.\.1 "
                                               r"\(the model has 2 layers\)"):
         check_layers("response_layers", [7, 0, 2, 7], 2)
+
+
+@pytest.mark.parametrize(("ids", "vocab_size", "fits"), [
+    ([3, 1, 7], 8, True),
+    ([], 8, True),
+    ([3, 3], 8, False),  # a repeated id would count twice in the loss
+    ([8], 8, False),
+    ([-1], None, False),
+    ([10**6], None, True),  # no vocabulary yet: only the sign is known
+    ([True], 8, False),
+    ([1.0], 8, False),
+])
+def test_token_ids_problem_one_rule_for_every_reader(ids: list, vocab_size: int | None, fits: bool) -> None:
+    problem = token_ids_problem(ids, vocab_size)
+    assert (problem is None) == fits
+    if not fits:
+        assert problem == (f"ids must be distinct integers in [0, {vocab_size or 'vocabulary size'}), "
+                           f"got {ids}")

@@ -20,14 +20,10 @@ from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import STUDENT_DIR
 from safesteer.errors import SafesteerError
-from safesteer.models import (
-    check_model_arguments,
-    context_length,
-    generate_responses,
-    load_adapter,
-    load_model,
-    render_prompts,
-)
+from safesteer.models.generation import generate_responses
+from safesteer.models.layout import context_length
+from safesteer.models.loading import check_model_arguments, load_adapter, load_model
+from safesteer.models.rendering import render_prompts
 
 if TYPE_CHECKING:
     from safesteer.cli import ChatArguments

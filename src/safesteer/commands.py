@@ -31,7 +31,8 @@ from safesteer.io import (
     claim_output_dir,
     guard_output_dir,
 )
-from safesteer.models import check_model_arguments, load_model, model_id, num_layers
+from safesteer.models.layout import num_layers
+from safesteer.models.loading import check_model_arguments, load_model, model_id
 from safesteer.pipeline import safety_tokens, teacher_direction
 from safesteer.tokens_config import TokensConfig
 from safesteer.validation import check_layers

@@ -41,7 +41,8 @@ from safesteer.io import (
     read_json,
     write_json,
 )
-from safesteer.models import check_model_arguments, resolve_device
+from safesteer.models.devices import resolve_device
+from safesteer.models.loading import check_model_arguments
 from safesteer.pipeline import peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
 from safesteer.run_config import PRESETS, RUN

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from safesteer.validation import token_ids_problem
+
 VocabularyMode = Literal["full", "topk", "subset"]
 
 
@@ -210,10 +212,8 @@ def divergence(
             raise ValueError(
                 f"token_ids must be a non-empty 1-D tensor, got {tuple(token_ids.shape)}"
             )
-        if token_ids.unique().numel() != token_ids.numel():
-            raise ValueError("token_ids must be distinct; a repeated id would be counted twice")
-        if int(token_ids.min()) < 0 or int(token_ids.max()) >= vocab:
-            raise ValueError(f"token_ids must lie in [0, {vocab}), the logits' vocabulary")
+        if problem := token_ids_problem(token_ids.tolist(), vocab):
+            raise ValueError(f"token_{problem}")
         index = token_ids.to(student_logits.device).view(1, 1, -1).expand(batch, seq, -1)
     else:
         assert top_k is not None

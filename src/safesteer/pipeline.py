@@ -34,7 +34,8 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
-from safesteer.models import check_model_arguments, load_model, model_device, model_id, num_layers
+from safesteer.models.layout import model_device, num_layers
+from safesteer.models.loading import check_model_arguments, load_model, model_id
 from safesteer.run_config import RunArguments
 from safesteer.tokens.artifact import SafetyTokenSet
 from safesteer.tokens.selection import select_safety_tokens
@@ -171,7 +172,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
                                 batch_size=direction_config.batch_size)
         laps("check")
         summary = {"refusal": results, "harmful_sets": run.check_harmful,
-                   "benign_sets": run.check_benign, "judge": "keyword (safesteer.judge)",
+                   "benign_sets": run.check_benign, "judge": "keyword (safesteer.keyword_judge)",
                    "max_new_tokens": run.check_max_new_tokens}
         print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
               f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
+
+import yaml
 
 from safesteer.arguments import Command
 from safesteer.config import DataArguments, ModelArguments
@@ -82,34 +85,19 @@ class RunArguments:
         return [self.train_prompts, self.retain_prompts, *check]
 
 
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": (
-        "the embedded SmolLM2-135M on a CPU (LoRA, 32-token samples, --method response, --p-min 1e-3 "
-        "--inner-top-k 20 --num-safety-tokens 20 --complement, and 24 benign retain prompts taught "
-        "by the unsteered model, which goes beyond the paper; chosen on the validation halves, see "
-        "the README for the measured frontier and wall time)",
-        {"model": "smollm2-135m", "method": "response", "n_train": 64, "n_val": 16,
-         "response_n_val": 12, "vote_n_prompts": 16, "vote_samples_per_prompt": 4, "p_min": 1e-3,
-         "inner_top_k": 20, "num_safety_tokens": 20, "samples_per_prompt": 4, "max_new_tokens": 32,
-         "complement": True, "retain_prompts": "borderline-train,direction-harmless-train",
-         "n_retain_prompts": 24, "check_limit": 20},
-    ),
-    "paper": (
-        "the paper's hyperparameters (100 prompts, 8 samples, 512 tokens, K = 50, full fine-tune, "
-        "per-completion loss mean) with the learning rate, horizon and p_min of --model's family "
-        "(docs/method.md §7: Llama 1e-6 / 5 / 1e-7, Qwen 1e-5 / 7 / 1e-8; Qwen's for other families)",
-        {"n_train_prompts": 100, "samples_per_prompt": 8, "max_new_tokens": 512,
-         "prompts_per_step": 4, "num_safety_tokens": 50, "vote_samples_per_prompt": 8,
-         "horizon": 7, "learning_rate": 1e-5, "use_lora": False, "reduction": "sequence",
-         "micro_batch_size": 1, "gradient_checkpointing": True},
-    ),
-}
+def _read_presets() -> dict[str, dict[str, Any]]:
+    """The preset files shipped in ``safesteer/presets``, by name (the file's stem)."""
+    files = resources.files("safesteer").joinpath("presets").iterdir()
+    return {file.name.removesuffix(".yaml"): yaml.safe_load(file.read_text("utf-8"))
+            for file in sorted(files, key=lambda file: file.name) if file.name.endswith(".yaml")}
 
+
+_PRESET_FILES = _read_presets()
+# name -> (--help text, option defaults); src/safesteer/presets/NAME.yaml.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    name: (preset["description"], preset["options"]) for name, preset in _PRESET_FILES.items()}
 # docs/method.md §7: the paper's per-family settings, keyed by the prefix of the config's model_type.
-PAPER_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"learning_rate": 1e-6, "horizon": 5, "p_min": 1e-7},
-    "qwen": {"learning_rate": 1e-5, "horizon": 7, "p_min": 1e-8},
-}
+PAPER_FAMILIES: dict[str, dict[str, Any]] = _PRESET_FILES["paper"]["families"]
 
 
 def preset_defaults(name: str, model: str) -> dict[str, Any]:

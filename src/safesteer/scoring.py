@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from safesteer.models import position_ids
+from safesteer.models.rendering import position_ids
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int,

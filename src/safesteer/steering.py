@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from safesteer.errors import SafesteerError
-from safesteer.models import decoder_layers, hidden_size, position_ids
+from safesteer.models.layout import decoder_layers, hidden_size
+from safesteer.models.rendering import position_ids
 
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")

@@ -70,3 +70,20 @@ def check_layers(name: str, layers: Iterable[int] | None, depth: int) -> None:
     if outside:
         raise SafesteerError(f"{flag(name)}: layer(s) {', '.join(map(str, outside))} outside "
                              f"0..{depth - 1} (the model has {depth} layers)")
+
+
+def token_ids_problem(ids: Sequence[object], vocab_size: int | None = None) -> str | None:
+    """What makes ``ids`` unfit as the safety tokens S (docs/method.md §5 step 10), or None.
+
+    Each must be an int (not a bool), none repeated (a repeated id would count twice in the loss),
+    each in [0, ``vocab_size``), or only >= 0 while the vocabulary is unknown (a file read before
+    its model). One rule for the artifact, the trainer and the loss, each wording its own error.
+    """
+    def fits(index: object) -> bool:
+        return (isinstance(index, int) and not isinstance(index, bool) and index >= 0
+                and (vocab_size is None or index < vocab_size))
+
+    if all(fits(index) for index in ids) and len(set(ids)) == len(ids):
+        return None
+    bound = "[0, vocabulary size)" if vocab_size is None else f"[0, {vocab_size})"
+    return f"ids must be distinct integers in {bound}, got {list(ids)}"

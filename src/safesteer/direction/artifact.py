@@ -17,7 +17,7 @@ from torch import nn
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_write, read_json, write_json
-from safesteer.models import hidden_size, num_layers
+from safesteer.models.layout import hidden_size, num_layers
 from safesteer.steering import (
     add_to_block_input,
     block_input_at_last_position,

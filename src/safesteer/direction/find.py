@@ -19,7 +19,7 @@ from safesteer.direction.prompt_sets import DirectionData
 from safesteer.direction.response_method import run_response_method
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import hidden_size, num_layers
+from safesteer.models.layout import hidden_size, num_layers
 from safesteer.validation import check_layers
 
 logger = logging.getLogger(__name__)

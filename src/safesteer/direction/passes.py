@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from safesteer.direction.numerics import refusal_score
-from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.models.layout import model_device
+from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 from safesteer.progress import progress_bar
 from safesteer.steering import record_block_inputs
 

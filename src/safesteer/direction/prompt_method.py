@@ -23,7 +23,7 @@ from safesteer.direction.numerics import (
 from safesteer.direction.passes import last_position_logits, post_instruction_length, post_instruction_pass
 from safesteer.direction.prompt_sets import DirectionData
 from safesteer.direction_config import DirectionConfig
-from safesteer.models import num_layers
+from safesteer.models.layout import num_layers
 from safesteer.progress import progress_bar
 from safesteer.steering import ablate_direction, add_to_block_input
 

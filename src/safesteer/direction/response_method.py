@@ -18,8 +18,9 @@ from safesteer.direction.passes import mean_response_activations
 from safesteer.direction.prompt_sets import DirectionData
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
-from safesteer.judge import refusal_rate
-from safesteer.models import generate_responses, num_layers
+from safesteer.keyword_judge import refusal_rate
+from safesteer.models.generation import generate_responses
+from safesteer.models.layout import num_layers
 from safesteer.progress import progress_bar
 from safesteer.steering import add_to_block_input
 

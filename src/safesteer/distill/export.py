@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from safesteer.errors import SafesteerError
 from safesteer.io import EXPORT_KIND, check_apart, check_output_dir, claim_output_dir, publish_dir
-from safesteer.models import load_adapter
+from safesteer.models.loading import load_adapter
 
 
 def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, output_dir: str | Path,

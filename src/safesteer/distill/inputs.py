@@ -13,7 +13,8 @@ from safesteer import __version__
 from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import render_prompts
+from safesteer.models.rendering import render_prompts
+from safesteer.validation import token_ids_problem
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ def check_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dir
     if config.mode == "subset" and not ids:
         raise SafesteerError("--mode subset needs the safety tokens S, and the set is empty; run "
                              "the token selection first or choose --mode full/topk")
-    if ids is not None and (len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= vocab):
-        raise SafesteerError(f"safety token ids must be distinct ids in [0, {vocab}), got {ids}")
+    if ids is not None and (problem := token_ids_problem(ids, vocab)):
+        raise SafesteerError(f"safety token {problem}")
     if config.mode == "topk" and config.top_k > vocab:
         raise SafesteerError(f"--top-k {config.top_k} exceeds the vocabulary size {vocab}")
     if config.report_to == "tensorboard" and not is_tensorboard_available():

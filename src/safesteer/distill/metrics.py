@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch import Tensor
 
 from safesteer.divergence import log_softmax_at
-from safesteer.judge import is_refusal
+from safesteer.keyword_judge import is_refusal
 
 
 def sum_over_processes(accelerator: Accelerator, values: Tensor) -> Tensor:

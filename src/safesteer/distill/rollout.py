@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
-from safesteer.models import model_device, seeded
+from safesteer.models.devices import seeded
+from safesteer.models.generation import generate_ids
+from safesteer.models.layout import model_device
 
 
 @dataclass
@@ -25,7 +27,7 @@ class Rollout:
     on the padding only), then the T sampled tokens. ``completion_mask`` is [N, T] (see
     :func:`completion_mask`); ``texts`` the decoded completions. N = this process's prompts × M,
     each prompt's M rows together. ``prompt_indices`` names each row's training prompt (a
-    system-prompted teacher re-reads it) and ``steer`` [N] bool whether the row's teacher is the
+    system-prompted teacher re-reads it) and ``steer_mask`` [N] bool whether the row's teacher is the
     safety teacher (steered, or system-prompted) rather than the plain base. ``step`` is the
     optimizer step (1-based) it was drawn for; ``padding`` marks the stand-in samples of a process
     that had no prompt that step, which run every forward and backward but weigh zero and are
@@ -37,7 +39,7 @@ class Rollout:
     completion_mask: Tensor
     texts: list[str]
     prompt_indices: list[int]
-    steer: Tensor
+    steer_mask: Tensor
     step: int
     padding: bool
 
@@ -69,15 +71,14 @@ def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     whatever the model's generation config says), as in the paper's sampler.
     """
     try:
-        with torch.no_grad(), seeded(seed, model_device(model)):
-            sequences = model.generate(  # type: ignore[operator]
-                input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+        with seeded(seed, model_device(model)):
+            return generate_ids(
+                model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
                 temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
-                repetition_penalty=1.0, max_new_tokens=config.max_new_tokens,
-                eos_token_id=eos_token_ids, pad_token_id=pad_token_id, use_cache=True)
+                repetition_penalty=1.0, eos_token_id=eos_token_ids)
     except torch.OutOfMemoryError as error:
         raise SafesteerError(
             f"out of memory while sampling step {step} ({len(input_ids)} completions of up to "
             f"{config.max_new_tokens} tokens): lower --prompts-per-step, --samples-per-prompt or "
             "--max-new-tokens (--micro-batch-size sizes the training passes)") from error
-    return sequences[:, input_ids.shape[1]:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -21,7 +21,8 @@ from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.rollout import Rollout
 from safesteer.errors import SafesteerError
-from safesteer.models import seeded
+from safesteer.models.devices import seeded
+from safesteer.models.loading import adapters_disabled
 from safesteer.scoring import completion_logits, left_pad
 
 
@@ -68,15 +69,9 @@ class Teachers:
         self.temperature = temperature
         self.device = device
 
-    @contextmanager
-    def base(self) -> Iterator[nn.Module]:
+    def base(self) -> AbstractContextManager[nn.Module]:
         """The unsteered base model, in eval mode: the adapter disabled, or the frozen copy."""
-        self.weights.eval()
-        if self.weights is self.student:
-            with self.student.disable_adapter():  # type: ignore[operator]
-                yield self.student
-        else:
-            yield self.weights
+        return adapters_disabled(self.weights.eval())
 
     @contextmanager
     def teacher(self, rows: Tensor | None = None) -> Iterator[nn.Module]:
@@ -95,17 +90,17 @@ class Teachers:
 
     @contextmanager
     def for_rows(self, prompt_indices: Sequence[int],
-                 steer: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
+                 steer_mask: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
         """The teacher of these rows with its left-padded prompt ids and attention mask.
 
         By default the (per-row) steered base on the user prompts; with --teacher-system-prompt
-        the unsteered base on the system-prompted prompts of the rows with ``steer`` set, and on
+        the unsteered base on the system-prompted prompts of the rows with ``steer_mask`` set, and on
         the user prompts of the others.
         """
         if self.teacher_prompt_ids is None:
-            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer)
+            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer_mask)
         else:
-            sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer.tolist()]
+            sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer_mask.tolist()]
             prompts = [source[index] for source, index in zip(sources, prompt_indices, strict=True)]
             context = self.base()
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
@@ -122,7 +117,7 @@ class Teachers:
         start = rollout.prompt_length
         completions = rollout.sequences[rows, start:start + length]
         with torch.no_grad(), self.for_rows(rollout.prompt_indices[rows],
-                                            rollout.steer[rows]) as (teacher, input_ids, mask):
+                                            rollout.steer_mask[rows]) as (teacher, input_ids, mask):
             return completion_logits(teacher, torch.cat([input_ids, completions], 1),
                                      torch.cat([mask, torch.ones_like(completions)], 1), length,
                                      self.temperature)

@@ -36,7 +36,8 @@ from safesteer.distill.rollout import Rollout, completion_mask, sample_completio
 from safesteer.distill.teachers import Teachers, build_student
 from safesteer.divergence import divergence, negative_log_likelihood
 from safesteer.errors import SafesteerError
-from safesteer.models import model_device, seeded
+from safesteer.models.devices import seeded
+from safesteer.models.layout import model_device
 from safesteer.progress import progress_bar
 from safesteer.scoring import completion_logits, left_pad
 
@@ -162,7 +163,6 @@ class Distiller:
         self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
         self.teacher_prompt_ids = (None if cfg.teacher_system_prompt is None else tokenize_prompts(
             self.tokenizer, self.prompts, cfg.max_prompt_length, cfg.teacher_system_prompt))
-        self.steer_labels = torch.tensor(self.steer_prompts, dtype=torch.bool, device=self.device)
         self.steps_per_epoch = math.ceil(len(self.prompts) / cfg.prompts_per_step)
         self.total_steps = cfg.num_epochs * self.steps_per_epoch
         self.safety_ids_tensor = (None if self.safety_token_ids is None
@@ -216,17 +216,18 @@ class Distiller:
         rows = max(len(share) for share in self._step_shares(step)) * self.config.samples_per_prompt
         return max(math.ceil(rows / self.config.micro_batch_size), 1)
 
-    def steer_rows(self, prompt_indices: Sequence[int], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Which of these prompts get the safety teacher, bool [len(prompt_indices)].
+    def steer_mask(self, prompt_indices: Sequence[int], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Which rows get the safety teacher, bool [len(prompt_indices) × M], a prompt's M alike.
 
         The ``steer_prompts`` labels, or with --conditional-teacher the direction's gate read on
         the unsteered base from the prompts' left-padded ids and mask (the labels are then unused).
         """
         if not self.config.conditional_teacher:
-            return self.steer_labels[list(prompt_indices)]
-        with torch.no_grad(), self.teachers.base() as base:
-            flagged = self.direction.gate_rows(base, input_ids, attention_mask)
-        return flagged.to(device=self.device, dtype=torch.bool)
+            flagged = torch.tensor([self.steer_prompts[index] for index in prompt_indices])
+        else:
+            with torch.no_grad(), self.teachers.base() as base:
+                flagged = self.direction.gate_rows(base, input_ids, attention_mask)
+        return flagged.to(self.device, torch.bool).repeat_interleave(self.config.samples_per_prompt)
 
     def sample(self, step: int) -> Rollout:
         """M completions of each of ``step``'s prompts (eval mode, no grad): the current student's,
@@ -238,14 +239,14 @@ class Distiller:
             indices = self._step_shares(step)[0][:1]
         input_ids, attention_mask = left_pad([self.prompt_ids[index] for index in indices],
                                              self.tokenizer.pad_token_id, self.device)
-        steer = self.steer_rows(indices, input_ids, attention_mask).repeat_interleave(cfg.samples_per_prompt)
+        steer_mask = self.steer_mask(indices, input_ids, attention_mask)
         row_indices = [index for index in indices for _ in range(cfg.samples_per_prompt)]
         input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
         attention_mask = attention_mask.repeat_interleave(cfg.samples_per_prompt, dim=0)
         sampling = {"config": cfg, "eos_token_ids": self.eos_token_ids, "step": step,
                     "pad_token_id": self.tokenizer.pad_token_id, "seed": self._step_seed("sample", step)}
         if cfg.mode == "sft":
-            with self.teachers.for_rows(row_indices, steer) as (teacher, teacher_ids, teacher_mask):
+            with self.teachers.for_rows(row_indices, steer_mask) as (teacher, teacher_ids, teacher_mask):
                 completions = sample_completions(teacher, teacher_ids, teacher_mask, **sampling)
         else:
             self.student.eval()
@@ -256,7 +257,7 @@ class Distiller:
             skip_special_tokens=True)
         return Rollout(torch.cat([input_ids, completions], dim=1),
                        torch.cat([attention_mask, torch.ones_like(completions)], dim=1), mask, texts,
-                       row_indices, steer, step, padding)
+                       row_indices, steer_mask, step, padding)
 
     def backward(self, rollout: Rollout) -> dict[str, float]:
         """Teacher-forced loss of ``rollout``, backpropagated one micro-batch at a time.
@@ -302,7 +303,7 @@ class Distiller:
         if size:
             eos = torch.tensor(self.eos_token_ids, device=self.device)
             truncated = ~torch.isin(rollout.sequences[:, prompt_length:], eos).any(1)
-            totals.count_completions(rollout.texts, truncated, rollout.steer)
+            totals.count_completions(rollout.texts, truncated, rollout.steer_mask)
         return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
 

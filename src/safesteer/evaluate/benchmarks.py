@@ -28,7 +28,7 @@ from safesteer.evaluate.grading import (
 )
 from safesteer.evaluate.sandbox import humaneval_pass
 from safesteer.gold import load_gsm8k, load_humaneval
-from safesteer.judge import is_refusal
+from safesteer.keyword_judge import is_refusal
 
 if TYPE_CHECKING:
     from safesteer.evaluate.capability import TokenAverage

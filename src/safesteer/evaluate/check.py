@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from safesteer.evaluate.targets import Target
-from safesteer.judge import refusal_rate
-from safesteer.models import generate_responses
+from safesteer.keyword_judge import refusal_rate
+from safesteer.models.generation import generate_responses
 
 
 def refusal_check(tokenizer: Any, targets: dict[str, Target],

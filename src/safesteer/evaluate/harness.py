@@ -45,7 +45,9 @@ from safesteer.evaluate.tables import (
 from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import write_json
-from safesteer.models import generate_responses, num_layers, pretrained_location
+from safesteer.models.generation import generate_responses
+from safesteer.models.layout import num_layers
+from safesteer.models.loading import pretrained_location
 from safesteer.report import plot_results
 from safesteer.steering import ablate_direction
 
@@ -250,7 +252,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
         seconds[name] = round(time.perf_counter() - target_started, 1)
     summary = {"results": results, "benchmarks": {name: lookup(name).record() for name in args.benchmarks},
                "summary": {name: target_summary(result) for name, result in results.items()},
-               "judge": "keyword (safesteer.judge: first 200 characters), greedy decoding",
+               "judge": "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding",
                "seconds": seconds, "settings": {"model": model_args.model, **asdict(args)}}
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)

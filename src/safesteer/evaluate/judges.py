@@ -1,6 +1,6 @@
 """LLM judges, and how far a judge agrees with human labels.
 
-The keyword judge (``safesteer.judge``) is measured here against four human-labelled sets read
+The keyword judge (``safesteer.keyword_judge``) is measured here against four human-labelled sets read
 from pinned wheels and one labelled for this project, answers of the demo's own teacher and student
 (docs/data.md §7), so its error rates can be quoted next to the refusal rates it produces.
 The LLM judges are plumbing for trained safety classifiers (Llama Guard 3, the
@@ -24,8 +24,10 @@ from safesteer.config import ModelArguments
 from safesteer.data import csv_table
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.judge_formats import JUDGE_FORMATS, Verdict
-from safesteer.judge import is_refusal
-from safesteer.models import encode_rendered, load_model, model_device
+from safesteer.keyword_judge import is_refusal
+from safesteer.models.layout import model_device
+from safesteer.models.loading import load_model
+from safesteer.models.rendering import encode_rendered
 from safesteer.wheels import JAILBREAKBENCH, PYRIT, PinnedWheel, member_text
 
 logger = logging.getLogger(__name__)

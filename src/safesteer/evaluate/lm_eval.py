@@ -22,7 +22,7 @@ from torch import nn
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_write
-from safesteer.models import decoder_layers
+from safesteer.models.layout import decoder_layers
 
 STEER_FILE = "teacher_steer.pt"
 

@@ -21,7 +21,8 @@ from safesteer.config import ModelArguments
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
-from safesteer.models import load_adapter, load_model, model_device
+from safesteer.models.layout import model_device
+from safesteer.models.loading import adapters_disabled, load_adapter, load_model
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
 
@@ -135,13 +136,8 @@ class Targets:
         adapter = self.adapters[name] = f"target{len(self.adapters)}"
         self.peft = load_adapter(self.model if self.peft is None else self.peft, path, adapter).eval()
 
-    @contextmanager
-    def base(self) -> Iterator[nn.Module]:
-        if self.peft is None:
-            yield self.model
-            return
-        with self.peft.disable_adapter():
-            yield self.peft
+    def base(self) -> AbstractContextManager[nn.Module]:
+        return adapters_disabled(self.model if self.peft is None else self.peft)
 
     @contextmanager
     def _adapter(self, name: str) -> Iterator[nn.Module]:

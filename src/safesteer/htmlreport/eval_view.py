@@ -17,7 +17,7 @@ from safesteer.htmlreport.page import Markup, figures, join, note, number, perce
 from safesteer.htmlreport.run_view import Section
 from safesteer.htmlreport.sources import RESULTS_FILE, load, load_lines
 from safesteer.htmlreport.svg import Bar, Point, bar_chart, scatter_chart
-from safesteer.judge import is_refusal
+from safesteer.keyword_judge import is_refusal
 from safesteer.report import HARMFUL_KINDS, capability_score, mean_of_kinds
 
 ANSWERED_KINDS = ("safety", "jailbreak", "over-refusal", "robustness")  # benchmarks whose answers are judged
@@ -227,7 +227,7 @@ def answers_browser(
         [
             note(
                 "Greedy answers as saved in completions/; the verdict is the keyword judge's "
-                "(safesteer.judge: refusal phrases in the first 200 characters)."
+                "(safesteer.keyword_judge: refusal phrases in the first 200 characters)."
             ),
             *blocks,
         ]

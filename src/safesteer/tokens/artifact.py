@@ -10,6 +10,7 @@ from typing import Any
 
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
+from safesteer.validation import token_ids_problem
 
 SAFETY_TOKENS_FILE = "safety_tokens.json"
 _TOKEN_COLUMN = 24
@@ -53,8 +54,8 @@ class SafetyTokenSet:
                                  f"{', '.join(lists)} and a settings object)")
         if len({len(payload[name]) for name in lists}) != 1:
             raise SafesteerError(f"{file}: the lists {', '.join(lists)} differ in length")
-        if not all(type(token_id) is int and token_id >= 0 for token_id in payload["ids"]):
-            raise SafesteerError(f"{file}: ids must be non-negative integers")
+        if problem := token_ids_problem(payload["ids"]):
+            raise SafesteerError(f"{file}: {problem}")
         if not all(isinstance(text, str) for text in payload["strings"]):
             raise SafesteerError(f"{file}: strings must be strings")
         return cls(**{name: payload[name] for name in (*lists, "settings")})

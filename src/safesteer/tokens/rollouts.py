@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from safesteer.models import encode_rendered, model_device, position_ids, render_prompts
+from safesteer.models.layout import model_device
+from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 from safesteer.progress import progress_bar
 from safesteer.tokens_config import TokensConfig
 

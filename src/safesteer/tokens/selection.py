@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from safesteer.data.splits import prompts_sha256
 from safesteer.errors import SafesteerError
-from safesteer.models import model_device
+from safesteer.models.layout import model_device
 from safesteer.progress import progress_bar
 from safesteer.scoring import last_logits
 from safesteer.tokens.artifact import SafetyTokenSet

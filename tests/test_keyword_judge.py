@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from safesteer.judge import REFUSAL_PHRASES, is_refusal, refusal_rate
+from safesteer.keyword_judge import REFUSAL_PHRASES, is_refusal, refusal_rate
 
 
 @pytest.mark.parametrize("text", [

