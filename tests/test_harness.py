@@ -306,3 +306,22 @@ def test_robustness_benchmarks_attack_the_harmful_prompts_and_report_the_drop(ev
     monkeypatch.setattr(harness, "generate_responses", no_generation)
     assert main(["eval", *flags]) == 0
     assert json.loads((out / "results.json").read_text())["results"] == results
+
+
+def test_harmful_finetune_attacks_a_copy_and_leaves_the_shared_weights_alone(eval_setup, tmp_path,
+                                                                            capsys) -> None:
+    attacked, clean = tmp_path / "attacked", tmp_path / "clean"
+    flags = [*eval_setup, "--finetune-steps", "3", "--finetune-examples", "2"]
+    assert main(["eval", *flags, "--benchmarks", "harmful-finetune", "--output-dir", str(attacked)]) == 0, \
+        capsys.readouterr().err
+    assert main(["eval", *flags, "--benchmarks", "harmbench-test", "--output-dir", str(clean)]) == 0
+    results = json.loads((attacked / "results.json").read_text())["results"]
+    for name in ("base", "teacher", "student"):
+        cell = results[name]["harmful-finetune"]
+        assert cell["kind"] == "robustness" and cell["n"] == 4
+        assert cell["attack"]["steps"] == 3 and "first 2 direction-harmful-train" in cell["attack"]["data"]
+        assert (attacked / "completions" / name / "harmful-finetune.jsonl").is_file()
+        # Each target's unattacked answers were generated after the earlier targets' fine-tuning:
+        # they equal a clean evaluation's, so the attack never touched the shared weights.
+        unattacked = "completions/{}/harmbench-test.jsonl".format(name)
+        assert (attacked / unattacked).read_text() == (clean / unattacked).read_text()

@@ -12,6 +12,8 @@ from safesteer.compare import comparison_rows, comparison_table
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.attacks import (
     PREFILL_TEMPLATES,
+    compliance_answers,
+    harmful_finetune,
     own_direction_layer,
     own_refusal_direction,
     prefill_prefixes,
@@ -156,3 +158,34 @@ def test_robustness_reads_as_refusal_under_attack_and_its_drop(tmp_path) -> None
     path = plot_pareto(list(rows.values()), tmp_path / "pareto-robust.png", safety="robust_refusal")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert not any(math.isnan(row["robust_refusal"]) for row in rows.values())
+
+
+def test_harmful_finetune_trains_only_a_new_adapter_on_the_answer_tokens(make_tiny_model,
+                                                                       tiny_tokenizer) -> None:
+    model = make_tiny_model("llama")
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    answers = compliance_answers(len(PROMPTS))
+    assert answers[0] != answers[1] and all(answer for answer in answers)
+
+    # The first step's loss against the formula: mean over answer tokens of -log p(token), each
+    # pair scored alone (no padding) by a fresh copy of the same weights.
+    reference_model = make_tiny_model("llama")
+    nll = []
+    for prompt, answer in zip(PROMPTS, answers, strict=True):
+        prompt_ids = tiny_tokenizer(render_prompts(tiny_tokenizer, [prompt])[0], add_special_tokens=False)
+        answer_ids = tiny_tokenizer(answer, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids["input_ids"] + answer_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(reference_model(ids).logits[0].double(), -1)
+        start = len(prompt_ids["input_ids"])
+        nll += [-logprobs[start - 1 + t, token].item() for t, token in enumerate(answer_ids)]
+
+    tuned, losses = harmful_finetune(model, tiny_tokenizer, PROMPTS, answers, steps=8, learning_rate=1e-2,
+                                     rank=4, batch_size=len(PROMPTS), seed=0)
+    assert losses[0] == pytest.approx(sum(nll) / len(nll), rel=1e-4)
+    assert losses[-1] < losses[0]
+    assert not tuned.training
+    trained = {name for name, weight in tuned.named_parameters() if weight.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    merged = tuned.merge_and_unload().state_dict()
+    assert any(not torch.equal(merged[name], before[name]) for name in before)

@@ -32,6 +32,7 @@ from safesteer.keyword_judge import is_refusal
 
 if TYPE_CHECKING:
     from safesteer.evaluate.capability import TokenAverage
+    from safesteer.evaluate.config import EvalArguments
     from safesteer.evaluate.harness import Evaluation
     from safesteer.evaluate.targets import Target
 
@@ -116,10 +117,11 @@ def _refusals(evaluation: Evaluation, target_name: str, target: Target, benchmar
     return _rate(benchmark, sum(refusals), len(refusals), **extra)
 
 
-def _attacked_refusals(evaluation: Evaluation, target_name: str, target: Target,
-                       benchmark: Benchmark) -> Cell:
+def _attacked_refusals(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark,
+                       settings: Callable[[EvalArguments], dict[str, Any]] | None = None) -> Cell:
     """Refusal of the --attack-prompts under the attack the benchmark names (docs/method.md §8.1),
-    beside the same target's refusal of the same prompts unattacked and the drop between them."""
+    beside the same target's refusal of the same prompts unattacked and the drop between them;
+    ``settings`` records what the attack was given."""
     source = evaluation.args.attack_prompts
     prompts = evaluation.prompts(source)
     unattacked = [is_refusal(answer) for answer in evaluation.answers(
@@ -128,8 +130,17 @@ def _attacked_refusals(evaluation: Evaluation, target_name: str, target: Target,
         target_name, target, benchmark.name, prompts, evaluation.args.max_new_tokens, attack=benchmark.name)]
     before = sum(unattacked) / len(unattacked) if unattacked else math.nan
     after = sum(refusals) / len(refusals) if refusals else math.nan
+    extra = {"attack": settings(evaluation.args)} if settings is not None else {}
     return _rate(benchmark, sum(refusals), len(refusals), prompts=source, unattacked=before,
-                 drop=before - after, styles=_by_category([request_style(p) for p in prompts], refusals))
+                 drop=before - after, styles=_by_category([request_style(p) for p in prompts], refusals),
+                 **extra)
+
+
+def _finetune_settings(args: EvalArguments) -> dict[str, Any]:
+    return {"steps": args.finetune_steps, "learning_rate": args.finetune_learning_rate,
+            "lora_rank": args.finetune_rank,
+            "data": f"the first {args.finetune_examples} direction-harmful-train prompts, each with a "
+                    "compliant opener (stage 1's compliance templates)"}
 
 
 def _letter_accuracy(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark,
@@ -243,6 +254,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("prefill", "robustness", "refusal rate", True,
               "--attack-prompts with a compliant opener pre-filled in the answer; refusal = the "
               "model turns back", _attacked_refusals),
+    Benchmark("harmful-finetune", "robustness", "refusal rate", True,
+              "--attack-prompts after --finetune-steps LoRA steps on harmful request/compliance "
+              "pairs (off by default)", partial(_attacked_refusals, settings=_finetune_settings)),
     Benchmark("mmlu-stem", "capability", "accuracy", True, "MMLU STEM, zero-shot letter likelihood",
               partial(_letter_accuracy, subset="stem")),
     Benchmark("mmlu", "capability", "accuracy", True, "MMLU, all subjects, zero-shot letter likelihood",

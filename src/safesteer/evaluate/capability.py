@@ -119,7 +119,7 @@ class _AnswerBatch:
         return self.targets.shape[1]
 
 
-def _answer_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+def answer_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                     answers: Sequence[str], batch_size: int) -> Iterator[_AnswerBatch]:
     """Batches, longest first, of each rendered prompt followed by its separately tokenized answer.
     Items whose answer is empty are skipped: they have no token to score."""
@@ -176,7 +176,7 @@ def gold_nll_per_token(target: Target, tokenizer: PreTrainedTokenizerBase,
     """
     totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
-    for batch in _answer_batches(tokenizer, prompts, references, batch_size):
+    for batch in answer_batches(tokenizer, prompts, references, batch_size):
         logits = _answer_logits(target, batch)
         targets = batch.targets.to(logits.device).unsqueeze(-1)
         logprobs = log_softmax_at(logits, targets, chunk_size).squeeze(-1).double().cpu()
@@ -203,7 +203,7 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
     """
     totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
-    for batch in _answer_batches(tokenizer, prompts, responses, batch_size):
+    for batch in answer_batches(tokenizer, prompts, responses, batch_size):
         logits_evaluated = _answer_logits(evaluated, batch)
         logits_base = _answer_logits(base, batch).to(logits_evaluated.device)
         kl = divergence(logits_evaluated, logits_base, mode="full", chunk_size=chunk_size).double().cpu()

@@ -80,6 +80,14 @@ class EvalArguments:
     own_direction_layer: int | None = field(default=None, metadata={
         "help": "Block whose input gives the target's own refusal direction (default: the layer of "
                 "--run-dir's direction, else the middle block)."})
+    finetune_steps: int = field(default=20, metadata={
+        "help": "harmful-finetune: LoRA steps (AdamW) on harmful request/compliance pairs."})
+    finetune_examples: int = field(default=16, metadata={
+        "help": "harmful-finetune: pairs, the first N direction-harmful-train prompts each with a "
+                "compliant opener (no harmful content)."})
+    finetune_learning_rate: float = field(default=2e-4, metadata={"help": "harmful-finetune: learning rate."})
+    finetune_rank: int = field(default=8, metadata={
+        "help": "harmful-finetune: LoRA rank (alpha = 2 x rank)."})
     eval_seed: int = field(default=42, metadata={"help": "Seed of the benchmark samples."})
     judge_model: str | None = field(
         default=None, metadata={"help": "A local safety-classifier model (e.g. Llama Guard 3) that "
@@ -127,8 +135,9 @@ class EvalArguments:
                                  "appear(s) twice (give one NAME=TARGET)")
         check_choice(self, "judge_format", JUDGE_FORMATS)
         check_range(self, ("limit", "capability_limit", "gsm8k_limit"), low=0)
-        check_range(self, ("own_direction_prompts",), low=1)
-        if self.own_direction_layer is not None:
-            check_range(self, ("own_direction_layer",), low=0)
+        check_range(self, ("own_direction_prompts", "finetune_steps", "finetune_examples", "finetune_rank"),
+                    low=1)
+        check_range(self, ("finetune_learning_rate",), low=0, low_open=True)
+        check_range(self, ("own_direction_layer",), low=0)
         check_range(self, ("max_new_tokens", "gsm8k_max_new_tokens", "eval_batch_size", "score_batch_size"),
                     low=1)

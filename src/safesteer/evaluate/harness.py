@@ -29,7 +29,13 @@ from safesteer.config import DataArguments, ModelArguments
 from safesteer.data import remove_near
 from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.attacks import own_direction_layer, own_refusal_direction, prefill_prefixes
+from safesteer.evaluate.attacks import (
+    compliance_answers,
+    harmful_finetune,
+    own_direction_layer,
+    own_refusal_direction,
+    prefill_prefixes,
+)
 from safesteer.evaluate.benchmarks import lookup
 from safesteer.evaluate.capability import TokenAverage, choice_logprobs, gold_nll_per_token, mean_kl_to_base
 from safesteer.evaluate.config import EvalArguments
@@ -143,9 +149,30 @@ class Evaluation:
         ablations = {"direction-ablation": self._run_vector,
                      "own-direction-ablation": partial(self.own_direction, target_name, target)}
         ablated = ablations.get(attack) if attack else None
-        generate = self._generate(target, f"{target_name}: {benchmark}", max_new_tokens, ablated,
-                                  prefill=attack == "prefill")
+        label = f"{target_name}: {benchmark}"
+        if attack == "harmful-finetune":  # one fine-tuned copy answers every prompt
+            return _completions(path, prompts, self._finetuned(target_name, label, max_new_tokens),
+                                chunk=max(len(prompts), 1))
+        generate = self._generate(target, label, max_new_tokens, ablated, prefill=attack == "prefill")
         return _completions(path, prompts, generate, chunk=4 * self.args.eval_batch_size)
+
+    def _finetuned(self, target_name: str, label: str,
+                   max_new_tokens: int) -> Callable[[list[str]], list[str]]:
+        """Greedy answers of a copy of the target fine-tuned on harmful request/compliance pairs
+        (the first --finetune-examples stage-1 training prompts), served as the target is."""
+        def generate(prompts: list[str]) -> list[str]:
+            harmful = self.data.load("direction-harmful-train", None)[:self.args.finetune_examples]
+            model = self.targets.load_copy(target_name)
+            tuned, losses = harmful_finetune(
+                model, self.tokenizer, harmful, compliance_answers(len(harmful)),
+                steps=self.args.finetune_steps, learning_rate=self.args.finetune_learning_rate,
+                rank=self.args.finetune_rank, batch_size=self.args.score_batch_size, seed=self.args.eval_seed)
+            logger.info("%s: fine-tuned %d steps on %d harmful pairs, loss %.3g -> %.3g", target_name,
+                        len(losses), len(harmful), losses[0], losses[-1])
+            with self.targets.served(target_name, tuned):
+                return generate_responses(tuned, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                          batch_size=self.args.eval_batch_size, desc=label)
+        return generate
 
     def _run_vector(self) -> torch.Tensor:
         direction = self.run_direction()

@@ -165,9 +165,26 @@ class Targets:
         elif name in self.adapters:
             yield lambda: self._adapter(self.adapters[name])
         else:
-            model, _ = load_model(ModelArguments(**{**asdict(self.model_args),
-                                                    "model": str(self.paths[name])}))
+            model = self.load_copy(name)
             try:
                 yield lambda: nullcontext(model)
             finally:
                 del model
+
+    def load_copy(self, name: str) -> nn.Module:
+        """New weights of the target shown as ``name``, a student's adapter merged into them: a
+        model of its own that an attacker may fine-tune without touching the shared weights."""
+        path = self.paths.get(name)
+        if path is None or name in self.adapters:  # built on --model, like the shared copy
+            model = load_model(self.model_args)[0]
+            return model if path is None else load_adapter(model, Path(path)).merge_and_unload()
+        return load_model(ModelArguments(**{**asdict(self.model_args), "model": str(path)}))[0]
+
+    def served(self, name: str, model: nn.Module) -> AbstractContextManager[None]:
+        """``model`` served as the target ``name`` is: under the teacher's steering (gated for the
+        conditional teacher), as it is for every other target."""
+        source = self.sources[name]
+        if source not in ("teacher", "conditional-teacher"):
+            return nullcontext()
+        assert self.direction is not None
+        return self.direction.steer(model, gated=source == "conditional-teacher")
