@@ -102,7 +102,11 @@ def test_eval_scores_base_teacher_and_student_on_real_benchmarks(direction_run, 
     assert main(flags) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())["results"]
     kinds = {row["kind"] for row in results["base"].values()}
-    assert kinds == {"safety", "jailbreak", "over-refusal", "capability"}
+    assert kinds == {"safety", "jailbreak", "over-refusal", "robustness", "capability"}
+    for attack in ("direction-ablation", "prefill"):  # the default eval's two cheap attacks
+        cell = results["teacher"][attack]
+        assert cell["unattacked"] == results["teacher"]["harmbench-test"]["value"]
+        assert cell["drop"] == cell["unattacked"] - cell["value"]
     assert results["teacher"]["harmbench-test"]["value"] >= results["base"]["harmbench-test"]["value"]
     assert results["student"]["kl-benign"]["value"] > 0
     assert main(flags) == 0  # a rerun reuses every saved completion ...
@@ -122,10 +126,11 @@ def test_quick_compare_tabulates_every_method(tmp_path, capsys):
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["base", *(method.name for method in DEFAULT_METHODS)]
     for row in rows:
-        values = [row["harmful_refusal"], row["over_refusal"], row["capability_drift"],
+        values = [row["harmful_refusal"], row["robust_refusal"], row["over_refusal"], row["capability_drift"],
                   *row["benchmarks"].values()]
         assert all(math.isfinite(value) for value in values), row
         assert row["dominated_by"] is not None
     assert all(row["train_seconds"] > 0 for row in rows if row["method"] not in ("base", "teacher",
                                                                                   "conditional-teacher"))
     assert (out / "pareto.png").stat().st_size > 0 and "| sft |" in (out / "compare.md").read_text()
+    assert (out / "pareto-robust.png").stat().st_size > 0
