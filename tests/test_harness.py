@@ -323,5 +323,5 @@ def test_harmful_finetune_attacks_a_copy_and_leaves_the_shared_weights_alone(eva
         assert (attacked / "completions" / name / "harmful-finetune.jsonl").is_file()
         # Each target's unattacked answers were generated after the earlier targets' fine-tuning:
         # they equal a clean evaluation's, so the attack never touched the shared weights.
-        unattacked = "completions/{}/harmbench-test.jsonl".format(name)
+        unattacked = f"completions/{name}/harmbench-test.jsonl"
         assert (attacked / unattacked).read_text() == (clean / unattacked).read_text()
