@@ -42,6 +42,7 @@ from safesteer.distill.trainer import Distiller
 from safesteer.models import load_model
 
 PHASES = ("sampling", "teacher scoring", "student fwd+bwd")
+TARGET_STUDENT = 0.40  # the student's forward+backward, as a share of the faster dtype's peak
 
 
 def forward_flops(body_params: int, head_params: int, tokens: int, logit_positions: int) -> float:
@@ -178,19 +179,24 @@ def main() -> None:
           f"{config.max_new_tokens} new tokens, LoRA r={config.lora_r}; tokens include padding")
     print(f"{'phase':<17} {'share':>6} {'s/step':>7} {'tokens':>8} {'logits':>7} {'GFLOP':>7} "
           f"{'GFLOP/s':>8} {'% peak':>7}")
-    accounted = 0.0
+    accounted, shares = 0.0, {}
     for phase in PHASES:
         seconds = sum(meter.seconds[(step, phase)] for step in measured)
         tokens = sum(meter.tokens[(step, phase)] for step in measured)
         logits = sum(meter.logits[(step, phase)] for step in measured)
         flops = forward_flops(body, head, tokens, logits) * (3 if phase == PHASES[2] else 1)
         accounted += seconds
+        shares[phase] = flops / seconds / 1e9 / peak
         print(f"{phase:<17} {seconds / step_seconds:6.1%} {seconds / len(measured):7.2f} "
               f"{tokens // len(measured):8d} {logits // len(measured):7d} {flops / len(measured) / 1e9:7.1f} "
-              f"{flops / seconds / 1e9:8.2f} {flops / seconds / 1e9 / peak:7.1%}")
+              f"{flops / seconds / 1e9:8.2f} {shares[phase]:7.1%}")
     rest = step_seconds - accounted
     print(f"{'rest (optimizer)':<17} {rest / step_seconds:6.1%} {rest / len(measured):7.2f}")
     print(f"{'step':<17} {1:6.1%} {step_seconds / len(measured):7.2f}")
+    student = shares[PHASES[2]]
+    print(f"bench_roofline: student fwd+bwd at {student:.0%} of the {peak_dtype} matmul peak (target >= "
+          f"{TARGET_STUDENT:.0%}: {'met' if student >= TARGET_STUDENT else 'NOT met'}); sampling at "
+          f"{shares[PHASES[0]]:.0%}, teacher scoring at {shares[PHASES[1]]:.0%}")
 
 
 if __name__ == "__main__":
