@@ -1,0 +1,222 @@
+"""Stage 3 against TRL's on-policy distillation, same run: seconds per optimizer step and peak RSS.
+
+    .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
+    .venv/bin/python benchmarks/bench_step.py [--steps 5] [--direction RUN_DIR]
+
+Both sides train the embedded default (float32) on the same ``safesteer-train`` prompts, in the
+same order and to the same token ids, with the default DistillConfig's sampling, LoRA and
+optimiser settings (each overridable below): P prompts x M samples per optimizer step in
+micro-batches of the same size, the same completion length, temperature 1, no checkpoints.
+safesteer is the ``Distiller``: one copy of the weights (the teacher is the adapter switched off
+plus the steering hook) and reverse KL on the safety tokens S. TRL is its ``DistillationTrainer``
+(always on-policy: the student samples every completion) with reverse KL on the whole vocabulary;
+its teacher is what a TRL user must build, a second copy of the model carrying the same steering
+hook, and each prompt is repeated M times in its dataset, since it samples one completion per
+row. Each side runs in a fresh process, so its peak RSS (VmHWM) is its own. s/step runs
+from the step's sampling to its optimizer step, the first (warm-up) step left out. The sides
+sample different completions, whose mean lengths are printed: the work per step is comparable
+only when they are close. Timings on a shared machine vary: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import multiprocessing
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_distill import SAFETY_WORDS, quick_direction
+
+from safesteer.config import ModelArguments
+from safesteer.data import load_prompts
+from safesteer.direction import Direction
+from safesteer.distill.checkpoint import LOG_FILE
+from safesteer.distill.config import DistillConfig
+from safesteer.distill.trainer import Distiller
+from safesteer.models import load_model, render_prompts
+
+TRL_SPEC = "trl==1.16.0"
+PROMPT_SET = "safesteer-train"
+TARGET_SPEEDUP, TARGET_RSS = 2.0, 0.5
+
+
+def memory_mib(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set. The peak starts afresh at
+    exec; ``ru_maxrss`` would not, as the fork before the exec carries the parent's set in."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
+
+
+def distill_config(args: argparse.Namespace) -> DistillConfig:
+    return DistillConfig(prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
+                         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
+                         learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                         lora_target_modules=args.lora_target_modules, save_steps=0, seed=args.seed)
+
+
+def load_side(args: argparse.Namespace):
+    """The float32 embedded model, its tokenizer and the step's prompts (one epoch of ``--steps``)."""
+    model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32"))
+    return model, tokenizer, load_prompts(PROMPT_SET, limit=args.steps * args.prompts_per_step)
+
+
+def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any]:
+    """safesteer's steps in this (fresh) process; returns the prompt order TRL is to follow."""
+    imported = memory_mib("VmRSS")
+    model, tokenizer, prompts = load_side(args)
+    safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
+    with tempfile.TemporaryDirectory() as output_dir:
+        distiller = Distiller(model, tokenizer, Direction.load(direction_dir), prompts, distill_config(args),
+                              output_dir, safety_token_ids=safety_ids)
+        distiller.setup()
+        order = [distiller.step_prompt_indices(step) for step in range(1, args.steps + 1)]
+        distiller.train()
+        log = [json.loads(line) for line in (Path(output_dir) / LOG_FILE).read_text().splitlines()]
+    return {"seconds": [row["seconds"] for row in log], "order": order, "rss_mib": memory_mib(),
+            "imported_mib": imported,
+            "completion_length": [row["completion_length"] for row in log],
+            "loss": f"subset reverse KL on |S| = {len(safety_ids)} tokens"}
+
+
+def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]) -> dict[str, Any]:
+    """TRL's DistillationTrainer on the same prompts in the same order, in this (fresh) process."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    class StepTimer(TrainerCallback):
+        """Seconds from each optimizer step's start (before its sampling) to its end."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_: Any, **__: Any) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
+
+    imported = memory_mib("VmRSS")
+    student, tokenizer, prompts = load_side(args)
+    teacher, _ = load_model(ModelArguments(model=args.model, dtype="float32"))  # the second copy
+    config = distill_config(args)
+    rendered = render_prompts(tokenizer, prompts)
+    rows = [rendered[index] for step in order for index in step for _ in range(config.samples_per_prompt)]
+    step_rows = config.prompts_per_step * config.samples_per_prompt
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        trl_args = DistillationConfig(
+            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=config.micro_batch_size,
+            gradient_accumulation_steps=step_rows // config.micro_batch_size,
+            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=config.warmup_ratio,
+            max_grad_norm=config.max_grad_norm, weight_decay=config.weight_decay,
+            # TRL's beta selects the divergence of its generalised JSD: "0.0 = forward KL, 0.5 = JSD,
+            # 1.0 = reverse KL" (DistillationConfig.beta's help, trl 1.16.0), over the whole vocabulary.
+            beta=1.0, temperature=config.temperature, top_p=config.top_p, top_k=0,
+            max_completion_length=config.max_new_tokens,
+            # TRL's defaults differ from ours here: it checkpoints activations and trains in bf16.
+            gradient_checkpointing=config.gradient_checkpointing, bf16=False,
+            shuffle_dataset=False, save_strategy="no", report_to="none", logging_steps=1,
+            disable_tqdm=True, seed=config.seed, use_cpu=student.device.type == "cpu")
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules(), task_type="CAUSAL_LM")
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=trl_args,
+                                      train_dataset=Dataset.from_dict({"prompt": rows}),
+                                      processing_class=tokenizer, peft_config=lora, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # its per-step dicts; the summary follows
+        with Direction.load(direction_dir).steer(teacher):
+            trainer.train()
+    lengths = [row["completions/mean_length"] for row in trainer.state.log_history
+               if "completions/mean_length" in row]
+    return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported,
+            "completion_length": lengths,
+            "loss": "generalised JSD with beta 1 (reverse KL) on the full vocabulary"}
+
+
+def in_fresh_process(function, *arguments: Any) -> dict[str, Any]:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, arguments)
+
+
+def summary(name: str, result: dict[str, Any]) -> float:
+    """Print one side's figures; returns its median s/step without the warm-up step."""
+    timed = result["seconds"][1:] or result["seconds"]
+    median = statistics.median(timed)
+    print(f"{name:<36} {median:7.2f} s/step (steps: {' '.join(f'{s:.2f}' for s in result['seconds'])}), "
+          f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
+          f"imported), completion length "
+          f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}")
+    return median
+
+
+def main() -> None:
+    defaults = DistillConfig()
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="optimizer steps per side (the first is warm-up)")
+    parser.add_argument("--direction", default=None,
+                        help="run directory of `safesteer direction`; default: a quick response-contrast "
+                             "direction (bench_distill.quick_direction)")
+    parser.add_argument("--model", default=ModelArguments().model)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens", "lora_r",
+                 "lora_alpha"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is warm-up)")
+    if (args.prompts_per_step * args.samples_per_prompt) % args.micro_batch_size:
+        parser.error("--prompts-per-step x --samples-per-prompt must be a multiple of --micro-batch-size "
+                     "(TRL accumulates whole micro-batches)")
+    try:
+        from trl import DistillationTrainer  # noqa: F401  (each side imports its own)
+    except ImportError as error:
+        sys.exit(f"bench_step: error: TRL's DistillationTrainer cannot be imported ({error}); "
+                 f"pip install -e '.[bench]' installs {TRL_SPEC}")
+    trl_version = importlib.metadata.version("trl")
+
+    with tempfile.TemporaryDirectory() as direction_dir:
+        if args.direction:
+            direction_source = f"the direction of {args.direction}"
+            Direction.load(args.direction).save(Path(direction_dir))
+        else:
+            direction_source = "a quick response-contrast direction (layer 16, beta 0.2, 16 prompts)"
+            model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32"))
+            quick_direction(model, tokenizer).save(Path(direction_dir))
+            del model
+        ours = in_fresh_process(run_safesteer, args, direction_dir)
+        theirs = in_fresh_process(run_trl, args, direction_dir, ours["order"])
+
+    config = distill_config(args)
+    print(f"trl {trl_version}; {args.model} float32 with LoRA r={config.lora_r} alpha={config.lora_alpha} "
+          f"({config.lora_target_modules}); {args.steps} steps of {config.prompts_per_step} {PROMPT_SET} "
+          f"prompts x {config.samples_per_prompt} samples x <= {config.max_new_tokens} new tokens, "
+          f"micro-batch {config.micro_batch_size}, lr {config.learning_rate:g}; teacher steered by "
+          f"{direction_source}")
+    ours_seconds = summary("safesteer Distiller", ours)
+    theirs_seconds = summary(f"trl {trl_version} DistillationTrainer", theirs)
+    speedup, rss = theirs_seconds / ours_seconds, ours["rss_mib"] / theirs["rss_mib"]
+    met = {True: "met", False: "NOT met"}
+    print(f"ratios: trl/safesteer s/step {speedup:.2f} (target >= {TARGET_SPEEDUP:g}: "
+          f"{met[speedup >= TARGET_SPEEDUP]}), safesteer/trl peak RSS {rss:.2f} (target <= {TARGET_RSS:g}: "
+          f"{met[rss <= TARGET_RSS]}); above the imported libraries "
+          f"{(ours['rss_mib'] - ours['imported_mib']) / (theirs['rss_mib'] - theirs['imported_mib']):.2f}")
+    print(f"bench_step: safesteer {speedup:.1f}x faster, {rss:.2f}x peak RSS vs trl {trl_version} "
+          "DistillationTrainer")
+
+
+if __name__ == "__main__":
+    main()
