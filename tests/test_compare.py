@@ -26,6 +26,7 @@ from safesteer.compare import (
 )
 from safesteer.compare_config import (
     DEFAULT_METHODS,
+    QUICK_BENCHMARKS,
     CompareArguments,
     Method,
     load_methods,
@@ -114,7 +115,9 @@ def test_quick_shrinks_every_method_and_its_retain_prompts() -> None:
 
 def test_quick_sets_the_evaluation_sizes_unless_given() -> None:
     quick = CompareArguments(output_dir="o", quick=True, limit=6)
-    assert (quick.limit, quick.capability_limit, quick.max_new_tokens) == (6, 4, 16)
+    assert (quick.limit, quick.capability_limit, quick.max_new_tokens) == (6, 4, 8)
+    assert quick.benchmarks == list(QUICK_BENCHMARKS)
+    assert CompareArguments(output_dir="o", quick=True, benchmarks=["jbb"]).benchmarks == ["jbb"]
     full = CompareArguments(output_dir="o")
     assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 64)
     with pytest.raises(SafesteerError, match="unknown benchmark"):

@@ -28,8 +28,11 @@ COMPARE_BENCHMARKS = ("harmbench-test", "jbb", "strongreject", "advbench-test", 
                       "borderline-unsafe-test", "xstest-proxy", "ordinary-test", "borderline-test",
                       "direction-ablation", "prefill", "mmlu-stem", "mmlu-nll", "gsm8k-nll",
                       "humaneval-nll", "kl-benign", "benign-nll")
+# With --quick: one benchmark of each kind the table's axes read, the two cheap attacks included.
+QUICK_BENCHMARKS = ("harmbench-test", "ordinary-test", "direction-ablation", "prefill", "mmlu-stem",
+                    "mmlu-nll", "gsm8k-nll", "kl-benign")
 # Evaluation sizes: (default, with --quick).
-EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (64, 16)}
+EVAL_SIZES = {"limit": (40, 4), "capability_limit": (48, 4), "max_new_tokens": (64, 8)}
 INFERENCE_TARGETS = ("base", "teacher", "conditional-teacher")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -101,19 +104,23 @@ class CompareArguments:
         "choices": sorted(PRESETS)})
     quick: bool = field(default=False, metadata={
         "help": "A tiny version for CI: stages 1-2 on small sets (response-method direction), every "
-                "method trained 2 steps on 4 prompts with 8-token samples, 4 items per benchmark, "
-                "16-token answers."})
+                "method trained 2 steps on 4 prompts with 8-token samples, one benchmark of each kind "
+                "(" + ", ".join(QUICK_BENCHMARKS) + ") unless --benchmarks is given, 4 items per "
+                "benchmark, 8-token answers."})
     benchmarks: list[str] = field(default_factory=lambda: list(COMPARE_BENCHMARKS), metadata={
-        "help": "Benchmarks of the evaluation (see `safesteer eval --help`)."})
+        "help": "Benchmarks of the evaluation (see `safesteer eval --help`); default: "
+                + ", ".join(COMPARE_BENCHMARKS) + "."})
     limit: int | None = field(default=None, metadata={
         "help": "Prompts per safety and over-refusal benchmark (default 40, 4 with --quick; 0 = all)."})
     capability_limit: int | None = field(default=None, metadata={
         "help": "Items per capability benchmark (default 48, 4 with --quick; 0 = all)."})
     max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Tokens generated per evaluated answer (default 64, as the demo check; 16 with --quick)."})
+        "help": "Tokens generated per evaluated answer (default 64, as the demo check; 8 with --quick)."})
 
     def __post_init__(self) -> None:
         check_choice(self, "preset", sorted(PRESETS))
+        if self.quick and self.benchmarks == list(COMPARE_BENCHMARKS):
+            self.benchmarks = list(QUICK_BENCHMARKS)
         for name, sizes in EVAL_SIZES.items():
             if getattr(self, name) is None:
                 setattr(self, name, sizes[self.quick])
