@@ -43,7 +43,7 @@ class Case:
     message: str
     env: tuple[tuple[str, str], ...] = ()
     in_subprocess: bool = False
-    needs_no_cuda: bool = False
+    without_cuda: bool = False  # run as on a machine without CUDA, whatever this one has
 
 
 def case(name: str, argv: str | tuple[str, ...], message: str, **options: object) -> Case:
@@ -181,7 +181,7 @@ CASES = [
     case("device name", ("direction", *TINY, "--output-dir", OUT, "--device", "gpu0"),
          "--device 'gpu0' is not a torch device"),
     case("device absent", ("direction", *TINY, "--output-dir", OUT, "--device", "cuda"),
-         "--device cuda: this machine has no cuda device", needs_no_cuda=True),
+         "--device cuda: this machine has no cuda device", without_cuda=True),
     # --- output directories
     case("output under /proc", "direction --output-dir /proc/safesteer-test/run",
          "cannot create /proc/safesteer-test/run: /proc is not writable"),
@@ -291,8 +291,9 @@ def _run_case(case: Case, argv: list[str], capsys: pytest.CaptureFixture[str],
 def test_bad_input_fails_in_one_line_and_changes_nothing(case: Case, workspace: Path, tiny_model_dir: Path,
                                                          capsys: pytest.CaptureFixture[str],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    if case.needs_no_cuda and torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA device")
+    if case.without_cuda:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     places = {"ws": str(workspace), "model": str(tiny_model_dir)}
     argv = [arg.format(**places) for arg in case.argv]
     before = [snapshot(workspace), snapshot(tiny_model_dir)]
