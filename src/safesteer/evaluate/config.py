@@ -44,7 +44,8 @@ class EvalArguments:
         default_factory=lambda: list(DEFAULT_BENCHMARKS),
         metadata={"help": "Benchmarks to run: " + ", ".join(BENCHMARKS) + "; or a local prompt "
                           "file of harmful requests (.json/.jsonl/.csv/.txt), scored like the "
-                          "safety benchmarks."})
+                          "safety benchmarks. Default: " + ", ".join(DEFAULT_BENCHMARKS) + " (without "
+                          "direction-ablation when there is no --run-dir)."})
     limit: int = field(default=50, metadata={"help": "Prompts per safety, jailbreak and over-refusal "
                                                      "benchmark (seeded sample; 0 = all)."})
     capability_limit: int = field(default=64, metadata={"help": "Items per capability benchmark "
