@@ -45,8 +45,9 @@ CASES: dict[str, dict[str, object]] = {
 
 def fixed_completions(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                       config: DistillConfig, eos_token_ids: list[int], pad_token_id: int, seed: int,
-                      step: int) -> torch.Tensor:
-    """Stand-in for ``sample_completions``: tokens drawn from a seed made of the row's prompt."""
+                      step: int, samples: int = 1) -> torch.Tensor:
+    """Stand-in for ``sample_completions``: tokens drawn from a seed made of the row's prompt
+    (so a prompt's ``samples`` rows alike)."""
     vocab = model.get_input_embeddings().num_embeddings
     rows = []
     for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
@@ -58,7 +59,7 @@ def fixed_completions(model: torch.nn.Module, input_ids: torch.Tensor, attention
             tokens[end - 1] = eos_token_ids[0]
             tokens[end:] = pad_token_id
         rows.append(tokens)
-    return torch.stack(rows).to(input_ids.device)
+    return torch.stack(rows).repeat_interleave(samples, dim=0).to(input_ids.device)
 
 
 def make_distiller(name: str, model_dir: Path, out_dir: Path, resume: bool) -> Distiller:

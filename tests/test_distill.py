@@ -203,6 +203,32 @@ def test_gradient_does_not_depend_on_micro_batch_size(make_tiny_model: ModelFact
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("system_prompt", [None, SAFETY_SYSTEM_PROMPT])
+def test_reading_a_prompt_once_for_its_samples_changes_no_logit_or_gradient(
+        make_tiny_model: ModelFactory, tiny_tokenizer, direction, tmp_path,
+        system_prompt: str | None) -> None:
+    """Each prompt's 3 samples share one reading of it (micro-batches of 4 split a prompt's rows),
+    against every row re-reading its prompt: the samples, the teachers (per-row steering or system
+    prompt) and the student's gradient agree."""
+    config = make_config(prompts_per_step=4, samples_per_prompt=3, micro_batch_size=4, max_new_tokens=8,
+                         teacher_system_prompt=system_prompt)
+    samples, teachers, gradients = [], [], []
+    for share in (True, False):
+        distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / str(share),
+                                   config, steer_prompts=[True, False, False, True])
+        assert distiller.share_prompts
+        distiller.share_prompts = distiller.teachers.share_prompts = share
+        rollout = distiller.sample(1)
+        samples.append(rollout.sequences)
+        teachers.append(distiller.teachers.logits(rollout, slice(2, 9), rollout.completion_mask.shape[1]))
+        distiller.backward(rollout)
+        gradients.append(torch.cat([p.grad.flatten() for p in distiller.trainable_parameters]))
+    assert torch.equal(samples[0], samples[1])
+    assert gradients[0].abs().max() > 0
+    torch.testing.assert_close(teachers[0], teachers[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
+
+
 def test_lora_adapter_is_float32_on_a_bf16_base(make_tiny_model: ModelFactory, tiny_tokenizer,
                                                 direction, tmp_path) -> None:
     distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,
@@ -372,7 +398,8 @@ def test_the_gate_read_leaves_the_students_sampling_alone(make_tiny_model: Model
         rollouts.append(distiller.sample(1))
         handle.remove()
     prompts = rollouts[1].prompt_length
-    assert lengths[:2] == [(4, prompts), (8, prompts)]  # the gate read, then generate's prefill
+    # The gate read, then the prompts read once for their 2 samples each, up to their last token.
+    assert lengths[:2] == [(4, prompts), (4, prompts - 1)]
     assert set(lengths[2:]) == {(8, 1)}
     torch.testing.assert_close(rollouts[1].sequences, rollouts[0].sequences, rtol=0, atol=0)
 

@@ -47,6 +47,20 @@ def test_sample_completions_draws_the_pinned_ids(tiny_model: PreTrainedModel,
     assert ids.tolist() == COMPLETIONS
 
 
+def test_samples_of_a_prompt_read_it_once_and_draw_what_repeated_prompts_draw(
+        tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    encoded = _encoded(tiny_tokenizer, tiny_model)
+    config = DistillConfig(max_new_tokens=6, temperature=0.9, top_p=0.95)
+    options = {"config": config, "eos_token_ids": [tiny_tokenizer.eos_token_id],
+               "pad_token_id": tiny_tokenizer.pad_token_id, "seed": 3, "step": 1}
+    shared = sample_completions(tiny_model, encoded["input_ids"], encoded["attention_mask"], samples=2,
+                                **options)
+    repeated = sample_completions(tiny_model, encoded["input_ids"].repeat_interleave(2, 0),
+                                  encoded["attention_mask"].repeat_interleave(2, 0), **options)
+    assert shared.shape == (2 * len(encoded["input_ids"]), 6)
+    assert shared.tolist() == repeated.tolist()
+
+
 def test_sample_rollouts_draws_the_pinned_ids(tiny_model: PreTrainedModel,
                                               tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     ids = sample_rollouts(tiny_model, _encoded(tiny_tokenizer, tiny_model), 5, temperature=1.0, top_p=0.9,

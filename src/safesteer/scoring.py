@@ -9,10 +9,13 @@ positions asked for materialised (``logits_to_keep``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from safesteer.models.rendering import position_ids
 
@@ -51,3 +54,68 @@ def completion_logits(model: nn.Module, sequences: Tensor, attention_mask: Tenso
     """
     logits = last_logits(model, sequences[:, :-1], attention_mask[:, :-1], completion_length)
     return logits if temperature == 1.0 else logits / temperature
+
+
+def prompt_groups(prompt_indices: Sequence[int]) -> tuple[list[int], Tensor]:
+    """The runs of consecutive rows that continue the same prompt: (each run's first row, every
+    row's run number, int64 [rows]). Stage 3 keeps a prompt's M samples together, so a run is a
+    prompt's samples within one micro-batch."""
+    starts: list[int] = []
+    runs = []
+    for row, index in enumerate(prompt_indices):
+        if not starts or index != prompt_indices[row - 1]:
+            starts.append(row)
+        runs.append(len(starts) - 1)
+    return starts, torch.tensor(runs, dtype=torch.long)
+
+
+def read_prompts(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                 row_prompts: Tensor) -> tuple[Tensor, Any]:
+    """Read each distinct prompt once: its next-token logits at the last position and its KV cache,
+    both gathered to ``row_prompts`` (each completion row's prompt, int64 [N]).
+
+    ``prompt_ids`` and ``prompt_mask`` are [prompts, P], left-padded. Returns ([N, 1, vocab], the
+    cache of N rows). Gathering is differentiable, so a student's gradient reaches the prompt's
+    keys and values from all of its rows, as when every row re-reads its prompt.
+    """
+    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
+                   logits_to_keep=1, use_cache=True)
+    cache = getattr(output, "cache", None)
+    cache = output.past_key_values if cache is None else cache
+    cache.reorder_cache(row_prompts)
+    return output.logits.index_select(0, row_prompts), cache
+
+
+def continue_prompts(model: nn.Module, first: Tensor, cache: Any, prompt_mask: Tensor, completions: Tensor,
+                     temperature: float = 1.0) -> Tensor:
+    """:func:`completion_logits` of ``completions`` [N, T] after the prompts :func:`read_prompts`
+    read: ``first`` [N, 1, vocab] predicts their first token, and the other T - 1 positions are
+    read after ``cache``; ``prompt_mask`` is the prompts' mask gathered to the N rows."""
+    logits = first
+    if completions.shape[1] > 1:
+        tokens = completions[:, :-1]
+        mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
+        positions = position_ids(mask)[:, prompt_mask.shape[1]:]
+        rest = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                     **{cache_keyword(model): cache}).logits
+        logits = torch.cat([first, rest], 1)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def shared_prompt_completion_logits(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                                    row_prompts: Tensor, completions: Tensor,
+                                    temperature: float = 1.0) -> Tensor:
+    """:func:`completion_logits` of ``completions`` [N, T] after their prompts, each distinct
+    prompt read once rather than once per row: the same logits, within float rounding, for about
+    (P + M·T) / (M·(P + T)) of the compute with M samples of P-token prompts."""
+    first, cache = read_prompts(model, prompt_ids, prompt_mask, row_prompts)
+    row_masks = prompt_mask.index_select(0, row_prompts)
+    return continue_prompts(model, first, cache, row_masks, completions, temperature)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``forward`` takes a KV cache by: ``cache`` in recent transformers, which deprecates
+    the older ``past_key_values``; read from the first transformers model inside any wrapper."""
+    inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), model)
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+

@@ -17,6 +17,7 @@ from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.generation import generate_ids
 from safesteer.models.layout import model_device
+from safesteer.scoring import cache_keyword, prompt_groups, read_prompts
 
 
 @dataclass
@@ -47,6 +48,17 @@ class Rollout:
     def prompt_length(self) -> int:
         return self.sequences.shape[1] - self.completion_mask.shape[1]
 
+    def prompts(self, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """The distinct prompts of ``rows``, to be read once for all their samples: each run of rows
+        that share a prompt (:func:`~safesteer.scoring.prompt_groups`) gives its left-padded ids and
+        mask (the columns that pad every one of them left out); and each row's run, int64 [rows]."""
+        starts, runs = prompt_groups(self.prompt_indices[rows])
+        firsts = torch.tensor(starts, device=self.sequences.device) + (rows.start or 0)
+        mask = self.attention_mask[firsts, :self.prompt_length]
+        first_column = int(mask.any(0).int().argmax())
+        return (self.sequences[firsts, first_column:self.prompt_length], mask[:, first_column:],
+                runs.to(self.sequences.device))
+
 
 def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Tensor:
     """1 on each generated token up to and including the row's first EOS, 0 after it (padding).
@@ -64,21 +76,30 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Ten
 
 def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
                        config: DistillConfig, eos_token_ids: list[int], pad_token_id: int, seed: int,
-                       step: int) -> Tensor:
-    """The tokens ``model`` samples after each left-padded prompt, [batch, T], drawn from ``seed``.
+                       step: int, samples: int = 1) -> Tensor:
+    """The tokens ``model`` samples after each left-padded prompt, ``samples`` rows per prompt
+    (together), [prompts × samples, T], drawn from ``seed``.
 
-    Only temperature and top-p shape the distribution (no top-k, min-p or repetition penalty,
-    whatever the model's generation config says), as in the paper's sampler.
+    A prompt's samples share one reading of it (its KV cache up to the last token, from which
+    ``generate`` goes on), instead of each row re-reading it. Only temperature and top-p shape
+    the distribution (no top-k, min-p or repetition penalty, whatever the model's generation
+    config says), as in the paper's sampler.
     """
+    rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(samples)
+    shared = {}
     try:
+        if samples > 1 and input_ids.shape[1] > 1:
+            with torch.no_grad():
+                _, cache = read_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
+            shared[cache_keyword(model)] = cache
         with seeded(seed, model_device(model)):
             return generate_ids(
-                model, {"input_ids": input_ids, "attention_mask": attention_mask},
+                model, {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]},
                 max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
                 temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
-                repetition_penalty=1.0, eos_token_id=eos_token_ids)
+                repetition_penalty=1.0, eos_token_id=eos_token_ids, **shared)
     except torch.OutOfMemoryError as error:
         raise SafesteerError(
-            f"out of memory while sampling step {step} ({len(input_ids)} completions of up to "
+            f"out of memory while sampling step {step} ({len(rows)} completions of up to "
             f"{config.max_new_tokens} tokens): lower --prompts-per-step, --samples-per-prompt or "
             "--max-new-tokens (--micro-batch-size sizes the training passes)") from error

@@ -23,7 +23,7 @@ from safesteer.distill.rollout import Rollout
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.loading import adapters_disabled
-from safesteer.scoring import completion_logits, left_pad
+from safesteer.scoring import completion_logits, continue_prompts, left_pad, prompt_groups, read_prompts
 
 
 def build_student(base: PreTrainedModel, config: DistillConfig,
@@ -55,11 +55,12 @@ def build_student(base: PreTrainedModel, config: DistillConfig,
 class Teachers:
     """The plain base and the safety teacher, in eval mode, on the student's weights (or the frozen
     copy), with the prompt ids each teacher reads: the student's, or with
-    --teacher-system-prompt the system-prompted ones for the safety teacher."""
+    --teacher-system-prompt the system-prompted ones for the safety teacher. With
+    ``share_prompts`` a prompt is read once for all of its samples (docs/method.md §6.1)."""
 
     def __init__(self, student: nn.Module, weights: nn.Module, direction: Direction,
                  prompt_ids: list[list[int]], teacher_prompt_ids: list[list[int]] | None,
-                 pad_token_id: int, temperature: float, device: torch.device) -> None:
+                 pad_token_id: int, temperature: float, device: torch.device, share_prompts: bool) -> None:
         self.student = student
         self.weights = weights
         self.direction = direction
@@ -68,6 +69,7 @@ class Teachers:
         self.pad_token_id = pad_token_id
         self.temperature = temperature
         self.device = device
+        self.share_prompts = share_prompts
 
     def base(self) -> AbstractContextManager[nn.Module]:
         """The unsteered base model, in eval mode: the adapter disabled, or the frozen copy."""
@@ -88,6 +90,11 @@ class Teachers:
             with steering:
                 yield base
 
+    def _model(self, steer_mask: Tensor) -> AbstractContextManager[nn.Module]:
+        """The teacher of rows with these flags: the per-row steered base, or with
+        --teacher-system-prompt the plain base (the system prompt is in its prompt ids)."""
+        return self.teacher(steer_mask) if self.teacher_prompt_ids is None else self.base()
+
     @contextmanager
     def for_rows(self, prompt_indices: Sequence[int],
                  steer_mask: Tensor) -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
@@ -98,13 +105,12 @@ class Teachers:
         the user prompts of the others.
         """
         if self.teacher_prompt_ids is None:
-            prompts, context = [self.prompt_ids[index] for index in prompt_indices], self.teacher(steer_mask)
+            prompts = [self.prompt_ids[index] for index in prompt_indices]
         else:
             sources = [self.teacher_prompt_ids if flag else self.prompt_ids for flag in steer_mask.tolist()]
             prompts = [source[index] for source, index in zip(sources, prompt_indices, strict=True)]
-            context = self.base()
         input_ids, attention_mask = left_pad(prompts, self.pad_token_id, self.device)
-        with context as model:
+        with self._model(steer_mask) as model:
             yield model, input_ids, attention_mask
 
     def logits(self, rollout: Rollout, rows: slice, length: int) -> Tensor:
@@ -113,11 +119,22 @@ class Teachers:
 
         The teacher reads its own prompt then the sampled tokens; position ids come from the mask,
         so its logits align position by position with the student's whatever the prompts' lengths.
+        With ``share_prompts`` it reads each distinct prompt once for all of its rows.
         """
         start = rollout.prompt_length
         completions = rollout.sequences[rows, start:start + length]
-        with torch.no_grad(), self.for_rows(rollout.prompt_indices[rows],
-                                            rollout.steer_mask[rows]) as (teacher, input_ids, mask):
-            return completion_logits(teacher, torch.cat([input_ids, completions], 1),
-                                     torch.cat([mask, torch.ones_like(completions)], 1), length,
-                                     self.temperature)
+        indices, steer_mask = rollout.prompt_indices[rows], rollout.steer_mask[rows]
+        with torch.no_grad():
+            if not self.share_prompts:
+                with self.for_rows(indices, steer_mask) as (teacher, input_ids, mask):
+                    return completion_logits(teacher, torch.cat([input_ids, completions], 1),
+                                             torch.cat([mask, torch.ones_like(completions)], 1), length,
+                                             self.temperature)
+            starts, runs = prompt_groups(indices)
+            runs = runs.to(self.device)
+            prompts = [indices[row] for row in starts]
+            with self.for_rows(prompts, steer_mask[starts]) as (teacher, input_ids, mask):
+                first, cache = read_prompts(teacher, input_ids, mask, runs)
+            with self._model(steer_mask) as teacher:
+                return continue_prompts(teacher, first, cache, mask.index_select(0, runs), completions,
+                                        self.temperature)

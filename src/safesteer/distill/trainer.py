@@ -39,7 +39,7 @@ from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
 from safesteer.progress import progress_bar
-from safesteer.scoring import completion_logits, left_pad
+from safesteer.scoring import completion_logits, left_pad, shared_prompt_completion_logits
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +185,14 @@ class Distiller:
                                                                      scheduler, cfg.micro_batch_size)
         self.student = accelerator.unwrap_model(self.model)  # with LoRA, also self.teacher_model
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
+        # A prompt's M samples share one reading of it (its KV cache), unless the engine shards the
+        # model (two forwards before one backward are left untried there) or checkpointing, which
+        # turns the cache off, is on.
+        self.share_prompts = (cfg.samples_per_prompt > 1 and not self.run.sharded
+                              and not cfg.gradient_checkpointing)
         self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
-                                 self.device)
+                                 self.device, self.share_prompts)
         if checkpoint is not None:
             self.step = self.run.load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler,
                                                  cfg.use_lora, self.device)
@@ -241,6 +246,7 @@ class Distiller:
                                              self.tokenizer.pad_token_id, self.device)
         steer_mask = self.steer_mask(indices, input_ids, attention_mask)
         row_indices = [index for index in indices for _ in range(cfg.samples_per_prompt)]
+        prompt_ids, prompt_mask = input_ids, attention_mask
         input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
         attention_mask = attention_mask.repeat_interleave(cfg.samples_per_prompt, dim=0)
         sampling = {"config": cfg, "eos_token_ids": self.eos_token_ids, "step": step,
@@ -248,9 +254,11 @@ class Distiller:
         if cfg.mode == "sft":
             with self.teachers.for_rows(row_indices, steer_mask) as (teacher, teacher_ids, teacher_mask):
                 completions = sample_completions(teacher, teacher_ids, teacher_mask, **sampling)
+        elif self.share_prompts:
+            completions = sample_completions(self.student.eval(), prompt_ids, prompt_mask,
+                                             samples=cfg.samples_per_prompt, **sampling)
         else:
-            self.student.eval()
-            completions = sample_completions(self.student, input_ids, attention_mask, **sampling)
+            completions = sample_completions(self.student.eval(), input_ids, attention_mask, **sampling)
         mask = completion_mask(completions, self.eos_token_ids)
         texts = self.tokenizer.batch_decode(
             [row[:length].tolist() for row, length in zip(completions, mask.sum(1).tolist(), strict=True)],
@@ -284,14 +292,11 @@ class Distiller:
             rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
             completions = rollout.completion_mask[rows]
             length = int(completions.sum(1).max())
-            first = int(rollout.attention_mask[rows, :prompt_length].any(0).int().argmax())
-            sequences = rollout.sequences[rows, first:prompt_length + length]
-            attention = rollout.attention_mask[rows, first:prompt_length + length]
-            sampled = sequences[:, -length:]
+            sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
             teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                student_logits = completion_logits(self.model, sequences, attention, length, cfg.temperature)
+                student_logits = self._student_logits(rollout, rows, length)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
                                    masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                    num_items_in_step=items)
@@ -306,6 +311,20 @@ class Distiller:
             totals.count_completions(rollout.texts, truncated, rollout.steer_mask)
         return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
+
+    def _student_logits(self, rollout: Rollout, rows: slice, length: int) -> Tensor:
+        """The student's temperature-scaled logits on the first ``length`` completion tokens of
+        ``rollout``'s ``rows``, [rows, length, vocab], with gradient; with ``share_prompts`` each
+        distinct prompt is read once for all of its rows."""
+        prompt_length, temperature = rollout.prompt_length, self.config.temperature
+        end = prompt_length + length
+        if self.share_prompts:
+            prompt_ids, prompt_mask, runs = rollout.prompts(rows)
+            return shared_prompt_completion_logits(self.model, prompt_ids, prompt_mask, runs,
+                                                   rollout.sequences[rows, prompt_length:end], temperature)
+        first = int(rollout.attention_mask[rows, :prompt_length].any(0).int().argmax())
+        return completion_logits(self.model, rollout.sequences[rows, first:end],
+                                 rollout.attention_mask[rows, first:end], length, temperature)
 
     def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
                         sampled: Tensor) -> Tensor:
