@@ -245,6 +245,7 @@ def test_full_finetune_trains_float32_student_against_frozen_copy(make_tiny_mode
     config = make_config(use_lora=False, learning_rate=1e-3, prompts_per_step=4, gradient_checkpointing=True)
     distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,
                                tmp_path, config)
+    assert not distiller.share_prompts  # checkpointing turns the KV cache off
     teacher_before = logits(distiller.teacher_model, tiny_tokenizer)
     result = distiller.train()
     assert {p.dtype for p in distiller.trainable_parameters} == {torch.float32}
