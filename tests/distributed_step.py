@@ -45,7 +45,7 @@ CASES: dict[str, dict[str, object]] = {
 
 def fixed_completions(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                       config: DistillConfig, eos_token_ids: list[int], pad_token_id: int, seed: int,
-                      step: int, samples: int = 1) -> torch.Tensor:
+                      step: int, samples: int = 1, share: bool = True) -> torch.Tensor:
     """Stand-in for ``sample_completions``: tokens drawn from a seed made of the row's prompt
     (so a prompt's ``samples`` rows alike)."""
     vocab = model.get_input_embeddings().num_embeddings

@@ -17,7 +17,13 @@ from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.generation import generate_ids
 from safesteer.models.layout import model_device
-from safesteer.scoring import cache_keyword, prompt_groups, read_prompts
+from safesteer.scoring import (
+    cache_keyword,
+    completion_logits,
+    prompt_groups,
+    read_prompts,
+    shared_prompt_completion_logits,
+)
 
 
 @dataclass
@@ -48,6 +54,21 @@ class Rollout:
     def prompt_length(self) -> int:
         return self.sequences.shape[1] - self.completion_mask.shape[1]
 
+    def logits(self, model: nn.Module, rows: slice, length: int, temperature: float,
+               share_prompts: bool) -> Tensor:
+        """``model``'s temperature-scaled logits on the first ``length`` completion tokens of
+        ``rows`` after their (student) prompts, [rows, length, vocab]; with ``share_prompts`` each
+        distinct prompt is read once for all of its rows (:meth:`prompts`)."""
+        prompt_length = self.prompt_length
+        end = prompt_length + length
+        if share_prompts:
+            prompt_ids, prompt_mask, runs = self.prompts(rows)
+            return shared_prompt_completion_logits(model, prompt_ids, prompt_mask, runs,
+                                                   self.sequences[rows, prompt_length:end], temperature)
+        first = int(self.attention_mask[rows, :prompt_length].any(0).int().argmax())
+        return completion_logits(model, self.sequences[rows, first:end], self.attention_mask[rows, first:end],
+                                 length, temperature)
+
     def prompts(self, rows: slice) -> tuple[Tensor, Tensor, Tensor]:
         """The distinct prompts of ``rows``, to be read once for all their samples: each run of rows
         that share a prompt (:func:`~safesteer.scoring.prompt_groups`) gives its left-padded ids and
@@ -76,19 +97,19 @@ def completion_mask(completion_ids: Tensor, eos_token_ids: Sequence[int]) -> Ten
 
 def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, *,
                        config: DistillConfig, eos_token_ids: list[int], pad_token_id: int, seed: int,
-                       step: int, samples: int = 1) -> Tensor:
+                       step: int, samples: int = 1, share: bool = True) -> Tensor:
     """The tokens ``model`` samples after each left-padded prompt, ``samples`` rows per prompt
     (together), [prompts × samples, T], drawn from ``seed``.
 
-    A prompt's samples share one reading of it (its KV cache up to the last token, from which
-    ``generate`` goes on), instead of each row re-reading it. Only temperature and top-p shape
-    the distribution (no top-k, min-p or repetition penalty, whatever the model's generation
-    config says), as in the paper's sampler.
+    With ``share`` a prompt's samples share one reading of it (its KV cache up to the last
+    token, from which ``generate`` goes on) instead of each row re-reading it; the draws are the
+    same. Only temperature and top-p shape the distribution (no top-k, min-p or repetition
+    penalty, whatever the model's generation config says), as in the paper's sampler.
     """
     rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(samples)
     shared = {}
     try:
-        if samples > 1 and input_ids.shape[1] > 1:
+        if share and samples > 1 and input_ids.shape[1] > 1:
             with torch.no_grad():
                 _, cache = read_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
             shared[cache_keyword(model)] = cache

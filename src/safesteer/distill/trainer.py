@@ -39,7 +39,7 @@ from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
 from safesteer.progress import progress_bar
-from safesteer.scoring import completion_logits, left_pad, shared_prompt_completion_logits
+from safesteer.scoring import left_pad
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ class Distiller:
     * **Micro-batching** (--micro-batch-size, --gradient-checkpointing): teacher and student
       forwards and the backward run on this many completions at a time, gradients accumulating
       without synchronisation (``accelerator.accumulate``) until the step's last micro-batch; the
-      gradient does not depend on it. A prompt's M samples share one reading of it in sampling and
-      scoring (``share_prompts``, docs/method.md §6.1).
+      gradient does not depend on it. A prompt's M samples share one reading of it
+      (``share_prompts``, docs/method.md §6.1).
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
@@ -186,11 +186,8 @@ class Distiller:
                                                                      scheduler, cfg.micro_batch_size)
         self.student = accelerator.unwrap_model(self.model)  # with LoRA, also self.teacher_model
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
-        # A prompt's M samples share one reading of it (its KV cache), unless the engine shards the
-        # model (two forwards before one backward are left untried there) or checkpointing, which
-        # turns the cache off, is on.
-        self.share_prompts = (cfg.samples_per_prompt > 1 and not self.run.sharded
-                              and not cfg.gradient_checkpointing)
+        self.share_prompts = (cfg.samples_per_prompt > 1  # 2 forwards, 1 backward: untried when sharded
+                              and not (self.run.sharded or cfg.gradient_checkpointing))  # no cache
         self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
                                  self.device, self.share_prompts)
@@ -247,19 +244,16 @@ class Distiller:
                                              self.tokenizer.pad_token_id, self.device)
         steer_mask = self.steer_mask(indices, input_ids, attention_mask)
         row_indices = [index for index in indices for _ in range(cfg.samples_per_prompt)]
-        prompt_ids, prompt_mask = input_ids, attention_mask
-        input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
-        attention_mask = attention_mask.repeat_interleave(cfg.samples_per_prompt, dim=0)
         sampling = {"config": cfg, "eos_token_ids": self.eos_token_ids, "step": step,
                     "pad_token_id": self.tokenizer.pad_token_id, "seed": self._step_seed("sample", step)}
         if cfg.mode == "sft":
             with self.teachers.for_rows(row_indices, steer_mask) as (teacher, teacher_ids, teacher_mask):
                 completions = sample_completions(teacher, teacher_ids, teacher_mask, **sampling)
-        elif self.share_prompts:
-            completions = sample_completions(self.student.eval(), prompt_ids, prompt_mask,
-                                             samples=cfg.samples_per_prompt, **sampling)
         else:
-            completions = sample_completions(self.student.eval(), input_ids, attention_mask, **sampling)
+            completions = sample_completions(self.student.eval(), input_ids, attention_mask, **sampling,
+                                             samples=cfg.samples_per_prompt, share=self.share_prompts)
+        input_ids = input_ids.repeat_interleave(cfg.samples_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(cfg.samples_per_prompt, dim=0)
         mask = completion_mask(completions, self.eos_token_ids)
         texts = self.tokenizer.batch_decode(
             [row[:length].tolist() for row, length in zip(completions, mask.sum(1).tolist(), strict=True)],
@@ -297,7 +291,7 @@ class Distiller:
             teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                student_logits = self._student_logits(rollout, rows, length)
+                student_logits = rollout.logits(self.model, rows, length, cfg.temperature, self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
                                    masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                    num_items_in_step=items)
@@ -312,20 +306,6 @@ class Distiller:
             totals.count_completions(rollout.texts, truncated, rollout.steer_mask)
         return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
-
-    def _student_logits(self, rollout: Rollout, rows: slice, length: int) -> Tensor:
-        """The student's temperature-scaled logits on the first ``length`` completion tokens of
-        ``rollout``'s ``rows``, [rows, length, vocab], with gradient; with ``share_prompts`` each
-        distinct prompt is read once for all of its rows."""
-        prompt_length, temperature = rollout.prompt_length, self.config.temperature
-        end = prompt_length + length
-        if self.share_prompts:
-            prompt_ids, prompt_mask, runs = rollout.prompts(rows)
-            return shared_prompt_completion_logits(self.model, prompt_ids, prompt_mask, runs,
-                                                   rollout.sequences[rows, prompt_length:end], temperature)
-        first = int(rollout.attention_mask[rows, :prompt_length].any(0).int().argmax())
-        return completion_logits(self.model, rollout.sequences[rows, first:end],
-                                 rollout.attention_mask[rows, first:end], length, temperature)
 
     def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
                         sampled: Tensor) -> Tensor:
