@@ -80,8 +80,7 @@ def read_prompts(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
     """
     output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids(prompt_mask),
                    logits_to_keep=1, use_cache=True)
-    cache = getattr(output, "cache", None)
-    cache = output.past_key_values if cache is None else cache
+    cache = getattr(output, cache_keyword(model))
     cache.reorder_cache(row_prompts)
     return output.logits.index_select(0, row_prompts), cache
 
@@ -114,8 +113,9 @@ def shared_prompt_completion_logits(model: nn.Module, prompt_ids: Tensor, prompt
 
 
 def cache_keyword(model: nn.Module) -> str:
-    """The name ``forward`` takes a KV cache by: ``cache`` in recent transformers, which deprecates
-    the older ``past_key_values``; read from the first transformers model inside any wrapper."""
+    """The name ``forward`` takes (and returns) a KV cache by: ``cache`` since transformers 5.24,
+    which deprecates ``past_key_values``; read from the first transformers model inside any wrapper
+    (PEFT, DDP)."""
     inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), model)
     return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 

@@ -4,7 +4,6 @@ sampled from the teacher with a seeded CPU generator, kept as token ids for teac
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -15,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from safesteer.models.layout import model_device
 from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 from safesteer.progress import progress_bar
+from safesteer.scoring import cache_keyword
 from safesteer.tokens_config import TokensConfig
 
 if TYPE_CHECKING:
@@ -35,12 +35,6 @@ def _sample_next_tokens(logits: Tensor, temperature: float, top_p: float, blocke
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The KV-cache argument of ``model.forward`` (and its output): transformers 5.24 renamed
-    ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 @torch.inference_mode()
 def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int, *,
                     temperature: float, top_p: float, blocked_ids: list[int],
@@ -57,14 +51,14 @@ def sample_rollouts(model: nn.Module, encoded: Mapping[str, Tensor], steps: int,
     attention_mask = encoded["attention_mask"]
     next_input = encoded["input_ids"]
     positions = position_ids(attention_mask)
-    cache_keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     cache = None
     sampled = []
     for _ in range(steps):
         output = model(input_ids=next_input, attention_mask=attention_mask,
                        position_ids=positions, use_cache=True, logits_to_keep=1,
-                       **{cache_keyword: cache})
-        cache = getattr(output, cache_keyword)
+                       **{keyword: cache})
+        cache = getattr(output, keyword)
         tokens = _sample_next_tokens(output.logits[:, -1], temperature, top_p, blocked_ids,
                                      generator)
         sampled.append(tokens)
