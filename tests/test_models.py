@@ -21,7 +21,7 @@ from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
 from safesteer.models.devices import resolve_device, resolve_dtype
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import decoder_layers, hidden_size, model_device, num_layers
-from safesteer.models.loading import _remove_stale_conversions, load_model, model_id
+from safesteer.models.loading import _remove_stale_conversions, adapters_merged, load_model, model_id
 from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.wheels import cache_dir
 
@@ -351,3 +351,52 @@ def test_embedded_default_model_loads_and_reloads_from_cache() -> None:
     answer = generate_responses(model, tokenizer, ["What is the capital of France?"],
                                 max_new_tokens=12)
     assert "Paris" in answer[0]
+
+
+def _adapted(model: PreTrainedModel, **options: Any) -> nn.Module:
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **options)
+    return get_peft_model(model, config).eval()
+
+
+def test_merged_adapters_give_the_adapters_logits_and_put_the_weights_back(
+        tiny_model: PreTrainedModel) -> None:
+    student = _adapted(tiny_model)
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    weights = {name: p.detach().clone() for name, p in student.named_parameters()}
+    with torch.no_grad():
+        adapted = student(ids).logits
+        with student.disable_adapter():
+            base = student(ids).logits
+        with adapters_merged(student) as merged:
+            folded = merged(ids).logits
+            assert merged.base_model.model.lm_head.weight is student.base_model.model.lm_head.weight
+        after = student(ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(folded, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, adapted)
+    assert all(torch.equal(p, weights[name]) for name, p in student.named_parameters())
+
+
+@pytest.mark.parametrize("case", ["bf16 base", "dora", "adapters off", "no adapter"])
+def test_adapters_that_cannot_fold_exactly_are_used_as_they_are(tiny_model: PreTrainedModel,
+                                                                 case: str) -> None:
+    if case == "no adapter":
+        model: nn.Module = tiny_model
+    else:
+        model = _adapted(tiny_model.to(torch.bfloat16) if case == "bf16 base" else tiny_model,
+                         use_dora=case == "dora")
+    ids = torch.tensor([[5, 9, 13, 17]])
+    with torch.no_grad():
+        if case == "adapters off":
+            with model.disable_adapter():  # type: ignore[operator]
+                expected = model(ids).logits
+                with adapters_merged(model) as used:
+                    assert torch.equal(used(ids).logits, expected)
+                assert torch.equal(model(ids).logits, expected)  # still off
+            return
+        expected = model(ids).logits
+        data = [p.data_ptr() for p in model.parameters()]
+        with adapters_merged(model) as used:
+            assert torch.equal(used(ids).logits, expected)
+            assert [p.data_ptr() for p in model.parameters()] == data

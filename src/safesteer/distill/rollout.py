@@ -17,6 +17,7 @@ from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.generation import generate_ids
 from safesteer.models.layout import model_device
+from safesteer.models.loading import adapters_merged
 from safesteer.scoring import (
     cache_keyword,
     completion_logits,
@@ -104,21 +105,23 @@ def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     With ``share`` a prompt's samples share one reading of it (its KV cache up to the last
     token, from which ``generate`` goes on) instead of each row re-reading it; the draws are the
     same. Only temperature and top-p shape the distribution (no top-k, min-p or repetition
-    penalty, whatever the model's generation config says), as in the paper's sampler.
+    penalty, whatever the model's generation config says), as in the paper's sampler. A LoRA
+    student samples with its adapter folded into copies of the weights
+    (:func:`~safesteer.models.loading.adapters_merged`).
     """
     rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(samples)
     shared = {}
     try:
-        if share and samples > 1 and input_ids.shape[1] > 1:
-            with torch.no_grad():
+        with adapters_merged(model), torch.no_grad():
+            if share and samples > 1 and input_ids.shape[1] > 1:
                 _, cache = read_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
-            shared[cache_keyword(model)] = cache
-        with seeded(seed, model_device(model)):
-            return generate_ids(
-                model, {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]},
-                max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
-                temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
-                repetition_penalty=1.0, eos_token_id=eos_token_ids, **shared)
+                shared[cache_keyword(model)] = cache
+            with seeded(seed, model_device(model)):
+                return generate_ids(
+                    model, {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]},
+                    max_new_tokens=config.max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
+                    temperature=config.temperature, top_p=config.top_p, top_k=0, min_p=None,
+                    repetition_penalty=1.0, eos_token_id=eos_token_ids, **shared)
     except torch.OutOfMemoryError as error:
         raise SafesteerError(
             f"out of memory while sampling step {step} ({len(rows)} completions of up to "

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -131,6 +133,48 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     else:
         yield model
+
+
+@contextmanager
+def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` for inference with its active LoRA adapters folded into copies of the weights they
+    adapt: one product per layer instead of three (about a fifth of a sampling step on the
+    embedded default). The original weights are set aside and put back as they were, so the base
+    (the teacher) never drifts, as it would through merge-then-unmerge rounding. The logits equal
+    the unmerged ones within float rounding. Unless every adapted layer is a plain, active LoRA
+    linear on a whole float32 weight (in a lower precision the rounding would swallow small
+    updates; DoRA and other variants do not fold this way; FSDP and ZeRO-3 shard the weight), the
+    model is used as it is.
+    """
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    if not isinstance(model, PeftModel) or not layers or not all(map(_foldable, layers)):
+        yield model
+        return
+    originals = [layer.get_base_layer().weight.data for layer in layers]
+    with model.disable_adapter():
+        try:
+            with torch.no_grad():
+                for layer, original in zip(layers, originals, strict=True):
+                    for name in layer.active_adapters:
+                        if name in layer.lora_A:
+                            original = original + layer.get_delta_weight(name)
+                    layer.get_base_layer().weight.data = original
+            yield model
+        finally:
+            for layer, original in zip(layers, originals, strict=True):
+                layer.get_base_layer().weight.data = original
+
+
+def _foldable(layer: LoraLayer) -> bool:
+    """A plain LoRA linear, on, unmerged, on a whole (not sharded) float32 weight."""
+    if not isinstance(layer, LoraLinear) or layer.merged or layer.disable_adapters:
+        return False
+    dora = {name for name, used in getattr(layer, "use_dora", {}).items() if used}
+    variants = dora | set(getattr(layer, "lora_variant", {}))
+    weight = layer.get_base_layer().weight
+    return (type(weight.data) is torch.Tensor and weight.dtype == torch.float32
+            and weight.numel() == layer.in_features * layer.out_features
+            and not any(name in variants for name in layer.active_adapters))
 
 
 def _load_pretrained(
