@@ -1,7 +1,7 @@
 """Stage 3 against TRL's on-policy distillation, same run: seconds per optimizer step and peak RSS.
 
     .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
-    .venv/bin/python benchmarks/bench_step.py [--steps 5] [--direction RUN_DIR]
+    .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR]
 
 Both sides train the embedded default (float32) on the same ``safesteer-train`` prompts, in the
 same order and to the same token ids, with the default DistillConfig's sampling, LoRA and
@@ -12,10 +12,12 @@ plus the steering hook) and reverse KL on the safety tokens S. TRL is its ``Dist
 (always on-policy: the student samples every completion) with reverse KL on the whole vocabulary;
 its teacher is what a TRL user must build, a second copy of the model carrying the same steering
 hook, and each prompt is repeated M times in its dataset, since it samples one completion per
-row. Each side runs in a fresh process, so its peak RSS (VmHWM) is its own. s/step runs
-from the step's sampling to its optimizer step, the first (warm-up) step left out. The sides
-sample different completions, whose mean lengths are printed: the work per step is comparable
-only when they are close. Timings on a shared machine vary: compare the ratios of one run.
+row. Each side runs in a fresh process, so its peak RSS (VmHWM) is its own, and the sides take
+``--rounds`` turns (ours, TRL, ours, TRL, ...), so that a drift of the machine's speed during
+the run hits both. s/step runs from the step's sampling to its optimizer step, the median over
+every round's steps but its first (warm-up). The sides sample different completions, whose mean
+lengths are printed: the work per step is comparable only when they are close. Timings on a
+shared machine vary: compare the ratios of one run.
 """
 
 from __future__ import annotations
@@ -148,11 +150,21 @@ def in_fresh_process(function, *arguments: Any) -> dict[str, Any]:
         return pool.apply(function, arguments)
 
 
+def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's rounds as one result: each round's steps after its warm-up step, the highest
+    peak RSS, all completion lengths."""
+    return {"seconds": [seconds for result in rounds for seconds in result["seconds"][1:]],
+            "rss_mib": max(result["rss_mib"] for result in rounds),
+            "imported_mib": max(result["imported_mib"] for result in rounds),
+            "completion_length": [length for result in rounds for length in result["completion_length"]],
+            "loss": rounds[0]["loss"]}
+
+
 def summary(name: str, result: dict[str, Any]) -> float:
-    """Print one side's figures; returns its median s/step without the warm-up step."""
-    timed = result["seconds"][1:] or result["seconds"]
-    median = statistics.median(timed)
-    print(f"{name:<36} {median:7.2f} s/step (steps: {' '.join(f'{s:.2f}' for s in result['seconds'])}), "
+    """Print one side's figures; returns its median s/step over the timed steps."""
+    median = statistics.median(result["seconds"])
+    steps = " ".join(f"{seconds:.2f}" for seconds in result["seconds"])
+    print(f"{name:<36} {median:7.2f} s/step (timed steps: {steps}), "
           f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
           f"imported), completion length "
           f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}")
@@ -165,6 +177,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5,
                         help="optimizer steps per side (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of both sides, in turns (each round's first step is warm-up)")
     parser.add_argument("--direction", default=None,
                         help="run directory of `safesteer direction`; default: a quick response-contrast "
                              "direction (bench_distill.quick_direction)")
@@ -176,8 +190,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the first step is warm-up)")
+    if args.steps < 2 or args.rounds < 1:
+        parser.error("--steps must be at least 2 (the first step is warm-up), --rounds at least 1")
     if (args.prompts_per_step * args.samples_per_prompt) % args.micro_batch_size:
         parser.error("--prompts-per-step x --samples-per-prompt must be a multiple of --micro-batch-size "
                      "(TRL accumulates whole micro-batches)")
@@ -197,11 +211,15 @@ def main() -> None:
             model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32"))
             quick_direction(model, tokenizer).save(Path(direction_dir))
             del model
-        ours = in_fresh_process(run_safesteer, args, direction_dir)
-        theirs = in_fresh_process(run_trl, args, direction_dir, ours["order"])
+        rounds: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for _ in range(args.rounds):  # in turns, so that a drift of the machine's speed hits both
+            ours_round = in_fresh_process(run_safesteer, args, direction_dir)
+            rounds.append((ours_round, in_fresh_process(run_trl, args, direction_dir, ours_round["order"])))
+        ours, theirs = (combined([pair[side] for pair in rounds]) for side in (0, 1))
 
     config = distill_config(args)
-    print(f"trl {trl_version}; {args.model} float32 with LoRA r={config.lora_r} alpha={config.lora_alpha} "
+    print(f"trl {trl_version}; {args.rounds} round(s) of each side in turns; {args.model} float32 with "
+          f"LoRA r={config.lora_r} alpha={config.lora_alpha} "
           f"({config.lora_target_modules}); {args.steps} steps of {config.prompts_per_step} {PROMPT_SET} "
           f"prompts x {config.samples_per_prompt} samples x <= {config.max_new_tokens} new tokens, "
           f"micro-batch {config.micro_batch_size}, lr {config.learning_rate:g}; teacher steered by "
