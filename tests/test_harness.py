@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from safesteer.cli import main
+from safesteer.config import ModelArguments
 from safesteer.direction import Direction, Gate
 from safesteer.errors import SafesteerError
 from safesteer.evaluate import harness
@@ -22,6 +23,7 @@ from safesteer.evaluate.harness import _completions
 from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 from safesteer.htmlreport.build import build_report
+from safesteer.models import load_model
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
@@ -201,6 +203,36 @@ def test_bad_targets_and_benchmarks_fail_in_one_line(flags, message, tiny_model,
     code = main(["eval", "--model", str(model_dir), "--output-dir", str(tmp_path / "e"), *flags])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_adapter_targets_serve_each_adapter_folded_and_leave_the_shared_weights_alone(
+        eval_setup, make_tiny_model, tmp_path) -> None:
+    """Each attached adapter, served folded, gives that adapter's logits as PEFT computes them on
+    its own copy of the model; the base target afterwards is the untouched model."""
+    model_dir = eval_setup[eval_setup.index("--model") + 1]
+    run_dir = Path(eval_setup[eval_setup.index("--run-dir") + 1])
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        other = get_peft_model(make_tiny_model("llama"), LoraConfig(r=2, init_lora_weights=False,
+                                                                    target_modules="all-linear"))
+    other.save_pretrained(tmp_path / "other", save_embedding_layers=False)
+    adapters = {"student": run_dir / "student", "other": tmp_path / "other"}
+    model_args = ModelArguments(model=model_dir, dtype="float32")
+    targets = Targets(["base", "student", f"other={tmp_path / 'other'}"], model_args, str(run_dir))
+    ids = torch.tensor([[3, 8, 13, 21, 34, 5]])
+    weights = {name: p.detach().clone() for name, p in targets.model.named_parameters()}
+    with torch.no_grad():
+        plain = load_model(model_args)[0](ids).logits
+        for name, path in adapters.items():
+            reference = PeftModel.from_pretrained(load_model(model_args)[0], path)(ids).logits
+            assert not torch.allclose(reference, plain, atol=1e-3)  # the adapter matters
+            with targets.session(name) as target, target() as model:
+                torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
+                folded = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+                assert not torch.equal(folded, weights["model.layers.0.mlp.up_proj.base_layer.weight"])
+        with targets.session("base") as target, target() as model:
+            assert torch.equal(model(ids).logits, plain)
+    assert all(torch.equal(p, weights[name]) for name, p in targets.model.named_parameters())
 
 
 def test_a_directory_that_is_not_a_model_is_refused(tmp_path) -> None:
