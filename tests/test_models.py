@@ -19,6 +19,7 @@ from safesteer.config import ModelArguments
 from safesteer.errors import SafesteerError
 from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
 from safesteer.models.devices import resolve_device, resolve_dtype
+from safesteer.evaluate.check import STOP_MARGIN
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import decoder_layers, hidden_size, model_device, num_layers
 from safesteer.models.loading import _remove_stale_conversions, adapters_merged, load_model, model_id
@@ -166,6 +167,20 @@ def test_generate_responses_sampling_is_seeded_and_leaves_global_rng(
     assert sample(1) == first
     assert sample(2) != first
     assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_answers_stopped_at_a_length_begin_as_the_whole_answers_do(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """A row stops once its answer has ``stop_at_chars`` characters; the closing check relies on
+    its first ``stop_at_chars - STOP_MARGIN`` characters being the whole answer's."""
+    whole = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=40, batch_size=2)
+    cut = generate_responses(tiny_model, tiny_tokenizer, PROMPTS, max_new_tokens=40, batch_size=2,
+                             stop_at_chars=10 + STOP_MARGIN)
+    assert sum(map(len, cut)) < sum(map(len, whole))  # rows stopped early
+    for full, short in zip(whole, cut, strict=True):
+        assert len(short) >= 10 + STOP_MARGIN or short == full
+        assert full.startswith(short[:10])
 
 
 def test_generate_responses_of_no_prompts_is_empty(

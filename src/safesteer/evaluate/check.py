@@ -12,8 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from safesteer.evaluate.targets import Target
-from safesteer.keyword_judge import refusal_rate
+from safesteer.keyword_judge import WINDOW, refusal_rate
 from safesteer.models.generation import generate_responses
+
+# Characters generated past the judge's window before a row stops: a cut answer decodes
+# differently only at its end (a character split across tokens, a space the whole answer would
+# lose), so its first WINDOW characters, and so every verdict, are those of the whole answer.
+STOP_MARGIN = 16
 
 
 def refusal_check(tokenizer: Any, targets: dict[str, Target],
@@ -21,7 +26,9 @@ def refusal_check(tokenizer: Any, targets: dict[str, Target],
                   batch_size: int) -> dict[str, dict[str, dict[str, float]]]:
     """Greedy answers of every target to every prompt set, judged by the keyword judge.
 
-    ``targets`` maps a name to a factory of a context that yields the model as that target.
+    ``targets`` maps a name to a factory of a context that yields the model as that target. An
+    answer stops once it is longer than the judge's window (no answer is kept), so the rates
+    are those of the full ``max_new_tokens`` answers in fewer steps.
     Returns ``{target: {prompt_set: {"n": count, "refusal": rate}}}``.
     """
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -30,7 +37,8 @@ def refusal_check(tokenizer: Any, targets: dict[str, Target],
         for name, prompts in prompt_sets.items():
             with context() as model:
                 answers = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size, desc=f"{target}: {name}")
+                                             batch_size=batch_size, stop_at_chars=WINDOW + STOP_MARGIN,
+                                             desc=f"{target}: {name}")
             results[target][name] = {"n": len(prompts), "refusal": refusal_rate(answers)}
     return results
 
