@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from safesteer.config import ModelArguments
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.check import STOP_MARGIN
 from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
 from safesteer.models.devices import resolve_device, resolve_dtype
-from safesteer.evaluate.check import STOP_MARGIN
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import decoder_layers, hidden_size, model_device, num_layers
 from safesteer.models.loading import _remove_stale_conversions, adapters_merged, load_model, model_id

@@ -14,6 +14,7 @@ from safesteer.steering import (
     ablate_direction,
     add_to_block_input,
     block_input_at_last_position,
+    block_inputs_at_last_position,
     gated_add_to_block_input,
     project_out,
     record_block_inputs,
@@ -210,6 +211,11 @@ def test_block_input_at_last_position_matches_a_full_forward(tiny_model, tiny_to
         read = block_input_at_last_position(tiny_model, layer, encoded["input_ids"],
                                             encoded["attention_mask"])
         torch.testing.assert_close(read, full[layer][:, -1], atol=1e-6, rtol=0)
+        every = block_inputs_at_last_position(tiny_model, layer, encoded["input_ids"],
+                                              encoded["attention_mask"])
+        assert every.shape[1] == layer + 1
+        for earlier in range(layer + 1):
+            torch.testing.assert_close(every[:, earlier], full[earlier][:, -1], atol=1e-6, rtol=0)
     assert all(not block._forward_pre_hooks for block in decoder_layers(tiny_model))
 
 

@@ -8,7 +8,7 @@ same code serves direction extraction, candidate selection, generation and teach
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 import torch
@@ -139,27 +139,34 @@ class _StopForward(Exception):
 
 
 @torch.inference_mode()
-def block_input_at_last_position(model: nn.Module, layer: int, input_ids: torch.Tensor,
-                                 attention_mask: torch.Tensor) -> torch.Tensor:
-    """Block ``layer``'s input at the last position of a left-padded batch, ``[batch, d]``; the
-    forward stops at that block, so a probe on an early layer costs a fraction of a full pass."""
+def block_inputs_at_last_position(model: nn.Module, last_layer: int, input_ids: torch.Tensor,
+                                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """Blocks ``0..last_layer``'s inputs at the last position of a left-padded batch,
+    ``[batch, last_layer + 1, d]``; the forward stops at block ``last_layer``, so probes on early
+    layers cost a fraction of a full pass."""
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append(_split_hidden(args, kwargs)[0][:, -1].detach())
-        raise _StopForward
+        if module is blocks[last_layer]:
+            raise _StopForward
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids(attention_mask), use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise SafesteerError(f"block {layer} was not reached by the forward pass")
-    return captured[0]
+    blocks = decoder_layers(model)
+    with ExitStack() as stack:
+        for block in blocks[:last_layer + 1]:
+            stack.callback(block.register_forward_pre_hook(hook, with_kwargs=True).remove)
+        with suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids(attention_mask), use_cache=False)
+    if len(captured) != last_layer + 1:
+        raise SafesteerError(f"block {last_layer} was not reached by the forward pass")
+    return torch.stack(captured, 1)
+
+
+def block_input_at_last_position(model: nn.Module, layer: int, input_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """Block ``layer``'s input at the last position of a left-padded batch, ``[batch, d]``."""
+    return block_inputs_at_last_position(model, layer, input_ids, attention_mask)[:, -1]
 
 
 def project_out(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from safesteer.direction.artifact import Gate
-from safesteer.direction.numerics import difference_of_means, refusal_token_ids
-from safesteer.direction.passes import post_instruction_pass
+from safesteer.direction.numerics import difference_of_means
+from safesteer.direction.passes import last_token_block_inputs
 from safesteer.direction.prompt_sets import DirectionData
 from safesteer.direction_config import DirectionConfig
 
@@ -48,14 +48,13 @@ def fit_gate(model: nn.Module, tokenizer: Any, data: DirectionData, config: Dire
     calibrated, and the layer chosen, on the validation prompts (balanced accuracy, then d').
     None when no such layer tells the two sets apart at all (the conditional teacher is then
     unavailable)."""
-    refusal_ids = refusal_token_ids(tokenizer)
     activations = {}
     for role, prompts in (("harmful_train", data.harmful_train[:config.n_train]),
                           ("harmless_train", data.harmless_train[:config.n_train]),
                           ("harmful_val", data.harmful_val[:config.gate_n_val]),
                           ("harmless_val", data.harmless_val[:config.gate_n_val])):
-        activations[role] = post_instruction_pass(model, tokenizer, prompts, 1, refusal_ids,
-                                                  config.batch_size, desc=f"gate: {role}")[0][:, 0]
+        activations[role] = last_token_block_inputs(model, tokenizer, prompts, max_layer,
+                                                    config.batch_size, desc=f"gate: {role}")
     layers = []
     for layer in range(max_layer + 1):
         vector = difference_of_means(activations["harmful_train"][:, layer],

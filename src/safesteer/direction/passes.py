@@ -14,7 +14,7 @@ from safesteer.direction.numerics import refusal_score
 from safesteer.models.layout import model_device
 from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 from safesteer.progress import progress_bar
-from safesteer.steering import record_block_inputs
+from safesteer.steering import block_inputs_at_last_position, record_block_inputs
 
 _PLACEHOLDER = "SAFESTEERPLACEHOLDER"
 
@@ -45,6 +45,20 @@ def last_position_logits(model: nn.Module, tokenizer: Any, prompts: list[str],
     for batch in _batches(render_prompts(tokenizer, prompts), batch_size):
         encoded = encode_rendered(tokenizer, batch, model_device(model))
         rows.append(_forward_last(model, encoded).float().cpu())
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def last_token_block_inputs(model: nn.Module, tokenizer: Any, prompts: list[str], last_layer: int,
+                            batch_size: int, desc: str | None = None) -> torch.Tensor:
+    """Blocks ``0..last_layer``'s inputs at each rendered prompt's last token,
+    ``[n, last_layer + 1, d]`` (float32, cpu); each forward stops at block ``last_layer``."""
+    rows = []
+    rendered = render_prompts(tokenizer, prompts)
+    for batch in progress_bar(list(_batches(rendered, batch_size)), desc=desc, disable=desc is None):
+        encoded = encode_rendered(tokenizer, batch, model_device(model))
+        rows.append(block_inputs_at_last_position(model, last_layer, encoded["input_ids"],
+                                                  encoded["attention_mask"]).float().cpu())
     return torch.cat(rows)
 
 

@@ -19,15 +19,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from safesteer.direction.numerics import difference_of_means
+from safesteer.direction.passes import last_token_block_inputs
 from safesteer.direction.response_method import COMPLIANCE_TEMPLATES
 from safesteer.divergence import negative_log_likelihood
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.capability import answer_batches
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
-from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.scoring import completion_logits
-from safesteer.steering import block_input_at_last_position
 
 # Compliant openers an attacker writes into the assistant turn; the model continues after them.
 # The first is the AdvBench target's opening; the others end where a list or a procedure starts.
@@ -59,14 +58,7 @@ def own_refusal_direction(model: nn.Module, tokenizer: Any, harmful: list[str], 
     the last prompt token, harmful minus harmless prompts (stage 1's prompt method, docs/method.md
     §3.4, without its selection), float32 ``[d]``."""
     def activations(prompts: list[str]) -> torch.Tensor:
-        rows = []
-        for start in range(0, len(prompts), batch_size):
-            encoded = encode_rendered(tokenizer, render_prompts(tokenizer, prompts[start:start + batch_size]),
-                                      model_device(model))
-            # The forward stops at block ``layer``: the later blocks are never run.
-            rows.append(block_input_at_last_position(model, layer, encoded["input_ids"],
-                                                     encoded["attention_mask"]).float().cpu())
-        return torch.cat(rows)
+        return last_token_block_inputs(model, tokenizer, prompts, layer, batch_size)[:, -1]
 
     direction = difference_of_means(activations(harmful), activations(harmless)).float()
     if not direction.norm() > 0:
