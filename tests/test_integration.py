@@ -20,7 +20,8 @@ from safesteer.models.loading import load_model
 pytestmark = pytest.mark.integration
 
 
-DIRECTION_FLAGS = ["--method", "response", "--n-train", "64", "--n-val", "16", "--response-n-val", "12"]
+DIRECTION_FLAGS = ["--method", "response", "--n-train", "64", "--n-val", "16", "--response-n-val", "12",
+                   "--response-layer-stride", "3", "--response-betas", "0.2", "0.3"]
 
 
 @pytest.fixture(scope="module")
