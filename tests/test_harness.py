@@ -226,10 +226,13 @@ def test_adapter_targets_serve_each_adapter_folded_and_leave_the_shared_weights_
         for name, path in adapters.items():
             reference = PeftModel.from_pretrained(load_model(model_args)[0], path)(ids).logits
             assert not torch.allclose(reference, plain, atol=1e-3)  # the adapter matters
-            with targets.session(name) as target, target() as model:
-                torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
-                folded = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
-                assert not torch.equal(folded, weights["model.layers.0.mlp.up_proj.base_layer.weight"])
+            with targets.session(name) as target:
+                for _ in range(2):  # folded once per session, swapped in for each use
+                    with target() as model:
+                        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
+                        up = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+                        assert not torch.equal(up, weights["model.layers.0.mlp.up_proj.base_layer.weight"])
+                    assert torch.equal(up, weights["model.layers.0.mlp.up_proj.base_layer.weight"])
         with targets.session("base") as target, target() as model:
             assert torch.equal(model(ids).logits, plain)
     assert all(torch.equal(p, weights[name]) for name, p in targets.model.named_parameters())

@@ -22,7 +22,7 @@ from safesteer.direction import Direction
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
 from safesteer.models.layout import model_device
-from safesteer.models.loading import adapters_disabled, adapters_merged, load_adapter, load_model
+from safesteer.models.loading import FoldedAdapters, adapters_disabled, load_adapter, load_model
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
 
@@ -140,12 +140,12 @@ class Targets:
         return adapters_disabled(self.model if self.peft is None else self.peft)
 
     @contextmanager
-    def _adapter(self, name: str) -> Iterator[nn.Module]:
-        """The adapter folded into copies of the weights it adapts: a fifth fewer products per
-        token, logits equal within float rounding (docs/method.md §6.1)."""
+    def _adapter(self, name: str, folded: FoldedAdapters) -> Iterator[nn.Module]:
+        """The adapter folded into copies of the weights it adapts, made once per session: a
+        fifth fewer products per token, logits equal within float rounding (docs/method.md §6.1)."""
         assert self.peft is not None
         self.peft.set_adapter(name)
-        with adapters_merged(self.peft) as model:
+        with folded() as model:
             yield model
 
     @contextmanager
@@ -166,7 +166,9 @@ class Targets:
             assert self.direction is not None
             yield ConditionalTeacher(self.base, self.direction)
         elif name in self.adapters:
-            yield lambda: self._adapter(self.adapters[name])
+            assert self.peft is not None
+            folded = FoldedAdapters(self.peft)
+            yield lambda: self._adapter(self.adapters[name], folded)
         else:
             model = self.load_copy(name)
             try:

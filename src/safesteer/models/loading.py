@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -135,34 +135,55 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-@contextmanager
-def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
+def adapters_merged(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """``model`` for inference with its active LoRA adapters folded into copies of the weights they
     adapt: one product per layer instead of three (about a fifth of a sampling step on the
     embedded default). The original weights are set aside and put back as they were, so the base
     (the teacher) never drifts, as it would through merge-then-unmerge rounding. The logits equal
-    the unmerged ones within float rounding. Unless every adapted layer is a plain, active LoRA
+    the unfolded ones within float rounding. Unless every adapted layer is a plain, active LoRA
     linear on a whole float32 weight (in a lower precision the rounding would swallow small
-    updates; DoRA and other variants do not fold this way; FSDP and ZeRO-3 shard the weight), the
+    updates; DoRA and other variants do not fold this way; FSDP and ZeRO-3 shards the weight), the
     model is used as it is.
     """
-    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
-    if not isinstance(model, PeftModel) or not layers or not all(map(_foldable, layers)):
-        yield model
-        return
-    originals = [layer.get_base_layer().weight.data for layer in layers]
-    with model.disable_adapter():
-        try:
-            with torch.no_grad():
-                for layer, original in zip(layers, originals, strict=True):
-                    for name in layer.active_adapters:
-                        if name in layer.lora_A:
-                            original = original + layer.get_delta_weight(name)
-                    layer.get_base_layer().weight.data = original
+    return FoldedAdapters(model)()
+
+
+class FoldedAdapters:
+    """:func:`adapters_merged` for adapters that stay fixed over many uses (an evaluated target):
+    the folded copies are made on the first use and swapped in on every later one, so a use costs
+    no fold. Make a new one after the adapter weights or the active adapter change."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.folded: list[torch.Tensor] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[nn.Module]:
+        model = self.model
+        layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+        if not isinstance(model, PeftModel) or not layers or not all(map(_foldable, layers)):
             yield model
-        finally:
-            for layer, original in zip(layers, originals, strict=True):
-                layer.get_base_layer().weight.data = original
+            return
+        originals = [layer.get_base_layer().weight.data for layer in layers]
+        with model.disable_adapter():
+            try:
+                if self.folded is None:
+                    self.folded = [_folded(layer, original)
+                                   for layer, original in zip(layers, originals, strict=True)]
+                for layer, weight in zip(layers, self.folded, strict=True):
+                    layer.get_base_layer().weight.data = weight
+                yield model
+            finally:
+                for layer, original in zip(layers, originals, strict=True):
+                    layer.get_base_layer().weight.data = original
+
+
+@torch.no_grad()
+def _folded(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            weight = weight + layer.get_delta_weight(name)
+    return weight
 
 
 def _foldable(layer: LoraLayer) -> bool:
