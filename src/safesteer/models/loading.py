@@ -165,17 +165,20 @@ class FoldedAdapters:
             yield model
             return
         originals = [layer.get_base_layer().weight.data for layer in layers]
-        with model.disable_adapter():
-            try:
-                if self.folded is None:
-                    self.folded = [_folded(layer, original)
-                                   for layer, original in zip(layers, originals, strict=True)]
-                for layer, weight in zip(layers, self.folded, strict=True):
-                    layer.get_base_layer().weight.data = weight
-                yield model
-            finally:
-                for layer, original in zip(layers, originals, strict=True):
-                    layer.get_base_layer().weight.data = original
+        try:
+            if self.folded is None:
+                pairs = zip(layers, originals, strict=True)
+                self.folded = [_folded(layer, weight) for layer, weight in pairs]
+            for layer, weight in zip(layers, self.folded, strict=True):
+                layer.get_base_layer().weight.data = weight
+                # Flagged merged, a LoRA layer reads its base weight alone; cheaper than
+                # PeftModel.disable_adapter, which walks every module of every adapter.
+                layer.merged_adapters = [name for name in layer.active_adapters if name in layer.lora_A]
+            yield model
+        finally:
+            for layer, original in zip(layers, originals, strict=True):
+                layer.get_base_layer().weight.data = original
+                layer.merged_adapters = []
 
 
 @torch.no_grad()
