@@ -142,7 +142,7 @@ def adapters_merged(model: nn.Module) -> AbstractContextManager[nn.Module]:
     (the teacher) never drifts, as it would through merge-then-unmerge rounding. The logits equal
     the unfolded ones within float rounding. Unless every adapted layer is a plain, active LoRA
     linear on a whole float32 weight (in a lower precision the rounding would swallow small
-    updates; DoRA and other variants do not fold this way; FSDP and ZeRO-3 shards the weight), the
+    updates; DoRA and other variants do not fold this way; FSDP and ZeRO-3 shard the weight), the
     model is used as it is.
     """
     return FoldedAdapters(model)()
@@ -151,7 +151,8 @@ def adapters_merged(model: nn.Module) -> AbstractContextManager[nn.Module]:
 class FoldedAdapters:
     """:func:`adapters_merged` for adapters that stay fixed over many uses (an evaluated target):
     the folded copies are made on the first use and swapped in on every later one, so a use costs
-    no fold. Make a new one after the adapter weights or the active adapter change."""
+    no fold. Make a new one after the adapter weights or the active adapter change. Inside a use
+    the layers are flagged merged: switching the adapters off there would unmerge the copies."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
