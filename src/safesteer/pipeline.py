@@ -34,7 +34,7 @@ from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models.layout import model_device, num_layers
-from safesteer.models.loading import adapters_merged, check_model_arguments, load_model, model_id
+from safesteer.models.loading import FoldedAdapters, check_model_arguments, load_model, model_id
 from safesteer.run_config import RunArguments
 from safesteer.tokens.artifact import SafetyTokenSet
 from safesteer.tokens.selection import select_safety_tokens
@@ -163,7 +163,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
                        "student; evaluate %s with `safesteer eval`", result.student_dir)
     elif run.check_limit > 0:
         targets = {"base": distiller.teachers.base, "teacher": distiller.teachers.teacher,
-                   "student": lambda: adapters_merged(distiller.student.eval())}
+                   "student": FoldedAdapters(distiller.student.eval())}
         prompt_sets = {name: data_args.load(name, run.check_limit)
                        for name in [*run.check_harmful, *run.check_benign]}
         results = refusal_check(tokenizer, targets, prompt_sets,

@@ -140,15 +140,6 @@ class Targets:
         return adapters_disabled(self.model if self.peft is None else self.peft)
 
     @contextmanager
-    def _adapter(self, name: str, folded: FoldedAdapters) -> Iterator[nn.Module]:
-        """The adapter folded into copies of the weights it adapts, made once per session: a
-        fifth fewer products per token, logits equal within float rounding (docs/method.md §6.1)."""
-        assert self.peft is not None
-        self.peft.set_adapter(name)
-        with folded() as model:
-            yield model
-
-    @contextmanager
     def _teacher(self) -> Iterator[nn.Module]:
         assert self.direction is not None
         with self.base() as model, self.direction.steer(model):
@@ -166,9 +157,11 @@ class Targets:
             assert self.direction is not None
             yield ConditionalTeacher(self.base, self.direction)
         elif name in self.adapters:
+            # Folded into copies of the weights it adapts, made once per session: a fifth fewer
+            # products per token, logits equal within float rounding (docs/method.md §6.1).
             assert self.peft is not None
-            folded = FoldedAdapters(self.peft)
-            yield lambda: self._adapter(self.adapters[name], folded)
+            self.peft.set_adapter(self.adapters[name])
+            yield FoldedAdapters(self.peft)
         else:
             model = self.load_copy(name)
             try:
