@@ -5,13 +5,15 @@
 
 One ``Distiller`` on the embedded default (float32; the default DistillConfig, or a run's
 ``distill_config.json`` with ``--config``; the fresh adapter, or a trained one with ``--adapter``)
-samples and backpropagates each step three ways in turns (docs/method.md §6.1): as before the
+samples and backpropagates each step four ways in turns (docs/method.md §6.1): as before the
 speed-ups (every row re-reads its prompt, the LoRA student samples unfolded), with a prompt read
-once for its M samples (``share_prompts``), and with that and the adapter folded into the weights
-for sampling (``adapters_merged``, the default). No optimizer step is taken, so every way sees
-the same weights. Printed: the median seconds of sampling and of the backward per step (the
-first step left out as warm-up), each way's speed-up over the first, whether the sampled tokens
-are identical and the largest relative difference of loss and gradient norm from the first way.
+once for its M samples (``share_prompts``), with that and the adapter folded into the weights
+for sampling (``adapters_merged``), and with the decode steps' few-row products computed as
+``weight @ inputs.T`` too (``narrow_linears``, the default on a CPU). No optimizer step is
+taken, so every way sees the same weights. Printed: the median seconds of sampling and of the
+backward per step (the first step left out as warm-up), each way's speed-up over the first,
+whether the sampled tokens are identical and the largest relative difference of loss and
+gradient norm from the first way.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ from safesteer.direction import Direction
 from safesteer.distill import rollout
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller
-from safesteer.models import load_model
+from safesteer.models import generation, load_model
 
-WAYS = {"before (re-read, unfolded)": (False, False), "prompts read once": (True, False),
-        "read once + folded adapter": (True, True)}
+# (prompt read once, adapter folded, narrow decode products)
+WAYS = {"before (re-read, unfolded)": (False, False, False), "prompts read once": (True, False, False),
+        "read once + folded adapter": (True, True, False), "+ narrow decode products": (True, True, True)}
+
+
+def _plain(model: torch.nn.Module) -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
 
 
 def main() -> None:
@@ -63,7 +70,7 @@ def main() -> None:
     prompts = load_prompts("safesteer-train", limit=(args.steps + 1) * config.prompts_per_step)
     seconds = {way: {"sample": [], "backward": []} for way in WAYS}
     identical, loss_gap, norm_gap = True, 0.0, 0.0
-    folded = rollout.adapters_merged
+    folded, narrow = rollout.adapters_merged, generation.narrow_linears
     with tempfile.TemporaryDirectory() as output_dir:
         distiller = Distiller(model, tokenizer, direction, prompts, config, output_dir,
                               safety_token_ids=safety_ids)
@@ -73,9 +80,10 @@ def main() -> None:
             set_peft_model_state_dict(distiller.student, weights)
         for step in range(1, args.steps + 2):
             results = {}
-            for way, (share, fold) in WAYS.items():
+            for way, (share, fold, few_rows) in WAYS.items():
                 distiller.share_prompts = distiller.teachers.share_prompts = share
                 rollout.adapters_merged = folded if fold else contextlib.nullcontext  # type: ignore[assignment]
+                generation.narrow_linears = narrow if few_rows else _plain  # type: ignore[assignment]
                 distiller.optimizer.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 sampled = distiller.sample(step)
@@ -92,7 +100,7 @@ def main() -> None:
                 identical &= torch.equal(sequences, first[0])
                 loss_gap = max(loss_gap, abs(loss / first[1] - 1))
                 norm_gap = max(norm_gap, abs(norm / first[2] - 1))
-    rollout.adapters_merged = folded
+    rollout.adapters_merged, generation.narrow_linears = folded, narrow
 
     print(f"{model.name_or_path}, {args.steps} steps after a warm-up step, "
           f"{config.prompts_per_step} prompts x {config.samples_per_prompt} samples x <= "
@@ -102,7 +110,7 @@ def main() -> None:
     for way in WAYS:
         sample, backward = (statistics.median(seconds[way][phase]) for phase in ("sample", "backward"))
         totals[way] = sample + backward
-        print(f"{way:<28} sampling {sample:6.2f} s  backward {backward:6.2f} s  step {totals[way]:6.2f} s  "
+        print(f"{way:<27} sampling {sample:6.2f} s  backward {backward:6.2f} s  step {totals[way]:6.2f} s  "
               f"{totals[next(iter(WAYS))] / totals[way]:.2f}x")
     before, after = totals[next(iter(WAYS))], totals[list(WAYS)[-1]]
     print(f"bench_speedups: step {before / after:.2f}x faster than before; "
