@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from safesteer import compare
 from safesteer.cli import main
@@ -29,6 +31,7 @@ from safesteer.compare_config import (
     QUICK_BENCHMARKS,
     CompareArguments,
     Method,
+    chosen_methods,
     load_methods,
     run_option_problem,
 )
@@ -96,6 +99,22 @@ def test_default_methods_are_valid_and_in_order() -> None:
         "teacher", "conditional-teacher"]
     for method in DEFAULT_METHODS:
         assert [run_option_problem(key, False) for key in method.run] == [None] * len(method.run)
+
+
+def test_methods_by_name_file_or_all(tmp_path) -> None:
+    assert chosen_methods(None) == (list(DEFAULT_METHODS), {})
+    methods, shared = chosen_methods("teacher, sft")
+    assert [method.name for method in methods] == ["teacher", "sft"] and shared == {}
+    assert methods[1] == DEFAULT_METHODS[-1]
+    path = _write(tmp_path, "- name: plain\n  run: {}\n")
+    assert [method.name for method in chosen_methods(path)[0]] == ["plain"]
+    with pytest.raises(SafesteerError, match="'safesteer-fast' is neither a file nor a built-in method"):
+        chosen_methods("teacher,safesteer-fast")
+    with pytest.raises(SafesteerError, match="cannot read it"):
+        chosen_methods(str(tmp_path / "missing.yaml"))
+    for names in ("teacher,conditional-teacher", "sft,sft"):
+        with pytest.raises(SafesteerError, match="name each method once, and at least one that trains"):
+            chosen_methods(names)
 
 
 def test_quick_shrinks_every_method_and_its_retain_prompts() -> None:
@@ -330,6 +349,31 @@ def test_compare_trains_shares_stages_evaluates_and_resumes(compare_setup, tmp_p
     again = {row["method"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
     for name, row in rows.items():
         assert again[name]["benchmarks"] == row["benchmarks"]
+
+
+def test_every_default_method_trains_and_is_tabulated(compare_setup, tmp_path, capsys) -> None:
+    """The built-in list, each method as defined, on the tiny model (the integration test runs
+    only a few of them on the embedded default, to keep CI short)."""
+    flags, calls = compare_setup
+    methods = Path(flags[flags.index("--methods") + 1])
+    harmful = tmp_path / "harmful-train.txt"  # apart from the harmless prompts, so the gate fits
+    harmful.write_text("".join(f"Explain how to break rule number {i} of the club.\n" for i in range(8)))
+    shared = methods.read_text().split("methods:")[0]
+    for name in ("harmful_train", "harmful_val"):
+        shared = re.sub(rf"(?m)^  {name}: .*$", f"  {name}: {harmful}", shared)
+    shared += "  response_layers: [1]\n"  # the gate reads blocks up to the steering layer
+    listed = [{"name": method.name, "target": method.target} if method.target else
+              {"name": method.name, "run": dict(method.run)} for method in DEFAULT_METHODS]
+    methods.write_text(shared + yaml.safe_dump({"methods": listed}, width=1000))
+    out = tmp_path / "compare"
+    assert main(["compare", *flags, "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    assert len(calls) == sum(method.trains for method in DEFAULT_METHODS)
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["base", *(method.name for method in DEFAULT_METHODS)]
+    for row in rows:
+        values = [row["harmful_refusal"], row["over_refusal"], row["capability_drift"],
+                  *row["benchmarks"].values()]
+        assert all(math.isfinite(value) for value in values), row
 
 
 def test_compare_refuses_a_bad_method_before_training(compare_setup, tmp_path, capsys) -> None:

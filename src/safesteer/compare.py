@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.arguments import option_flags, parse
-from safesteer.compare_config import DEFAULT_METHODS, CompareArguments, Method, load_methods
+from safesteer.compare_config import CompareArguments, Method, chosen_methods
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import completions_dir, evaluate_targets
@@ -263,7 +263,7 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
                     args: CompareArguments) -> dict[str, Any]:
     """Train every method, evaluate them all with the base, write the table and the Pareto plot."""
     started = time.perf_counter()
-    methods, shared = load_methods(args.methods) if args.methods else (list(DEFAULT_METHODS), {})
+    methods, shared = chosen_methods(args.methods)
     output_dir = Path(args.output_dir)
     check_writable(output_dir)
     check_model_arguments(model_args)

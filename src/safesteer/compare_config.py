@@ -98,8 +98,9 @@ class CompareArguments:
         "help": "Directory for runs/ (one `safesteer run` per training method), eval/, compare.md, "
                 "compare.json and pareto.png; a rerun into it resumes."})
     methods: str | None = field(default=None, metadata={
-        "help": "YAML file of the methods (see the README, 'Comparing methods'); default: "
-                + ", ".join(method.name for method in DEFAULT_METHODS) + "."})
+        "help": "YAML file of the methods (see the README, 'Comparing methods'), or built-in "
+                "methods by name, comma-separated (teacher,safesteer); default: every built-in "
+                "one: " + ", ".join(method.name for method in DEFAULT_METHODS) + "."})
     preset: str = field(default="demo", metadata={
         "help": "The `safesteer run --preset` every training method starts from.",
         "choices": sorted(PRESETS)})
@@ -214,6 +215,25 @@ def _method(path: str, node: yaml.Node, value: Any) -> Method:
         raise _located(path, children["description"][0], f"method {name!r}: description must be text")
     run = _run_options(path, children["run"][1], value["run"], False) if "run" in value else {}
     return Method(name, description, target, run, where)
+
+
+def chosen_methods(methods: str | None) -> tuple[list[Method], dict[str, Any]]:
+    """What ``--methods`` names: every built-in method (None), a methods file (a path that exists
+    or ends in .yaml/.yml, :func:`load_methods`), or built-in methods by name, comma-separated."""
+    if methods is None:
+        return list(DEFAULT_METHODS), {}
+    if methods.endswith((".yaml", ".yml")) or Path(methods).exists():
+        return load_methods(methods)
+    built_in = {method.name: method for method in DEFAULT_METHODS}
+    names = [name.strip() for name in methods.split(",")]
+    for name in names:
+        if name not in built_in:
+            raise SafesteerError(f"--methods {methods}: {name!r} is neither a file nor a built-in method "
+                                 f"({', '.join(built_in)})")
+    if len(set(names)) < len(names) or not any(built_in[name].trains for name in names):
+        raise SafesteerError(f"--methods {methods}: name each method once, and at least one that "
+                             "trains (the teacher's direction comes from the first one's run)")
+    return [built_in[name] for name in names], {}
 
 
 def load_methods(path: str) -> tuple[list[Method], dict[str, Any]]:
