@@ -45,10 +45,6 @@ WAYS = {"before (re-read, unfolded)": (False, False, False), "prompts read once"
         "read once + folded adapter": (True, True, False), "+ narrow decode products": (True, True, True)}
 
 
-def _plain(model: torch.nn.Module) -> contextlib.nullcontext[None]:
-    return contextlib.nullcontext()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,7 +79,8 @@ def main() -> None:
             for way, (share, fold, few_rows) in WAYS.items():
                 distiller.share_prompts = distiller.teachers.share_prompts = share
                 rollout.adapters_merged = folded if fold else contextlib.nullcontext  # type: ignore[assignment]
-                generation.narrow_linears = narrow if few_rows else _plain  # type: ignore[assignment]
+                generation.narrow_linears = (  # type: ignore[assignment]
+                    narrow if few_rows else lambda model: contextlib.nullcontext())
                 distiller.optimizer.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 sampled = distiller.sample(step)

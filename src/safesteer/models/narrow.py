@@ -5,8 +5,8 @@ A decode step multiplies a handful of rows (one per answer) by every weight of t
 generation on a CPU is bound by how fast the matrix product streams the weights. For
 ``inputs @ weight.T`` with few input rows the float32 kernels stream them slowly; with the weight
 as the tall left operand the larger projections and the output head run up to 1.6x faster, and
-the closing check's answers 1.1-1.2x faster (docs/method.md §6.1). Larger products (prompts, training passes)
-and any product under autograd go through ``torch.nn.functional.linear`` as usual.
+the closing check's answers 1.1-1.2x faster (docs/method.md §6.1). Larger products (prompts,
+training passes) and any product under autograd go through ``torch.nn.functional.linear``.
 """
 
 from __future__ import annotations
