@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (the first is warm-up)")
     parser.add_argument("--max-new-tokens", type=int, default=DistillConfig().max_new_tokens)
     parser.add_argument("--dtype", default="auto", help="the model's dtype (auto: float32 on CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="teacher and student forwards under bfloat16 autocast (DistillConfig.bf16)")
     parser.add_argument("--direction", default=None, help="run directory of `safesteer direction`")
     parser.add_argument("--rows", type=int, default=1024, help="rows of each peak matmul")
     parser.add_argument("--repeats", type=int, default=5, help="timed products per shape")
@@ -153,7 +155,7 @@ def main() -> None:
 
     direction = Direction.load(args.direction) if args.direction else quick_direction(model, tokenizer)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
-    config = DistillConfig(max_new_tokens=args.max_new_tokens, save_steps=0)
+    config = DistillConfig(max_new_tokens=args.max_new_tokens, save_steps=0, bf16=args.bf16)
     prompts = load_prompts("safesteer-train", limit=args.steps * config.prompts_per_step)
     meter = PhaseMeter()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -173,7 +175,8 @@ def main() -> None:
           f"median of {args.repeats}): " + ", ".join(
               f"{name} {rate:.1f} GFLOP/s ({args.rows}x{shape[0]} @ {shape[0]}x{shape[1]})"
               for name, (rate, shape) in peaks.items()) + f"; peak = {peak_dtype}")
-    print(f"{model.name_or_path} {str(model.dtype).removeprefix('torch.')}, {body / 1e6:.1f}M body + "
+    print(f"{model.name_or_path} {str(model.dtype).removeprefix('torch.')}"
+          f"{' (bfloat16 autocast)' if config.bf16 else ''}, {body / 1e6:.1f}M body + "
           f"{head / 1e6:.1f}M head weights; {len(measured)} step(s) after a warm-up step, "
           f"{config.prompts_per_step} prompts x {config.samples_per_prompt} samples x <= "
           f"{config.max_new_tokens} new tokens, LoRA r={config.lora_r}; tokens include padding")

@@ -229,6 +229,32 @@ def test_reading_a_prompt_once_for_its_samples_changes_no_logit_or_gradient(
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
 
 
+def test_bf16_autocast_scores_in_bfloat16_and_stays_close(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                          direction, tmp_path) -> None:
+    """--bf16: the same samples (sampling untouched), the teacher's and the student's products in
+    bfloat16, float32 gradients, and loss and gradient within the tolerance of docs/method.md §6.1."""
+    results = []
+    for bf16 in (False, True):
+        distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / str(bf16),
+                                   make_config(max_new_tokens=8, bf16=bf16), steer_prompts=[True, False] * 2)
+        heads: list[tuple[bool, torch.dtype]] = []  # (gradient on, dtype) of each output-head call
+        distiller.student.get_output_embeddings().register_forward_hook(
+            lambda module, args, output, heads=heads: heads.append((torch.is_grad_enabled(), output.dtype)))
+        rollout = distiller.sample(1)
+        sampling = len(heads)
+        metrics = distiller.backward(rollout)
+        gradient = torch.cat([p.grad.flatten() for p in distiller.trainable_parameters])
+        results.append((rollout.sequences, metrics["loss"], gradient, set(heads[:sampling]),
+                        set(heads[sampling:])))
+    (samples, loss, gradient, _, _), (bf16_samples, bf16_loss, bf16_gradient, sampled, scored) = results
+    assert torch.equal(samples, bf16_samples)
+    assert sampled == {(False, torch.float32)}
+    assert scored == {(False, torch.bfloat16), (True, torch.bfloat16)}  # teacher, then student
+    assert bf16_gradient.dtype == torch.float32 and gradient.abs().max() > 0
+    assert bf16_loss == pytest.approx(loss, rel=0.02)
+    assert torch.nn.functional.cosine_similarity(gradient, bf16_gradient, dim=0) > 0.999
+
+
 def test_lora_adapter_is_float32_on_a_bf16_base(make_tiny_model: ModelFactory, tiny_tokenizer,
                                                 direction, tmp_path) -> None:
     distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -288,10 +289,13 @@ class Distiller:
             completions = rollout.completion_mask[rows]
             length = int(completions.sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
-            teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
+            with self._autocast():
+                teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                student_logits = rollout.logits(self.model, rows, length, cfg.temperature, self.share_prompts)
+                with self._autocast():
+                    student_logits = rollout.logits(self.model, rows, length, cfg.temperature,
+                                                    self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
                                    masks[rows, :length], reduction=cfg.reduction,  # type: ignore[arg-type]
                                    num_items_in_step=items)
@@ -306,6 +310,13 @@ class Distiller:
             totals.count_completions(rollout.texts, truncated, rollout.steer_mask)
         return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        """--bf16: bfloat16 matmuls in the teacher-forced forwards; the backward follows the
+        forward's dtypes and the gradients land in the float32 parameters."""
+        if not self.config.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
                         sampled: Tensor) -> Tensor:
