@@ -43,9 +43,10 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: float32 on CPU, bfloat16 on accelerators that support it, else float16.
 
-    On CPUs without AMX, bfloat16 matmuls are slower than float32 ones (on the 2-core development
-    machine a SmolLM2-135M training step took 1.7x, greedy generation 1.3x as long), and models
-    small enough for a CPU rarely need the memory saving.
+    On a CPU, float32 keeps results independent of the CPU's bfloat16 support, which decides the
+    speed: without AVX512-BF16 or AMX, a SmolLM2-135M training step took 1.7x and greedy generation
+    1.3x as long in bfloat16; with AVX512-BF16 (a 2-core AMD EPYC) bfloat16 matmuls ran 4x as fast.
+    Either is one flag away (``--dtype bfloat16``, or stage 3's ``--bf16``; docs/method.md §6.1).
     """
     if dtype != "auto":
         return getattr(torch, dtype)
