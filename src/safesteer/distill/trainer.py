@@ -97,7 +97,8 @@ class Distiller:
       forwards and the backward run on this many completions at a time, gradients accumulating
       without synchronisation (``accelerator.accumulate``) until the step's last micro-batch; the
       gradient does not depend on it. A prompt's M samples share one reading of it
-      (``share_prompts``, docs/method.md §6.1).
+      (``share_prompts``, docs/method.md §6.1). With --bf16 both forwards run under bfloat16
+      autocast (parameters, gradients and loss keep their dtype).
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
