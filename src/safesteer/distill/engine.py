@@ -7,6 +7,7 @@ CPU (gloo) or GPU (NCCL), FSDP or DeepSpeed. Everything engine-specific the trai
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,9 @@ def start_accumulation(accelerator: Accelerator, micro_batches: int) -> float:
     accelerator.gradient_accumulation_steps, accelerator.step = micro_batches, 0
     window = 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else micro_batches
     return float(accelerator.num_processes * window)
+
+
+def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[object]:
+    """--bf16: bfloat16 products in a teacher-forced forward (docs/method.md §6.1); the backward
+    follows the forward's dtypes and the gradients land in parameters of their own dtype."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()

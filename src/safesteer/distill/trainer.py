@@ -16,7 +16,6 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import RunDirectory, inputs_record
 from safesteer.distill.config import DistillConfig
-from safesteer.distill.engine import make_accelerator, prepare_student, start_accumulation
+from safesteer.distill.engine import bf16_autocast, make_accelerator, prepare_student, start_accumulation
 from safesteer.distill.inputs import check_inputs, eos_token_ids, tokenize_prompts
 from safesteer.distill.loss import loss_mask, reduce_loss
 from safesteer.distill.metrics import StepTotals, sum_over_processes, token_statistics
@@ -97,8 +96,7 @@ class Distiller:
       forwards and the backward run on this many completions at a time, gradients accumulating
       without synchronisation (``accelerator.accumulate``) until the step's last micro-batch; the
       gradient does not depend on it. A prompt's M samples share one reading of it
-      (``share_prompts``, docs/method.md §6.1). With --bf16 both forwards run under bfloat16
-      autocast (parameters, gradients and loss keep their dtype).
+      (``share_prompts``, docs/method.md §6.1); --bf16 autocasts both forwards to bfloat16.
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
@@ -107,17 +105,14 @@ class Distiller:
       :mod:`safesteer.distill.engine`). Each process samples with the unwrapped student and scores
       its share of the step's prompts, all in the same number of micro-batches; the step equals
       the one-process step on the same samples (docs/method.md §6.10).
-    * **Logging** (--logging-steps, --report-to): per step, loss, k3 KL(student‖teacher) and mass
-      on S of both models (both left out with --mode sft), refusal-phrase rate of the samples,
-      completion length, truncated share, share of completions with the safety teacher
-      (``steered_rows``), tokens/s, learning rate and gradient norm go to ``train_log.jsonl``
-      (every step), to the console and, optionally, to an accelerate tracker (the sums:
-      :class:`safesteer.distill.metrics.StepTotals`).
+    * **Logging** (--logging-steps, --report-to): each step's loss, k3 KL(student‖teacher) and
+      mass on S (not with --mode sft), the samples' refusal-phrase rate, length, truncated and
+      steered shares, tokens/s, learning rate and gradient norm (:mod:`safesteer.distill.metrics`)
+      go to ``train_log.jsonl``, the console and, optionally, an accelerate tracker.
     * **Checkpoints and resume** (--save-steps, ``resume``): atomic ``checkpoints/step-N``
       directories (the last 2 kept); a resumed run continues from the last complete one and ends
-      with the same adapter as an uninterrupted run. A resume with another config or other inputs
-      (``steer_prompts`` labels included) is refused with the differing keys. Non-finite loss
-      stops the run before the bad update (:class:`safesteer.distill.checkpoint.RunDirectory`).
+      with the same adapter as an uninterrupted run; one with another config or other inputs is
+      refused with the differing keys; a non-finite loss stops the run before the bad update.
     * **Output**: ``student/`` (the adapter, or the full float32 model, plus the tokenizer);
       :func:`safesteer.distill.export.merge_student` turns an adapter into a plain model directory.
 
@@ -290,11 +285,11 @@ class Distiller:
             completions = rollout.completion_mask[rows]
             length = int(completions.sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
-            with self._autocast():
+            with bf16_autocast(cfg.bf16, self.device):
                 teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                with self._autocast():
+                with bf16_autocast(cfg.bf16, self.device):
                     student_logits = rollout.logits(self.model, rows, length, cfg.temperature,
                                                     self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
@@ -311,13 +306,6 @@ class Distiller:
             totals.count_completions(rollout.texts, truncated, rollout.steer_mask)
         return totals.metrics(accelerator, with_teacher=cfg.mode != "sft",
                               with_safety_tokens=self.safety_token_ids is not None)
-
-    def _autocast(self) -> AbstractContextManager[object]:
-        """--bf16: bfloat16 matmuls in the teacher-forced forwards; the backward follows the
-        forward's dtypes and the gradients land in the float32 parameters."""
-        if not self.config.bf16:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _per_token_loss(self, student_logits: Tensor, teacher_logits: Tensor | None,
                         sampled: Tensor) -> Tensor:
