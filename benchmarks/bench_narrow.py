@@ -25,7 +25,7 @@ from safesteer.config import DataArguments, ModelArguments
 from safesteer.evaluate.check import STOP_MARGIN
 from safesteer.keyword_judge import WINDOW
 from safesteer.models import generation, load_model
-from safesteer.models.narrow import NarrowLinears
+from safesteer.models.narrow import NarrowLinears, narrow_linears
 from safesteer.run_config import RunArguments
 
 
@@ -68,19 +68,19 @@ def main() -> None:
     data = DataArguments()
     prompts = [prompt for name in [*run.check_harmful, *run.check_benign]
                for prompt in data.load(name, args.limit)]
-    narrow_linears = generation.narrow_linears
+    products = generation.generation_products
     seconds: dict[bool, list[float]] = {False: [], True: []}
     answers: dict[bool, list[str]] = {}
     for _ in range(args.rounds):
         for narrow in (False, True):
-            generation.narrow_linears = (  # type: ignore[assignment]
+            generation.generation_products = (  # type: ignore[assignment]
                 narrow_linears if narrow else lambda model: contextlib.nullcontext())
             start = time.perf_counter()
             answers[narrow] = generation.generate_responses(
                 model, tokenizer, prompts, max_new_tokens=64, batch_size=32,
                 stop_at_chars=WINDOW + STOP_MARGIN)
             seconds[narrow].append(time.perf_counter() - start)
-    generation.narrow_linears = narrow_linears
+    generation.generation_products = products
     plain, narrow = (statistics.median(seconds[way]) for way in (False, True))
     same = sum(a == b for a, b in zip(answers[False], answers[True], strict=True))
     print(f"bench_narrow: {len(prompts)} check answers in {plain:.1f} s with F.linear, {narrow:.1f} s "

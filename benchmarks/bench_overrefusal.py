@@ -1,7 +1,7 @@
 """The over-refusal goal table of the demo preset, from a fresh run:
 
     .venv/bin/python benchmarks/bench_overrefusal.py [--output-dir runs/bench-overrefusal]
-        [--split test|val] [--skip-run] [--limit 60] [-- extra `safesteer run` flags]
+        [--split test|val] [--skip-run] [--limit 60] [any `safesteer run` flags]
 
 runs `safesteer run --preset demo` (with any extra flags; its closing check included, so the run's
 seconds are what `make demo` costs), then `safesteer eval` of base, teacher

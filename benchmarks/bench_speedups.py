@@ -9,12 +9,14 @@ samples and backpropagates each step four ways in turns (docs/method.md §6.1): 
 speed-ups (every row re-reads its prompt, the LoRA student samples unfolded), with a prompt read
 once for its M samples (``share_prompts``), with that and the adapter folded into the weights
 for sampling (``adapters_merged``), and with the decode steps' few-row products computed as
-``weight @ inputs.T`` too (``narrow_linears``, the default on a CPU), and with all of that plus
-the teacher-forced forwards under bfloat16 autocast (``--bf16``, off by default). No optimizer
-step is taken, so every way sees the same weights. Printed: the median seconds of sampling and
-of the backward per step (the first step left out as warm-up), each way's speed-up over the
-first and its largest relative difference of loss and gradient norm from the first, and whether
-the sampled tokens are identical.
+``weight @ inputs.T`` too (``narrow_linears``, the default on a CPU); then with all of that plus
+the teacher-forced forwards under bfloat16 autocast (``--bf16``, off by default), with the
+samples drawn in bfloat16 products instead (``--generation-dtype bfloat16``), and with both. No
+optimizer step is taken, so every way sees the same weights. Printed: the median seconds of
+sampling and of the backward per step (the first step left out as warm-up), each way's speed-up
+over the first and its largest relative difference of loss and gradient norm from the first
+(on other samples for the bfloat16-sampling ways), and whether the float32 ways' sampled tokens
+are identical.
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ from safesteer.distill import rollout
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.trainer import Distiller
 from safesteer.models import generation, load_model
+from safesteer.models.narrow import narrow_linears
+from safesteer.models.precision import BfloatProducts
 
-# (prompt read once, adapter folded, narrow decode products, bfloat16 autocast)
-WAYS = {"before (re-read, unfolded)": (False, False, False, False),
-        "prompts read once": (True, False, False, False),
-        "read once + folded adapter": (True, True, False, False),
-        "+ narrow decode products": (True, True, True, False),
-        "+ bf16 autocast (--bf16)": (True, True, True, True)}
+# (prompt read once, adapter folded, decode products, bfloat16 autocast)
+WAYS = {"before (re-read, unfolded)": (False, False, "linear", False),
+        "prompts read once": (True, False, "linear", False),
+        "read once + folded adapter": (True, True, "linear", False),
+        "+ narrow decode products": (True, True, "narrow", False),
+        "+ bf16 autocast (--bf16)": (True, True, "narrow", True),
+        "+ bf16 sampling (generation)": (True, True, "bfloat16", False),
+        "+ both": (True, True, "bfloat16", True)}
+PRODUCTS = {"linear": lambda model: contextlib.nullcontext(), "narrow": narrow_linears,
+            "bfloat16": lambda model: BfloatProducts()}
 DEFAULT_WAY = "+ narrow decode products"
 
 
@@ -72,7 +80,7 @@ def main() -> None:
     seconds = {way: {"sample": [], "backward": []} for way in WAYS}
     identical = True
     gaps = {way: [0.0, 0.0] for way in WAYS}  # largest relative difference of loss, gradient norm
-    folded, narrow = rollout.adapters_merged, generation.narrow_linears
+    folded, products = rollout.adapters_merged, generation.generation_products
     with tempfile.TemporaryDirectory() as output_dir:
         distiller = Distiller(model, tokenizer, direction, prompts, config, output_dir,
                               safety_token_ids=safety_ids)
@@ -82,12 +90,11 @@ def main() -> None:
             set_peft_model_state_dict(distiller.student, weights)
         for step in range(1, args.steps + 2):
             results = {}
-            for way, (share, fold, few_rows, bf16) in WAYS.items():
+            for way, (share, fold, product, bf16) in WAYS.items():
                 distiller.config.bf16 = bf16
                 distiller.share_prompts = distiller.teachers.share_prompts = share
                 rollout.adapters_merged = folded if fold else contextlib.nullcontext  # type: ignore[assignment]
-                generation.narrow_linears = (  # type: ignore[assignment]
-                    narrow if few_rows else lambda model: contextlib.nullcontext())
+                generation.generation_products = PRODUCTS[product]  # type: ignore[assignment]
                 distiller.optimizer.zero_grad(set_to_none=True)
                 start = time.perf_counter()
                 sampled = distiller.sample(step)
@@ -101,10 +108,10 @@ def main() -> None:
                 results[way] = (sampled.sequences, metrics["loss"], norm)
             first = results[next(iter(WAYS))]
             for way, (sequences, loss, norm) in results.items():
-                identical &= torch.equal(sequences, first[0])
+                identical &= WAYS[way][2] == "bfloat16" or torch.equal(sequences, first[0])
                 gaps[way][0] = max(gaps[way][0], abs(loss / first[1] - 1))
                 gaps[way][1] = max(gaps[way][1], abs(norm / first[2] - 1))
-    rollout.adapters_merged, generation.narrow_linears = folded, narrow
+    rollout.adapters_merged, generation.generation_products = folded, products
 
     print(f"{model.name_or_path}, {args.steps} steps after a warm-up step, "
           f"{config.prompts_per_step} prompts x {config.samples_per_prompt} samples x <= "
@@ -118,9 +125,10 @@ def main() -> None:
               f"{totals[next(iter(WAYS))] / totals[way]:.2f}x  loss {gaps[way][0]:.1e}  "
               f"gradient norm {gaps[way][1]:.1e}")
     before = totals[next(iter(WAYS))]
+    bf16, sampling, both = (before / totals[way] for way in list(WAYS)[-3:])
     print(f"bench_speedups: step {before / totals[DEFAULT_WAY]:.2f}x faster than before by default, "
-          f"{before / totals[list(WAYS)[-1]]:.2f}x with --bf16; samples "
-          f"{'identical' if identical else 'DIFFERENT'}")
+          f"{bf16:.2f}x with --bf16, {sampling:.2f}x with --generation-dtype bfloat16, {both:.2f}x "
+          f"with both; float32 samples {'identical' if identical else 'DIFFERENT'}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
 from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import FoldedAdapters, check_model_arguments, load_model, model_id
+from safesteer.models.precision import generation_dtype_name
 from safesteer.run_config import RunArguments
 from safesteer.tokens.artifact import SafetyTokenSet
 from safesteer.tokens.selection import select_safety_tokens
@@ -172,7 +173,8 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
         laps("check")
         summary = {"refusal": results, "harmful_sets": run.check_harmful,
                    "benign_sets": run.check_benign, "judge": "keyword (safesteer.keyword_judge)",
-                   "max_new_tokens": run.check_max_new_tokens}
+                   "max_new_tokens": run.check_max_new_tokens,
+                   "generation_dtype": generation_dtype_name(model)}
         print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
               f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))
     summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)))

@@ -20,6 +20,7 @@ from safesteer.direction.response_method import run_response_method
 from safesteer.direction_config import DirectionConfig
 from safesteer.errors import SafesteerError
 from safesteer.models.layout import hidden_size, num_layers
+from safesteer.models.precision import generation_dtype_name
 from safesteer.validation import check_layers
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def find_direction(model: nn.Module, tokenizer: Any, config: DirectionConfig,
         "hidden_size": hidden_size(model),
         "num_layers": num_layers(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "generation_dtype": generation_dtype_name(model),
         "data_seed": data.data_seed,
         "config": asdict(config),
         "data": prompt_sets.summary(),

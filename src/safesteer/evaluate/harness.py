@@ -54,6 +54,7 @@ from safesteer.io import write_json
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import num_layers
 from safesteer.models.loading import pretrained_location
+from safesteer.models.precision import generation_dtype_name
 from safesteer.report import plot_results
 from safesteer.steering import ablate_direction
 
@@ -280,7 +281,8 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     summary = {"results": results, "benchmarks": {name: lookup(name).record() for name in args.benchmarks},
                "summary": {name: target_summary(result) for name, result in results.items()},
                "judge": "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding",
-               "seconds": seconds, "settings": {"model": model_args.model, **asdict(args)}}
+               "seconds": seconds, "settings": {"model": model_args.model, **asdict(args),
+                                                "generation_dtype": generation_dtype_name(targets.model)}}
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
     table = results_table(results, args.benchmarks) + "\n\n" + summary_table(summary["summary"])

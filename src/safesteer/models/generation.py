@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
-from safesteer.models.narrow import narrow_linears
+from safesteer.models.precision import generation_products
 from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.progress import progress_bar
 
@@ -24,10 +24,12 @@ def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_toke
 
     ``options`` go to ``generate`` as given; what they leave out comes from the model's generation
     config. Seeding is the caller's (:func:`~safesteer.models.devices.seeded`): one stream may
-    span several calls. On a CPU the decode steps' few-row products are computed as
+    span several calls. The linear products run in the model's generation dtype
+    (:func:`~safesteer.models.precision.generation_products`): bfloat16 products when it is
+    bfloat16, else, on a CPU, the decode steps' few-row products computed as
     :class:`~safesteer.models.narrow.NarrowLinears` computes them.
     """
-    with torch.no_grad(), narrow_linears(model):
+    with torch.no_grad(), generation_products(model):
         output = model.generate(**inputs, max_new_tokens=max_new_tokens,  # type: ignore[operator]
                                 pad_token_id=pad_token_id, use_cache=True, **options)
     return output[:, inputs["input_ids"].shape[1]:]

@@ -34,6 +34,7 @@ from safesteer.model_source import (
     resolve_source,
 )
 from safesteer.models.devices import resolve_device, resolve_dtype
+from safesteer.models.precision import resolve_generation_dtype, set_generation_dtype
 from safesteer.wheels import cache_dir, read_member
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
     Embedded models are converted once from GGUF to a safetensors directory in the cache; later
     loads read that directory. A LoRA adapter directory (a run's student) is loaded on its base
-    model and merged in float32. ``model.name_or_path`` is set to ``model_id(args)``.
+    model and merged in float32. ``model.name_or_path`` is set to ``model_id(args)``, and the
+    dtype its generation runs in to ``--generation-dtype``'s (:mod:`safesteer.models.precision`).
     """
     chat_template = _read_chat_template(args.chat_template)
     adapter = resolve_source(args.model)
@@ -95,6 +97,10 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
         logger.info("--model %s: a LoRA adapter, merged into its base %s", adapter.location, source.location)
     model.eval()
     model.name_or_path = model.config.name_or_path = adapter.location
+    generation = resolve_generation_dtype(args.generation_dtype, dtype, device)
+    set_generation_dtype(model, generation)
+    if generation is not None:
+        logger.info("--generation-dtype %s: %s products while generating", args.generation_dtype, generation)
     _prepare_tokenizer(tokenizer, chat_template)
     return model, tokenizer
 

@@ -1,0 +1,104 @@
+"""Generation in bfloat16 products over float32 weights: ``--generation-dtype``.
+
+Answers, rollouts and stage 3's samples are decode steps, and on a CPU a decode step is bound by
+its matrix products. On CPUs with native bfloat16 (AVX512-BF16 or AMX) those products run several
+times as fast in bfloat16 (``benchmarks/bench_roofline.py`` prints the peaks), while training
+wants float32 weights. So the weights stay float32 and, while a model generates, each linear
+product casts its input to bfloat16 and uses a bfloat16 copy of its weight, made once per
+``generate`` call (a LoRA student's adapter is folded in float32 first, so the copy carries it);
+norms, attention, the residual stream, the KV cache and the logits stay float32. The greedy
+answers drift from float32's within a few tokens, as answers in another dtype do, but not their
+refusal verdicts (docs/method.md §6.1 gives the measured agreement and speed).
+
+The chosen dtype is kept on the model by :func:`~safesteer.models.loading.load_model`, so every
+caller of :func:`~safesteer.models.generation.generate_ids` gets it without passing it along.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from safesteer.config import GENERATION_DTYPES
+from safesteer.models.narrow import narrow_linears
+
+# The attribute load_model sets; a PeftModel forwards the lookup to the model it wraps.
+_ATTRIBUTE = "safesteer_generation_dtype"
+
+
+def native_bfloat16_cpu() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); without it bfloat16
+    products are emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+
+
+def resolve_generation_dtype(name: str, weights: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The products' dtype while generating, or None for the weights' own.
+
+    ``model``: the weights' own. ``bfloat16``: bfloat16 products over float32 weights (weights
+    already in a 16-bit dtype are used as they are). ``auto``: ``bfloat16`` for float32 weights
+    on a CPU with native bfloat16, else the weights' own, so results depend on the CPU only
+    where it pays.
+    """
+    if name not in GENERATION_DTYPES:
+        raise ValueError(f"generation dtype {name!r}: expected one of {', '.join(GENERATION_DTYPES)}")
+    if weights != torch.float32 or name == "model":
+        return None
+    if name == "auto" and not (device.type == "cpu" and native_bfloat16_cpu()):
+        return None
+    return torch.bfloat16
+
+
+def set_generation_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
+    setattr(model, _ATTRIBUTE, dtype)
+
+
+def generation_dtype(model: nn.Module) -> torch.dtype | None:
+    """What :func:`set_generation_dtype` recorded on ``model`` (or the model it wraps), else None."""
+    return getattr(model, _ATTRIBUTE, None)
+
+
+def generation_dtype_name(model: nn.Module) -> str:
+    """The dtype ``model``'s products run in while it generates, by name, for a run's records."""
+    dtype = generation_dtype(model) or next(model.parameters()).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+class BfloatProducts(TorchFunctionMode):
+    """Inside it, ``F.linear`` on float32 weights without autograd is computed as
+    ``F.linear(inputs.bfloat16(), bfloat16 copy of weight)`` and returned in float32 (bias added
+    in float32). Each weight is copied once for the life of the mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and not torch.is_grad_enabled() and args[1].dtype == torch.float32:
+            inputs, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            output = F.linear(inputs.to(torch.bfloat16), self._copy(weight)).float()
+            return output if bias is None else output + bias
+        return func(*args, **kwargs)
+
+    def _copy(self, weight: Tensor) -> Tensor:
+        # Keyed by id, with the weight itself kept: a freed tensor's id may be reused.
+        kept = self.copies.get(id(weight))
+        if kept is None or kept[0] is not weight:
+            kept = self.copies[id(weight)] = (weight, weight.detach().to(torch.bfloat16))
+        return kept[1]
+
+
+def generation_products(model: nn.Module) -> AbstractContextManager[Any]:
+    """The mode ``model``'s linear products run in while it generates: :class:`BfloatProducts` when
+    its generation dtype is bfloat16, else :func:`~safesteer.models.narrow.narrow_linears`."""
+    return BfloatProducts() if generation_dtype(model) == torch.bfloat16 else narrow_linears(model)
+
