@@ -24,6 +24,7 @@ from safesteer.compare import (
     dominators,
     method_options,
     pareto_front,
+    run_settings,
     train_method,
 )
 from safesteer.compare_config import (
@@ -35,8 +36,10 @@ from safesteer.compare_config import (
     load_methods,
     run_option_problem,
 )
+from safesteer.config import DataArguments, ModelArguments
 from safesteer.errors import SafesteerError
 from safesteer.report import plot_pareto
+from safesteer.run_config import PRESETS
 
 
 def _write(tmp_path: Path, text: str) -> str:
@@ -275,6 +278,16 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path, monkeypa
     assert len(calls) == 1 and "reused" in capsys.readouterr().out
     with pytest.raises(SafesteerError, match=r"other settings \(mode \('full' -> 'topk'\)\); delete"):
         train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "topk"})
+
+
+def test_a_method_keeps_the_preset_s_model_options_unless_given_them(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(PRESETS, "fast", ("a test preset", {"generation_dtype": "auto"}))
+    method, data = Method("m", run={}), DataArguments()
+    _, settings = run_settings(method, tmp_path / "m", {}, "fast", ModelArguments(), data)
+    assert settings["generation_dtype"] == "auto" and settings["preset"] == "fast"
+    given = ModelArguments(generation_dtype="bfloat16")
+    _, settings = run_settings(method, tmp_path / "m", {}, "fast", given, data)
+    assert settings["generation_dtype"] == "bfloat16"
 
 
 @pytest.fixture

@@ -84,9 +84,13 @@ def method_options(method: Method, shared: Mapping[str, Any], quick: bool,
 def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], preset: str,
                  model_args: ModelArguments, data_args: DataArguments) -> tuple[list[str], dict[str, Any]]:
     """The method's ``safesteer run`` arguments, and every setting they resolve to (read by the run
-    command's own parser, so a bad option or value fails here, before anything trains)."""
+    command's own parser, so a bad option or value fails here, before anything trains). A model
+    option left at its default leaves the preset's value (``--preset demo``'s generation dtype)."""
+    defaults, preset_options = asdict(ModelArguments()), PRESETS[preset][1]
+    model_options = {key: value for key, value in asdict(model_args).items()
+                     if key not in preset_options or value != defaults[key]}
     arguments = ["--preset", preset, *option_flags({
-        "output_dir": str(run_dir), "resume": True, "check_limit": 0, **asdict(model_args),
+        "output_dir": str(run_dir), "resume": True, "check_limit": 0, **model_options,
         **asdict(data_args), **options})]
     try:
         parsed = parse(RUN, arguments)
