@@ -6,9 +6,10 @@ times as fast in bfloat16 (``benchmarks/bench_roofline.py`` prints the peaks), w
 wants float32 weights. So the weights stay float32 and, while a model generates, each linear
 product casts its input to bfloat16 and uses a bfloat16 copy of its weight, made once per
 ``generate`` call (a LoRA student's adapter is folded in float32 first, so the copy carries it);
-norms, attention, the residual stream, the KV cache and the logits stay float32. The greedy
-answers drift from float32's within a few tokens, as answers in another dtype do, but not their
-refusal verdicts (docs/method.md §6.1 gives the measured agreement and speed).
+norms, attention, the residual stream and the KV cache stay float32 (the logits are the output
+head's bfloat16 product, returned in float32). The greedy answers part from float32's within a
+few tokens, as answers in another dtype do; their refusal verdicts hardly move (docs/method.md
+§6.1 gives the measured agreement and speed).
 
 The chosen dtype is kept on the model by :func:`~safesteer.models.loading.load_model`, so every
 caller of :func:`~safesteer.models.generation.generate_ids` gets it without passing it along.
