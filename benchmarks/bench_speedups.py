@@ -5,7 +5,7 @@
 
 One ``Distiller`` on the embedded default (float32; the default DistillConfig, or a run's
 ``distill_config.json`` with ``--config``; the fresh adapter, or a trained one with ``--adapter``)
-samples and backpropagates each step four ways in turns (docs/method.md §6.1): as before the
+samples and backpropagates each step seven ways in turns (docs/method.md §6.1): as before the
 speed-ups (every row re-reads its prompt, the LoRA student samples unfolded), with a prompt read
 once for its M samples (``share_prompts``), with that and the adapter folded into the weights
 for sampling (``adapters_merged``), and with the decode steps' few-row products computed as
