@@ -81,17 +81,23 @@ def method_options(method: Method, shared: Mapping[str, Any], quick: bool,
     return options
 
 
+def _given(config: ModelArguments | DataArguments, preset_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``config``'s options less those at their default that the preset sets."""
+    defaults = asdict(type(config)())
+    return {key: value for key, value in asdict(config).items()
+            if key not in preset_options or value != defaults[key]}
+
+
 def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], preset: str,
                  model_args: ModelArguments, data_args: DataArguments) -> tuple[list[str], dict[str, Any]]:
     """The method's ``safesteer run`` arguments, and every setting they resolve to (read by the run
     command's own parser, so a bad option or value fails here, before anything trains). A model
-    option left at its default leaves the preset's value (``--preset demo``'s generation dtype)."""
-    defaults, preset_options = asdict(ModelArguments()), PRESETS[preset][1]
-    model_options = {key: value for key, value in asdict(model_args).items()
-                     if key not in preset_options or value != defaults[key]}
+    or data option compare left at its default leaves the preset's value (``--preset demo``'s
+    generation dtype)."""
+    preset_options = PRESETS[preset][1]
     arguments = ["--preset", preset, *option_flags({
-        "output_dir": str(run_dir), "resume": True, "check_limit": 0, **model_options,
-        **asdict(data_args), **options})]
+        "output_dir": str(run_dir), "resume": True, "check_limit": 0,
+        **_given(model_args, preset_options), **_given(data_args, preset_options), **options})]
     try:
         parsed = parse(RUN, arguments)
     except SafesteerError as error:
