@@ -37,14 +37,39 @@ def test_completions_are_reused_and_only_missing_ones_generated(tmp_path: Path) 
         calls.append(prompts)
         return [f"answer to {prompt}" for prompt in prompts]
 
-    assert _completions(path, ["a", "b", "c"], generate, chunk=2) == [
+    settings = {"target": "base", "max_new_tokens": 64}
+    assert _completions(path, ["a", "b", "c"], generate, chunk=2, settings=settings) == [
         "answer to a", "answer to b", "answer to c"]
     assert calls == [["a", "b"], ["c"]]  # appended chunk by chunk: a kill loses one chunk at most
     with path.open("a") as file:
         file.write("not json\n")
-    assert _completions(path, ["b", "d", "a", "d"], generate, chunk=2) == [
+    assert _completions(path, ["b", "d", "a", "d"], generate, chunk=2, settings=settings) == [
         "answer to b", "answer to d", "answer to a", "answer to d"]
     assert calls == [["a", "b"], ["c"], ["d"]]
+
+
+def test_answers_saved_with_other_settings_are_dropped_and_regenerated(tmp_path: Path) -> None:
+    path = tmp_path / "set.jsonl"
+    calls: list[list[str]] = []
+
+    def generate(prompts: list[str]) -> list[str]:
+        calls.append(prompts)
+        return [f"answer {len(calls)} to {prompt}" for prompt in prompts]
+
+    short, long = {"max_new_tokens": 32}, {"max_new_tokens": 64}
+    _completions(path, ["a", "b"], generate, chunk=4, settings=short)
+    path.write_text(path.read_text() + json.dumps({"prompt": "c", "response": "old"}) + "\n")
+    assert _completions(path, ["a", "c"], generate, chunk=4, settings=long) == [
+        "answer 2 to a", "answer 2 to c"]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(record["prompt"], record["settings"]) for record in records] == [("a", long), ("c", long)]
+    assert _completions(path, ["c", "a"], generate, chunk=4, settings=long) == [
+        "answer 2 to c", "answer 2 to a"]
+    assert len(calls) == 2
+
+
+def _responses(path: Path) -> list[str]:
+    return [json.loads(line)["response"] for line in path.read_text().splitlines()]
 
 
 def test_targets_and_benchmarks_accept_commas() -> None:
@@ -151,6 +176,32 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     assert json.loads((out / "results.json").read_text())["results"] == results
 
 
+def test_a_rerun_regenerates_the_answers_of_a_changed_student_or_answer_length(
+        eval_setup, make_tiny_model, tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "--output-dir", str(out)]
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    model = make_tiny_model("llama")
+    with torch.random.fork_rng():  # the run retrained: another student in the same place
+        torch.manual_seed(1)
+        student = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, target_modules="all-linear"))
+    student.save_pretrained(Path(eval_setup[eval_setup.index("--run-dir") + 1]) / "student",
+                            save_embedding_layers=False)
+    generated: list[str] = []
+    generate = harness.generate_responses
+
+    def counted(*args, **kwargs):
+        generated.append(kwargs["desc"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate_responses", counted)
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    assert generated == ["student: harmless-test"]
+    generated.clear()
+    assert main(["eval", *flags, "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
+    assert generated == [f"{name}: harmless-test" for name in ("base", "teacher", "student")]
+
+
 def test_named_targets_are_shown_and_saved_under_their_names_with_their_wall_time(eval_setup, tmp_path,
                                                                                 capsys) -> None:
     student = Path(eval_setup[eval_setup.index("--run-dir") + 1]) / "student"
@@ -162,7 +213,7 @@ def test_named_targets_are_shown_and_saved_under_their_names_with_their_wall_tim
     names = ["base", "teacher", "steered", "student", "v1.5"]
     assert list(summary["results"]) == names and list(summary["seconds"]) == names
     assert all(seconds >= 0 for seconds in summary["seconds"].values())
-    answers = {name: (out / "completions" / name / "harmless-test.jsonl").read_text() for name in names}
+    answers = {name: _responses(out / "completions" / name / "harmless-test.jsonl") for name in names}
     assert answers["steered"] == answers["teacher"] and answers["v1.5"] == answers["student"]
     assert summary["results"]["v1.5"] == summary["results"]["student"]
 
@@ -182,7 +233,7 @@ def test_conditional_teacher_steers_the_prompts_its_gate_flags(eval_setup, tmp_p
     direction.gate = Gate(torch.ones(32), layer=0, threshold=threshold)
     direction.save(run_dir)
     assert main(["eval", *flags]) == 0, capsys.readouterr().err
-    answers = {name: (out / "completions" / name / "harmless-test.jsonl").read_text()
+    answers = {name: _responses(out / "completions" / name / "harmless-test.jsonl")
                for name in ("base", "teacher", "conditional-teacher")}
     assert answers["teacher"] != answers["base"]
     assert answers["conditional-teacher"] == answers[same_as]
@@ -326,7 +377,7 @@ def test_robustness_benchmarks_attack_the_harmful_prompts_and_report_the_drop(ev
             assert cell["unattacked"] == target["harmbench-test"]["value"]
             assert cell["drop"] == pytest.approx(cell["unattacked"] - cell["value"])
             assert (out / "completions" / name / f"{attack}.jsonl").is_file()
-    answers = {(name, attack): (out / "completions" / name / f"{attack}.jsonl").read_text()
+    answers = {(name, attack): _responses(out / "completions" / name / f"{attack}.jsonl")
                for name in results for attack in [*attacks, "harmbench-test"]}
     # The teacher is the base plus the run direction: removing it everywhere removes the teacher.
     assert answers["teacher", "harmbench-test"] != answers["base", "harmbench-test"]

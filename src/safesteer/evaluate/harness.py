@@ -50,7 +50,7 @@ from safesteer.evaluate.tables import (
 )
 from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
-from safesteer.io import write_json
+from safesteer.io import atomic_write, write_json
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import num_layers
 from safesteer.models.loading import pretrained_location
@@ -67,19 +67,31 @@ RESULTS_FILE = "results.json"
 
 
 def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]], list[str]],
-                 chunk: int) -> list[str]:
-    """Answers to ``prompts``: those saved in ``path`` (JSONL) are reused, the rest generated
-    ``chunk`` at a time and appended after each chunk, so a killed evaluation loses at most one
-    chunk and resumes where it stopped."""
+                 chunk: int, settings: dict[str, Any]) -> list[str]:
+    """Answers to ``prompts``: those saved in ``path`` (JSONL) with the same ``settings`` are
+    reused, the rest generated ``chunk`` at a time and appended after each chunk, so a killed
+    evaluation loses at most one chunk and resumes where it stopped. Answers saved with other
+    settings (another student, answer length or generation dtype) are dropped from the file."""
     saved: dict[str, str] = {}
+    stale = 0
     if path.is_file():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             try:
                 record = json.loads(line)
-                saved[record["prompt"]] = record["response"]
+                prompt, response = record["prompt"], record["response"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 logger.warning("%s: line %d is not a saved completion; it will be regenerated",
                                path, number)
+                continue
+            if record.get("settings") == settings:
+                saved[prompt] = response
+            else:
+                stale += 1
+    if stale:
+        logger.warning("%s: %d saved answers were made with other settings than %s; they are "
+                       "dropped and regenerated", path, stale, json.dumps(settings))
+        kept = "".join(_record(prompt, answer, settings) + "\n" for prompt, answer in saved.items())
+        atomic_write(path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
     missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in saved]
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +100,13 @@ def _completions(path: Path, prompts: list[str], generate: Callable[[list[str]],
         answers = generate(batch)
         with path.open("a", encoding="utf-8") as file:
             for prompt, answer in zip(batch, answers, strict=True):
-                file.write(json.dumps({"prompt": prompt, "response": answer}) + "\n")
+                file.write(_record(prompt, answer, settings) + "\n")
                 saved[prompt] = answer
     return [saved[prompt] for prompt in prompts]
+
+
+def _record(prompt: str, response: str, settings: dict[str, Any]) -> str:
+    return json.dumps({"prompt": prompt, "response": response, "settings": settings})
 
 
 class Evaluation:
@@ -151,11 +167,33 @@ class Evaluation:
                      "own-direction-ablation": partial(self.own_direction, target_name, target)}
         ablated = ablations.get(attack) if attack else None
         label = f"{target_name}: {benchmark}"
+        settings = self._answer_settings(target_name, max_new_tokens, attack)
         if attack == "harmful-finetune":  # one fine-tuned copy answers every prompt
             return _completions(path, prompts, self._finetuned(target_name, label, max_new_tokens),
-                                chunk=max(len(prompts), 1))
+                                chunk=max(len(prompts), 1), settings=settings)
         generate = self._generate(target, label, max_new_tokens, ablated, prefill=attack == "prefill")
-        return _completions(path, prompts, generate, chunk=4 * self.args.eval_batch_size)
+        return _completions(path, prompts, generate, chunk=4 * self.args.eval_batch_size,
+                            settings=settings)
+
+    def _answer_settings(self, target_name: str, max_new_tokens: int,
+                         attack: str | None) -> dict[str, Any]:
+        """What a saved answer must have been made with to be reused: the same target (its
+        weights, adapter and direction files), length, generation dtype and attack settings."""
+        settings: dict[str, Any] = {"target": self.targets.identity(target_name),
+                                    "max_new_tokens": max_new_tokens,
+                                    "generation_dtype": generation_dtype_name(self.targets.model)}
+        args = self.args
+        attack_settings = {
+            "direction-ablation": lambda: {"direction": self.targets.run_direction_identity()},
+            "own-direction-ablation": lambda: {"prompts": args.own_direction_prompts},
+            "prefill": lambda: {"seed": args.eval_seed},
+            "harmful-finetune": lambda: {
+                "seed": args.eval_seed, "steps": args.finetune_steps, "examples": args.finetune_examples,
+                "learning_rate": args.finetune_learning_rate, "rank": args.finetune_rank},
+        }
+        if attack is not None:
+            settings["attack"] = {"name": attack, **attack_settings.get(attack, dict)()}
+        return settings
 
     def _finetuned(self, target_name: str, label: str,
                    max_new_tokens: int) -> Callable[[list[str]], list[str]]:

@@ -23,6 +23,7 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
 from safesteer.models.layout import model_device
 from safesteer.models.loading import FoldedAdapters, adapters_disabled, load_adapter, load_model
+from safesteer.wheels import sha256_file
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
 
@@ -89,6 +90,7 @@ class Targets:
         self.paths: dict[str, Path | str] = {}
         self.adapters: dict[str, str] = {}
         self.peft: PeftModel | None = None
+        self._identities: dict[str, str] = {}
         for name, source in self.sources.items():
             if source in ("teacher", "conditional-teacher"):
                 if self.direction is None:
@@ -108,6 +110,38 @@ class Targets:
     def names(self) -> list[str]:
         """The display names, in the order given."""
         return list(self.sources)
+
+    def identity(self, name: str) -> str:
+        """What the target shown as ``name`` is made of, so that saved answers are reused only by
+        the same model: the base by name and dtype, a teacher with its direction file's sha256, an
+        adapter with its files' sha256, a full model directory by its weight files' sizes and
+        times, a hub id by name."""
+        if name not in self._identities:
+            self._identities[name] = self._identity(name)
+        return self._identities[name]
+
+    def _identity(self, name: str) -> str:
+        base = f"{self.model_args.model} ({self.model_args.dtype})"
+        source = self.sources[name]
+        if source == "base":
+            return base
+        if source in ("teacher", "conditional-teacher"):
+            return f"{base} + {source} {self.run_direction_identity()}"
+        path = self.paths[name]
+        if not isinstance(path, Path):  # a hub id
+            return path
+        if name not in self.adapters:  # whole weights, too large to hash: their size and time
+            stamps = [f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
+                      for file in sorted(path.iterdir()) if file.suffix in (".safetensors", ".bin")]
+            return f"{path.resolve()} {' '.join(stamps)}"
+        files = sorted(path.glob("adapter_*"))
+        return f"{base} + adapter {'/'.join(sha256_file(file)[:16] for file in files)}"
+
+    def run_direction_identity(self) -> str | None:
+        """The sha256 of --run-dir's direction file (which the teachers steer with and
+        direction-ablation removes), None without one."""
+        path = self.run_dir / "direction.json" if self.run_dir else None
+        return sha256_file(path)[:16] if path is not None and path.is_file() else None
 
     def _run_path(self, target: str, relative: str) -> Path:
         if self.run_dir is None:
