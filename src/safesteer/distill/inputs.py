@@ -13,6 +13,7 @@ from safesteer import __version__
 from safesteer.direction.artifact import Direction
 from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
+from safesteer.models.generation import eos_token_ids
 from safesteer.models.rendering import render_prompts
 from safesteer.validation import token_ids_problem
 
@@ -51,15 +52,12 @@ def check_inputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dir
         raise SafesteerError("the tokenizer has no pad token; load the model with load_model()")
 
 
-def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS ids of the generation config and the tokenizer: sampling stops at, and masks, each."""
-    configured = model.generation_config.eos_token_id
-    ids = set(configured if isinstance(configured, list) else [configured])
-    ids.add(tokenizer.eos_token_id)
-    ids.discard(None)
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The EOS ids sampling stops at and the loss masks after; a run cannot do without one."""
+    ids = eos_token_ids(model, tokenizer)
     if not ids:
         raise SafesteerError("neither the tokenizer nor the generation config defines an EOS token")
-    return sorted(ids)
+    return ids
 
 
 def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_length: int,

@@ -29,7 +29,7 @@ from safesteer.direction.artifact import Direction
 from safesteer.distill.checkpoint import RunDirectory, inputs_record
 from safesteer.distill.config import DistillConfig
 from safesteer.distill.engine import bf16_autocast, make_accelerator, prepare_student, start_accumulation
-from safesteer.distill.inputs import check_inputs, eos_token_ids, tokenize_prompts
+from safesteer.distill.inputs import check_inputs, stop_token_ids, tokenize_prompts
 from safesteer.distill.loss import loss_mask, reduce_loss
 from safesteer.distill.metrics import StepTotals, sum_over_processes, token_statistics
 from safesteer.distill.rollout import Rollout, completion_mask, sample_completions
@@ -157,7 +157,7 @@ class Distiller:
             self.base_model.to(accelerator.device)
         self.device = model_device(self.base_model)
         self.direction.check_compatible(self.base_model)
-        self.eos_token_ids = eos_token_ids(self.base_model, self.tokenizer)
+        self.eos_token_ids = stop_token_ids(self.base_model, self.tokenizer)
         self.prompt_ids = tokenize_prompts(self.tokenizer, self.prompts, cfg.max_prompt_length)
         self.teacher_prompt_ids = (None if cfg.teacher_system_prompt is None else tokenize_prompts(
             self.tokenizer, self.prompts, cfg.max_prompt_length, cfg.teacher_system_prompt))

@@ -17,6 +17,16 @@ from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.progress import progress_bar
 
 
+def eos_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The EOS ids of the model's generation config and of the tokenizer (either may have none, or
+    several): where a sampled answer ends."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, list) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
+    return sorted(ids)
+
+
 def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_tokens: int,
                  pad_token_id: int | None, **options: Any) -> Tensor:
     """The ids ``model.generate`` appends to each left-padded prompt row of ``inputs`` (the

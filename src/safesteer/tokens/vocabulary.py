@@ -9,6 +9,8 @@ import re
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from safesteer.models.generation import eos_token_ids
+
 # Special-token names that end an answer: <|im_end|>, <|eot_id|>, <|endoftext|>, <end_of_turn>, ...
 _END_OF_TURN_NAME = re.compile(r"end|eot|eos", re.IGNORECASE)
 
@@ -28,10 +30,7 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> lis
     Generous on purpose: an extra id only invalidates positions where the base model's argmax is
     that token, while a missing one lets positions after the answer's end vote.
     """
-    ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
-    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if generation_eos is not None:
-        ids.update([generation_eos] if isinstance(generation_eos, int) else generation_eos)
+    ids = set(eos_token_ids(model, tokenizer))
     specials = special_token_ids(tokenizer)
     names = tokenizer.convert_ids_to_tokens(specials)
     ids.update(index for index, name in zip(specials, names, strict=True)
