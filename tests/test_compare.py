@@ -272,9 +272,9 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path, monkeypa
     monkeypatch.setattr(compare, "_stream", lambda command, log, prefix: calls.append(command) or 0)
     run_dir = tmp_path / "m"
     (run_dir / "student").mkdir(parents=True)
-    assert train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "full"})
+    train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "full"})
     assert calls[0][1:] == ["-m", "safesteer.cli", "run", "--x"]
-    assert not train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "full"})
+    train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "full"})
     assert len(calls) == 1 and "reused" in capsys.readouterr().out
     with pytest.raises(SafesteerError, match=r"other settings \(mode \('full' -> 'topk'\)\); delete"):
         train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "topk"})

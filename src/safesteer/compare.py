@@ -9,8 +9,8 @@ inference-time methods and every student on the same prompts (``OUT/eval``), and
 become one table (``compare.md``, ``compare.json``) and a Pareto plot (``pareto.png``).
 
 A rerun into the same directory resumes: finished runs are skipped, interrupted ones continue from
-their checkpoints, and saved completions are reused. The methods and the command's arguments are
-:mod:`safesteer.compare_config`.
+their checkpoints, and the saved answers of unchanged targets are reused. The methods and the
+command's arguments are :mod:`safesteer.compare_config`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from safesteer.arguments import option_flags, parse
 from safesteer.compare_config import CompareArguments, Method, chosen_methods
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.harness import completions_dir, evaluate_targets
+from safesteer.evaluate.harness import evaluate_targets
 from safesteer.io import (
     EVAL_KIND,
     RUN_KIND,
@@ -121,9 +121,9 @@ def _stream(command: list[str], log_path: Path, prefix: str) -> int:
         return process.returncode
 
 
-def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any]) -> bool:
+def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any]) -> None:
     """Run ``safesteer run`` for ``method`` in ``run_dir`` unless a finished run with the same
-    settings is there; True when it ran. Its output also goes to ``run_dir/compare.log``."""
+    settings is there. Its output also goes to ``run_dir/compare.log``."""
     record = run_dir / SETTINGS_FILE
     if record.is_file() and (run_dir / "student").is_dir():
         differing = differing_settings(read_json(record), settings)
@@ -132,7 +132,7 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
                                  f"({'; '.join(differing)}); delete it to retrain, or choose another "
                                  "--output-dir")
         print(f"{method.name}: finished run in {run_dir}, reused")
-        return False
+        return
     claim_output_dir(run_dir, RUN_KIND)  # so that `run --resume` accepts the first method's new directory
     log = run_dir / "compare.log"
     print(f"{method.name}: safesteer run (log: {log})")
@@ -141,7 +141,6 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
         raise SafesteerError(f"method {method.name!r}: `safesteer run` failed (exit status {code}); "
                              f"see {log}")
     write_json(record, settings)
-    return True
 
 
 def share_stages(source: Path, run_dir: Path) -> None:
@@ -285,21 +284,16 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
                                        model_args, data_args)
              for method in trained}
     source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method
-    retrained: list[str] = []
     for method in trained:
         run_dir = output_dir / "runs" / method.name
         if run_dir != source and not (run_dir / SETTINGS_FILE).is_file():
             share_stages(source, run_dir)
-        if train_method(method, run_dir, *plans[method.name]):
-            retrained.append(method.name)
+        train_method(method, run_dir, *plans[method.name])
     training_seconds = time.perf_counter() - started
 
+    # A retrained student or a new direction is answered anew: saved answers carry what made them.
     evaluation = args.evaluation(["base", *(_target_spec(method, output_dir) for method in methods)],
                                  str(source))
-    if trained[0].name in retrained:  # stages 1-2 may be new: the teachers' saved answers may be stale
-        retrained += [method.name for method in methods if not method.trains]
-    for name in retrained:
-        shutil.rmtree(completions_dir(evaluation.output_dir, name), ignore_errors=True)
     claim_output_dir(Path(evaluation.output_dir), EVAL_KIND)
     summary = evaluate_targets(model_args, data_args, evaluation)
     eval_memory = peak_memory_mib(resolve_device(model_args.device))
