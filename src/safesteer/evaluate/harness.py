@@ -2,11 +2,11 @@
 
 Every target answers the same prompts with the same greedy decoding and is judged by the same
 judge; capability measures are teacher-forced on the same gold answers. Completions are saved as
-JSONL, one file per target and benchmark, so a rerun (or a resumed run) reuses them and only
-generates what is missing; the numbers are recomputed from the saved files each time. The
-options are :mod:`safesteer.evaluate.config`, the benchmarks and their scorers
-:mod:`safesteer.evaluate.benchmarks`, the targets :mod:`safesteer.evaluate.targets`, the Markdown
-tables :mod:`safesteer.evaluate.tables`.
+JSONL, one file per target and benchmark, with the settings that made them, so a rerun (or a
+resumed run) reuses those of unchanged targets and only generates what is missing; the numbers
+are recomputed from the saved files each time. The options are :mod:`safesteer.evaluate.config`,
+the benchmarks and their scorers :mod:`safesteer.evaluate.benchmarks`, the targets
+:mod:`safesteer.evaluate.targets`, the Markdown tables :mod:`safesteer.evaluate.tables`.
 """
 
 from __future__ import annotations
