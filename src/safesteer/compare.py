@@ -29,6 +29,7 @@ from typing import Any
 from safesteer.arguments import option_flags, parse
 from safesteer.compare_config import CompareArguments, Method, chosen_methods
 from safesteer.config import DataArguments, ModelArguments
+from safesteer.direction.artifact import DIRECTION_FILES
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.harness import evaluate_targets
 from safesteer.io import (
@@ -60,7 +61,7 @@ QUICK_RUN: dict[str, Any] = {
 QUICK_RETAIN_PROMPTS = 2
 # The gold-answer NLLs whose mean relative change against the base is the capability drift.
 DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll", "benign-nll")
-SHARED_FILES = ("direction.json", "direction.safetensors", "safety_tokens.json")
+SHARED_FILES = (*DIRECTION_FILES, "safety_tokens.json")
 SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
 SETTINGS_FILE = "compare_settings.json"  # a finished method's resolved `safesteer run` settings
 

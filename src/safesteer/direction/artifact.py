@@ -25,6 +25,9 @@ from safesteer.steering import (
     probe_rows,
 )
 
+# What save writes and load reads in a run directory: the record, and the vectors it describes.
+DIRECTION_FILES = ("direction.json", "direction.safetensors")
+
 
 @dataclass
 class Gate:
@@ -109,9 +112,10 @@ class Direction:
             tensors["gate"] = self.gate.vector.detach().float().contiguous().cpu()
             record["gate"] = {**self.gate.metadata, "layer": self.gate.layer,
                               "threshold": self.gate.threshold}
-        atomic_write(output_dir / "direction.safetensors",
+        meta_path, tensor_path = (output_dir / name for name in DIRECTION_FILES)
+        atomic_write(tensor_path,
                      lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        write_json(output_dir / "direction.json", record)
+        write_json(meta_path, record)
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
@@ -120,7 +124,7 @@ class Direction:
         if not path.exists():
             raise SafesteerError(f"{path} does not exist; give a run directory or its direction.json")
         folder = path if path.is_dir() else path.parent
-        meta_path, tensor_path = folder / "direction.json", folder / "direction.safetensors"
+        meta_path, tensor_path = (folder / name for name in DIRECTION_FILES)
         if not meta_path.is_file() or not tensor_path.is_file():
             raise SafesteerError(f"{folder} holds no direction (direction.json + "
                                  "direction.safetensors); run `safesteer direction` first")

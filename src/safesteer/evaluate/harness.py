@@ -184,7 +184,7 @@ class Evaluation:
                                     "generation_dtype": generation_dtype_name(self.targets.model)}
         args = self.args
         attack_settings = {
-            "direction-ablation": lambda: {"direction": self.targets.run_direction_identity()},
+            "direction-ablation": lambda: {"direction": self.targets.run_direction_identity},
             "own-direction-ablation": lambda: {"prompts": args.own_direction_prompts},
             "prefill": lambda: {"seed": args.eval_seed},
             "harmful-finetune": lambda: {

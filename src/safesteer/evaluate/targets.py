@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 
 from peft import PeftModel
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from safesteer.config import ModelArguments
 from safesteer.direction import Direction
+from safesteer.direction.artifact import DIRECTION_FILES
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
 from safesteer.models.layout import model_device
@@ -66,6 +68,10 @@ def teacher_forced(target: Target, prompt_ids: Tensor,
     if isinstance(target, ConditionalTeacher):
         return target.on_prompts(prompt_ids, prompt_mask)
     return target()
+
+
+def _files_sha256(files: Sequence[Path]) -> str:
+    return "/".join(sha256_file(file)[:16] for file in files)
 
 
 def _is_adapter(path: Path) -> bool:
@@ -126,7 +132,7 @@ class Targets:
         if source == "base":
             return base
         if source in ("teacher", "conditional-teacher"):
-            return f"{base} + {source} {self.run_direction_identity()}"
+            return f"{base} + {source} {self.run_direction_identity}"
         path = self.paths[name]
         if not isinstance(path, Path):  # a hub id
             return path
@@ -134,14 +140,14 @@ class Targets:
             stamps = [f"{file.name}:{file.stat().st_size}:{file.stat().st_mtime_ns}"
                       for file in sorted(path.iterdir()) if file.suffix in (".safetensors", ".bin")]
             return f"{path.resolve()} {' '.join(stamps)}"
-        files = sorted(path.glob("adapter_*"))
-        return f"{base} + adapter {'/'.join(sha256_file(file)[:16] for file in files)}"
+        return f"{base} + adapter {_files_sha256(sorted(path.glob('adapter_*')))}"
 
+    @cached_property
     def run_direction_identity(self) -> str | None:
-        """The sha256 of --run-dir's direction file (which the teachers steer with and
-        direction-ablation removes), None without one."""
-        path = self.run_dir / "direction.json" if self.run_dir else None
-        return sha256_file(path)[:16] if path is not None and path.is_file() else None
+        """The sha256 of --run-dir's direction files (the direction the teachers steer with and
+        direction-ablation removes, and the gate), None without them."""
+        files = [self.run_dir / name for name in DIRECTION_FILES] if self.run_dir else []
+        return _files_sha256(files) if files and all(file.is_file() for file in files) else None
 
     def _run_path(self, target: str, relative: str) -> Path:
         if self.run_dir is None:
