@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safesteer import __version__, arguments
+from safesteer.allocator import keep_freed_memory
 from safesteer.arguments import Command
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction_config import DirectionConfig
@@ -175,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(see `safesteer --help`)", file=sys.stderr)
         return 2
     _quiet_third_parties()
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         handler, parsed = parse(args[0], args[1:])

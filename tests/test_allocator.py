@@ -1,0 +1,62 @@
+"""safesteer.allocator: glibc told to keep freed blocks, unless the process tunes its allocator."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from safesteer.allocator import keep_freed_memory
+
+GLIBC = hasattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "gnu_get_libc_version")
+
+
+def _tunes_allocator(name: str) -> bool:
+    return name.startswith("MALLOC_") or name in ("LD_PRELOAD", "SAFESTEER_SYSTEM_MALLOC")
+
+
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in filter(_tunes_allocator, list(os.environ)):
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_glibc_is_told_to_keep_freed_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clean_environment(monkeypatch)
+    assert keep_freed_memory()
+
+
+@pytest.mark.parametrize("name, value", [("SAFESTEER_SYSTEM_MALLOC", "1"), ("MALLOC_ARENA_MAX", "2"),
+                                         ("LD_PRELOAD", "libjemalloc.so.2")])
+def test_an_allocator_the_process_tunes_is_left_alone(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                      value: str) -> None:
+    _clean_environment(monkeypatch)
+    monkeypatch.setenv(name, value)
+    assert not keep_freed_memory()
+
+
+@pytest.mark.skipif(not GLIBC or not sys.platform.startswith("linux"), reason="glibc on Linux")
+def test_freed_large_blocks_are_reused_instead_of_faulted_in_again() -> None:
+    """The point of it: a process that allocates eight 32 MiB tensors, frees them and does it again
+    faults their pages in every round by default, and after a round or two no more with the
+    setting (the page faults of rounds 3 and 4 are counted)."""
+    script = (
+        "import resource, sys, torch\n"
+        "from safesteer.allocator import keep_freed_memory\n"
+        "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
+        "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(2): tensors = [torch.ones(2**23) for _ in range(8)]; del tensors\n"
+        "before = faults()\n"
+        "for _ in range(2): tensors = [torch.ones(2**23) for _ in range(8)]; del tensors\n"
+        "print(faults() - before)\n")
+    environment = {name: value for name, value in os.environ.items() if not _tunes_allocator(name)}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], env=environment, check=True,
+                                       capture_output=True, text=True).stdout)
+              for mode in ("keep", "system")}
+    pages = 2 * 8 * 2**25 // os.sysconf("SC_PAGE_SIZE")
+    assert faults["system"] > pages // 2
+    assert faults["keep"] < faults["system"] // 4
