@@ -16,8 +16,11 @@ row. Each side runs in a fresh process, so its peak RSS (VmHWM) is its own, and 
 ``--rounds`` turns (ours, TRL, ours, TRL, ...), so that a drift of the machine's speed during
 the run hits both. s/step runs from the step's sampling to its optimizer step, the median over
 every round's steps but its first (warm-up). The sides sample different completions, whose mean
-lengths are printed: the work per step is comparable only when they are close. Timings on a
-shared machine vary: compare the ratios of one run.
+lengths are printed: the work per step is comparable only when they are close. safesteer's
+process keeps freed memory for reuse, as the ``safesteer`` command does (``safesteer.allocator``,
+docs/method.md §6.1); TRL's keeps glibc's defaults, as a TRL user's script would, unless
+``--same-allocator`` gives it the setting too. Timings on a shared machine vary: compare the
+ratios of one run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 from bench_distill import SAFETY_WORDS, quick_direction
 
+from safesteer.allocator import keep_freed_memory
 from safesteer.config import ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import Direction
@@ -72,7 +76,9 @@ def load_side(args: argparse.Namespace):
 
 
 def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any]:
-    """safesteer's steps in this (fresh) process; returns the prompt order TRL is to follow."""
+    """safesteer's steps in this (fresh) process, which keeps freed memory as the command does;
+    returns the prompt order TRL is to follow."""
+    kept = keep_freed_memory()
     imported = memory_mib("VmRSS")
     model, tokenizer, prompts = load_side(args)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
@@ -84,7 +90,7 @@ def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any
         distiller.train()
         log = [json.loads(line) for line in (Path(output_dir) / LOG_FILE).read_text().splitlines()]
     return {"seconds": [row["seconds"] for row in log], "order": order, "rss_mib": memory_mib(),
-            "imported_mib": imported,
+            "imported_mib": imported, "kept": kept,
             "completion_length": [row["completion_length"] for row in log],
             "loss": f"subset reverse KL on |S| = {len(safety_ids)} tokens"}
 
@@ -108,6 +114,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
         def on_step_end(self, *_: Any, **__: Any) -> None:
             self.seconds.append(time.perf_counter() - self.started)
 
+    kept = args.same_allocator and keep_freed_memory()
     imported = memory_mib("VmRSS")
     student, tokenizer, prompts = load_side(args)
     teacher, _ = load_model(ModelArguments(model=args.model, dtype="float32"))  # the second copy
@@ -140,7 +147,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
             trainer.train()
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                if "completions/mean_length" in row]
-    return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported,
+    return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported, "kept": kept,
             "completion_length": lengths,
             "loss": "generalised JSD with beta 1 (reverse KL) on the full vocabulary"}
 
@@ -157,7 +164,7 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "rss_mib": max(result["rss_mib"] for result in rounds),
             "imported_mib": max(result["imported_mib"] for result in rounds),
             "completion_length": [length for result in rounds for length in result["completion_length"]],
-            "loss": rounds[0]["loss"]}
+            "loss": rounds[0]["loss"], "kept": all(result["kept"] for result in rounds)}
 
 
 def summary(name: str, result: dict[str, Any]) -> float:
@@ -167,7 +174,8 @@ def summary(name: str, result: dict[str, Any]) -> float:
     print(f"{name:<36} {median:7.2f} s/step (timed steps: {steps}), "
           f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
           f"imported), completion length "
-          f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}")
+          f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}; freed memory "
+          f"{'kept for reuse' if result['kept'] else 'as glibc defaults'}")
     return median
 
 
@@ -189,6 +197,8 @@ def main() -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
+    parser.add_argument("--same-allocator", action="store_true",
+                        help="TRL's process keeps freed memory for reuse too (safesteer.allocator)")
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         parser.error("--steps must be at least 2 (the first step is warm-up), --rounds at least 1")
