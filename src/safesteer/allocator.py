@@ -4,10 +4,10 @@ On a CPU every step allocates and frees tensors of tens of megabytes (logits ove
 folded and bfloat16 copies of the weights). glibc serves blocks from 128 KiB up (32 MiB at most,
 as its threshold adapts) with fresh ``mmap`` pages and unmaps them when freed, so each step pays
 the kernel to fault the same memory in again. With ``mmap`` off and a high trim threshold, freed
-blocks stay in the process heap and the next step reuses them: on the embedded default a stage-3
-step took about 15 % less wall time and a third of the system time, for about 4 % more peak
-resident memory (docs/method.md §6.1). Results are bitwise the same: only where the bytes live
-changes.
+blocks stay in the process heap and the next step reuses them: on the embedded default a demo
+step ran 1.31x as fast with a third of the system CPU time, for a few percent more peak resident
+memory (``benchmarks/bench_allocator.py``, docs/method.md §6.1). Results are bitwise the same:
+only where the bytes live changes.
 
 The ``safesteer`` command calls :func:`keep_freed_memory` once at start; a library user may too.
 """
@@ -15,9 +15,9 @@ The ``safesteer`` command calls :func:`keep_freed_memory` once at start; a libra
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,11 @@ def keep_freed_memory() -> bool:
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False  # musl, macOS, Windows: another allocator
+    if not sys.platform.startswith("linux"):
+        return False  # macOS, Windows: another allocator
+    libc = ctypes.CDLL(None)  # the symbols the process already has, libc's among them
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return False  # musl
     applied = all(libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS)
     if not applied:
         logger.debug("mallopt refused a setting; the allocator keeps its defaults for it")
