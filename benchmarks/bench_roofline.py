@@ -14,7 +14,9 @@ the model reads them, padding and finished rows included, and logit positions at
 head. FLOPs (:func:`forward_flops`) are 2 x weights x tokens for the body and 2 x head weights x
 logit positions, x3 for forward+backward (the usual 6·N·T); attention's score products are left
 out. With LoRA the frozen base needs no weight gradients, so the student's useful work is about
-4·N·T: its share of the peak is an upper bound by up to 1.5x.
+4·N·T: its share of the peak is an upper bound by up to 1.5x. The process keeps freed memory for
+reuse, as the ``safesteer`` command does (``safesteer.allocator``; ``SAFESTEER_SYSTEM_MALLOC=1``
+measures glibc's defaults instead).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from bench_distill import SAFETY_WORDS, quick_direction
 from torch import nn
 
+from safesteer.allocator import keep_freed_memory
 from safesteer.config import ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import Direction
@@ -142,6 +145,7 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
 
+    kept = keep_freed_memory()
     model, tokenizer = load_model(ModelArguments(dtype=args.dtype))
     body, head, shapes = weight_counts(model)
     peaks = {}
@@ -179,7 +183,8 @@ def main() -> None:
           f"{' (bfloat16 autocast)' if config.bf16 else ''}, {body / 1e6:.1f}M body + "
           f"{head / 1e6:.1f}M head weights; {len(measured)} step(s) after a warm-up step, "
           f"{config.prompts_per_step} prompts x {config.samples_per_prompt} samples x <= "
-          f"{config.max_new_tokens} new tokens, LoRA r={config.lora_r}; tokens include padding")
+          f"{config.max_new_tokens} new tokens, LoRA r={config.lora_r}; tokens include padding; freed memory "
+          f"{'kept for reuse' if kept else 'as glibc defaults'}")
     print(f"{'phase':<17} {'share':>6} {'s/step':>7} {'tokens':>8} {'logits':>7} {'GFLOP':>7} "
           f"{'GFLOP/s':>8} {'% peak':>7}")
     accounted, shares = 0.0, {}
