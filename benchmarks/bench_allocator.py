@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from safesteer.allocator import tunes_allocator
 from safesteer.direction.artifact import DIRECTION_FILES
 from safesteer.distill.checkpoint import LOG_FILE
 from safesteer.io import MANIFEST_FILE
@@ -71,8 +72,9 @@ def main() -> None:
     if args.child:
         child(args.run_dir, args.steps)
         return
-    if any(name.startswith("MALLOC_") for name in os.environ) or os.environ.get("LD_PRELOAD"):
-        raise SystemExit("unset MALLOC_* and LD_PRELOAD first: they turn the setting off both ways")
+    if any(tunes_allocator(name, value) for name, value in os.environ.items()):
+        raise SystemExit("unset MALLOC_*, LD_PRELOAD and SAFESTEER_SYSTEM_MALLOC first: they turn the "
+                         "setting off both ways")
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     for _ in range(args.rounds):
         for way, environment in WAYS.items():

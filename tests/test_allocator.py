@@ -9,18 +9,15 @@ import sys
 
 import pytest
 
-from safesteer.allocator import keep_freed_memory
+from safesteer.allocator import keep_freed_memory, tunes_allocator
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
 
-def _tunes_allocator(name: str) -> bool:
-    return name.startswith("MALLOC_") or name in ("LD_PRELOAD", "SAFESTEER_SYSTEM_MALLOC")
-
-
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in filter(_tunes_allocator, list(os.environ)):
-        monkeypatch.delenv(name)
+    for name, value in list(os.environ.items()):
+        if tunes_allocator(name, value):
+            monkeypatch.delenv(name)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
@@ -45,14 +42,14 @@ def test_freed_large_blocks_are_reused_instead_of_faulted_in_again() -> None:
     setting (the page faults of rounds 3 and 4 are counted)."""
     script = (
         "import resource, sys, torch\n"
-        "from safesteer.allocator import keep_freed_memory\n"
+        "from safesteer.allocator import keep_freed_memory, tunes_allocator\n"
         "if sys.argv[1] == 'keep': assert keep_freed_memory()\n"
         "def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(2): tensors = [torch.ones(2**23) for _ in range(8)]; del tensors\n"
         "before = faults()\n"
         "for _ in range(2): tensors = [torch.ones(2**23) for _ in range(8)]; del tensors\n"
         "print(faults() - before)\n")
-    environment = {name: value for name, value in os.environ.items() if not _tunes_allocator(name)}
+    environment = {name: value for name, value in os.environ.items() if not tunes_allocator(name, value)}
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], env=environment, check=True,
                                        capture_output=True, text=True).stdout)
               for mode in ("keep", "system")}

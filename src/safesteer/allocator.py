@@ -28,16 +28,21 @@ _M_MMAP_MAX = -4
 _SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**30), (_M_TOP_PAD, 64 * 2**20))
 
 
+def tunes_allocator(name: str, value: str) -> bool:
+    """Whether the environment variable ``name=value`` tunes or replaces the allocator, or asks
+    for the system's behaviour (``SAFESTEER_SYSTEM_MALLOC=1``): any such leaves it alone."""
+    return (name.startswith("MALLOC_") or (name == "LD_PRELOAD" and bool(value))
+            or (name == "SAFESTEER_SYSTEM_MALLOC" and value == "1"))
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's allocator to reuse freed blocks (module docstring); True if it was set.
 
-    Left alone where the allocator is not glibc's, where the process already tunes it (any
-    ``MALLOC_*`` environment variable, or another allocator in ``LD_PRELOAD``, such as jemalloc or
-    tcmalloc), and where ``SAFESTEER_SYSTEM_MALLOC=1`` asks for the system's behaviour.
+    Left alone where the allocator is not glibc's, and where the environment tunes it
+    (:func:`tunes_allocator`: any ``MALLOC_*`` variable, another allocator in ``LD_PRELOAD``, such
+    as jemalloc or tcmalloc, or ``SAFESTEER_SYSTEM_MALLOC=1``).
     """
-    if os.environ.get("SAFESTEER_SYSTEM_MALLOC") == "1" or os.environ.get("LD_PRELOAD"):
-        return False
-    if any(name.startswith("MALLOC_") for name in os.environ):
+    if any(tunes_allocator(name, value) for name, value in os.environ.items()):
         return False
     if not sys.platform.startswith("linux"):
         return False  # macOS, Windows: another allocator
