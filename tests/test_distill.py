@@ -255,6 +255,27 @@ def test_bf16_autocast_scores_in_bfloat16_and_stays_close(make_tiny_model: Model
     assert torch.nn.functional.cosine_similarity(gradient, bf16_gradient, dim=0) > 0.999
 
 
+def test_bf16_keeps_the_frozen_weights_bfloat16_copies_without_changing_a_bit(
+        make_tiny_model: ModelFactory, tiny_tokenizer, direction, tmp_path) -> None:
+    """The frozen base's bfloat16 copies, kept across forwards, give the loss and gradient of
+    autocast casting every weight at every forward; each linear weight is copied once."""
+    results = []
+    for keep in (False, True):
+        distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / str(keep),
+                                   make_config(max_new_tokens=8, bf16=True), steer_prompts=[True, False] * 2)
+        if not keep:
+            distiller.weight_casts = None
+        rollout = distiller.sample(1)
+        metrics = distiller.backward(rollout)
+        gradient = torch.cat([p.grad.flatten() for p in distiller.trainable_parameters])
+        results.append((metrics["loss"], gradient))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    linears = {id(module.base_layer.weight if hasattr(module, "base_layer") else module.weight)
+               for module in distiller.student.modules() if isinstance(module, torch.nn.Linear)
+               and not module.weight.requires_grad}
+    assert {id(weight) for weight in distiller.weight_casts.copies.originals()} == linears
+
+
 def test_lora_adapter_is_float32_on_a_bf16_base(make_tiny_model: ModelFactory, tiny_tokenizer,
                                                 direction, tmp_path) -> None:
     distiller = make_distiller(make_tiny_model("llama").to(torch.bfloat16), tiny_tokenizer, direction,

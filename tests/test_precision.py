@@ -20,6 +20,7 @@ from safesteer.models.generation import generate_ids
 from safesteer.models.loading import load_model
 from safesteer.models.precision import (
     BfloatProducts,
+    FrozenWeightCasts,
     generation_dtype,
     resolve_generation_dtype,
     set_generation_dtype,
@@ -79,8 +80,51 @@ def test_other_products_are_left_alone(case: str) -> None:
     mode = BfloatProducts()
     with torch.set_grad_enabled(case == "autograd"), mode:
         output = F.linear(inputs, weight)
-    assert mode.copies == {} and output.dtype == dtype
+    assert len(mode.copies) == 0 and output.dtype == dtype
     torch.testing.assert_close(output, inputs @ weight.T)
+
+
+def _adapted_linear_loss(inputs: torch.Tensor, frozen: torch.Tensor, low: torch.Tensor,
+                         high: torch.Tensor) -> torch.Tensor:
+    """A LoRA-shaped product under bfloat16 autocast: a frozen weight plus a trainable low-rank pair."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = F.linear(inputs, frozen) + F.linear(F.linear(inputs, low), high)
+    return output.float().square().mean()
+
+
+def test_frozen_weight_casts_match_autocast_bit_for_bit_and_cast_once() -> None:
+    """The kept copy is autocast's own cast: the loss and every gradient equal plain autocast's,
+    the frozen weight is cast once over two forwards and again after it changes in place, and
+    weights that take a gradient are left to autocast."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(6, 32, generator=generator, requires_grad=True)
+    frozen = torch.randn(48, 32, generator=generator)
+    low = torch.randn(4, 32, generator=generator, requires_grad=True)
+    high = torch.randn(48, 4, generator=generator, requires_grad=True)
+    trainable = (inputs, low, high)
+
+    def run(mode: FrozenWeightCasts | None) -> list[torch.Tensor]:
+        losses = []
+        for _ in range(2):
+            with mode if mode is not None else torch.enable_grad():
+                loss = _adapted_linear_loss(inputs, frozen, low, high)
+            losses.append(loss.detach())
+        gradients = torch.autograd.grad(loss, trainable)
+        return losses + list(gradients)
+
+    reference = run(None)
+    mode = FrozenWeightCasts()
+    cached = run(mode)
+    for expected, actual in zip(reference, cached, strict=True):
+        assert torch.equal(expected, actual)
+    assert mode.copies.originals() == [frozen]
+    with torch.no_grad():
+        frozen.mul_(2)
+    again = run(mode)
+    assert again[0] != reference[0] and torch.equal(again[0], run(None)[0])
+    with mode:  # outside autocast: float32, no copy made
+        assert F.linear(inputs, torch.randn(3, 32)).dtype == torch.float32
+    assert len(mode.copies) == 1
 
 
 @pytest.mark.parametrize(("name", "weights", "device", "native", "expected"), [
@@ -142,4 +186,4 @@ def test_generation_runs_in_bfloat16_products_through_a_lora_wrapper(
             assert torch.equal(logits, reference(**batch).logits)
             assert not torch.allclose(logits, student(**batch).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(answers, expected)
-    assert {id(weight) for weight, _ in modes[0].copies.values()} == weights
+    assert {id(weight) for weight in modes[0].copies.originals()} == weights

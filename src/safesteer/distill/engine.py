@@ -7,7 +7,8 @@ CPU (gloo) or GPU (NCCL), FSDP or DeepSpeed. Everything engine-specific the trai
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from safesteer.distill.config import DistillConfig
+from safesteer.models.precision import FrozenWeightCasts
 
 
 def make_accelerator(config: DistillConfig, output_dir: str | Path) -> Accelerator:
@@ -56,7 +58,14 @@ def start_accumulation(accelerator: Accelerator, micro_batches: int) -> float:
     return float(accelerator.num_processes * window)
 
 
-def bf16_autocast(enabled: bool, device: torch.device) -> AbstractContextManager[object]:
+@contextmanager
+def bf16_autocast(enabled: bool, device: torch.device, casts: FrozenWeightCasts | None) -> Iterator[None]:
     """--bf16: bfloat16 products in a teacher-forced forward (docs/method.md §6.1); the backward
-    follows the forward's dtypes and the gradients land in parameters of their own dtype."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+    follows the forward's dtypes and the gradients land in parameters of their own dtype.
+    ``casts`` keeps the frozen weights' bfloat16 copies from one forward to the next (not for
+    weights FSDP or ZeRO-3 gather anew at every forward)."""
+    if not enabled:
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16), casts or nullcontext():
+        yield

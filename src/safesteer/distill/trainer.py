@@ -38,6 +38,7 @@ from safesteer.divergence import divergence, negative_log_likelihood
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
+from safesteer.models.precision import FrozenWeightCasts
 from safesteer.progress import progress_bar
 from safesteer.scoring import left_pad
 
@@ -185,6 +186,7 @@ class Distiller:
         self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.share_prompts = (cfg.samples_per_prompt > 1  # 2 forwards, 1 backward: untried when sharded
                               and not (self.run.sharded or cfg.gradient_checkpointing))  # no cache
+        self.weight_casts = None if self.run.sharded else FrozenWeightCasts()
         self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
                                  self.device, self.share_prompts)
@@ -285,11 +287,11 @@ class Distiller:
             completions = rollout.completion_mask[rows]
             length = int(completions.sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
-            with bf16_autocast(cfg.bf16, self.device):
+            with bf16_autocast(cfg.bf16, self.device, self.weight_casts):
                 teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                with bf16_autocast(cfg.bf16, self.device):
+                with bf16_autocast(cfg.bf16, self.device, self.weight_casts):
                     student_logits = rollout.logits(self.model, rows, length, cfg.temperature,
                                                     self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),

@@ -78,7 +78,7 @@ class BfloatProducts(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.copies: dict[int, tuple[Tensor, Tensor]] = {}
+        self.copies = WeightCopies()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -86,16 +86,54 @@ class BfloatProducts(TorchFunctionMode):
         if func is F.linear and not torch.is_grad_enabled() and args[1].dtype == torch.float32:
             inputs, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            output = F.linear(inputs.to(torch.bfloat16), self._copy(weight)).float()
+            output = F.linear(inputs.to(torch.bfloat16), self.copies.get(weight, torch.bfloat16)).float()
             return output if bias is None else output + bias
         return func(*args, **kwargs)
 
-    def _copy(self, weight: Tensor) -> Tensor:
+
+class FrozenWeightCasts(TorchFunctionMode):
+    """Under autocast, ``F.linear`` of a frozen float32 weight reads a copy in autocast's dtype
+    kept across forwards (docs/method.md §6.1).
+
+    Autocast keeps only the casts of weights that take a gradient, so each teacher-forced forward
+    would otherwise cast the whole frozen model again. The copy is the cast autocast makes, so the
+    products are the same bit for bit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = WeightCopies()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) > 1:
+            device = args[0].device.type
+            weight = args[1]
+            if (torch.is_autocast_enabled(device) and weight.dtype == torch.float32
+                    and not weight.requires_grad and weight.device.type == device):
+                args = (args[0], self.copies.get(weight, torch.get_autocast_dtype(device)), *args[2:])
+        return func(*args, **kwargs)
+
+
+class WeightCopies:
+    """Weights copied to a lower dtype once, and again only after the weight changes in place."""
+
+    def __init__(self) -> None:
         # Keyed by id, with the weight itself kept: a freed tensor's id may be reused.
-        kept = self.copies.get(id(weight))
-        if kept is None or kept[0] is not weight:
-            kept = self.copies[id(weight)] = (weight, weight.detach().to(torch.bfloat16))
-        return kept[1]
+        self.kept: dict[int, tuple[Tensor, int, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def originals(self) -> list[Tensor]:
+        return [weight for weight, _, _ in self.kept.values()]
+
+    def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        kept = self.kept.get(id(weight))
+        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype:
+            kept = self.kept[id(weight)] = (weight, weight._version, weight.detach().to(dtype))
+        return kept[2]
 
 
 def generation_products(model: nn.Module) -> AbstractContextManager[Any]:
