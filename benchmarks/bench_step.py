@@ -1,7 +1,7 @@
 """Stage 3 against TRL's on-policy distillation, same run: seconds per optimizer step and peak RSS.
 
     .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
-    .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR]
+    .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR] [--bf16]
 
 Both sides train the embedded default (float32) on the same ``safesteer-train`` prompts, in the
 same order and to the same token ids, with the default DistillConfig's sampling, LoRA and
@@ -20,7 +20,9 @@ lengths are printed: the work per step is comparable only when they are close. s
 process keeps freed memory for reuse, as the ``safesteer`` command does (``safesteer.allocator``,
 docs/method.md §6.1); TRL's keeps glibc's defaults, as a TRL user's script would, unless
 ``--same-allocator`` gives it the setting too. Timings on a shared machine vary: compare the
-ratios of one run.
+ratios of one run. ``--bf16`` runs both sides in bfloat16 products over the float32 weights, the
+dtype TRL trains in by default: TRL's ``bf16=True`` (accelerate's autocast over every forward,
+sampling included), and ours ``--bf16 --generation-dtype bfloat16`` (docs/method.md §6.1).
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig(prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
                          micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
                          learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                         lora_target_modules=args.lora_target_modules, save_steps=0, seed=args.seed)
+                         lora_target_modules=args.lora_target_modules, save_steps=0, seed=args.seed,
+                         bf16=args.bf16)
 
 
 def load_side(args: argparse.Namespace):
-    """The float32 embedded model, its tokenizer and the step's prompts (one epoch of ``--steps``)."""
-    model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32"))
+    """The float32 embedded model, its tokenizer and the step's prompts (one epoch of ``--steps``);
+    with --bf16 it generates in bfloat16 products (TRL's autocast does that for its side)."""
+    model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32",
+                                                 generation_dtype="bfloat16" if args.bf16 else "model"))
     return model, tokenizer, load_prompts(PROMPT_SET, limit=args.steps * args.prompts_per_step)
 
 
@@ -134,7 +139,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
             beta=1.0, temperature=config.temperature, top_p=config.top_p, top_k=0,
             max_completion_length=config.max_new_tokens,
             # TRL's defaults differ from ours here: it checkpoints activations and trains in bf16.
-            gradient_checkpointing=config.gradient_checkpointing, bf16=False,
+            gradient_checkpointing=config.gradient_checkpointing, bf16=config.bf16,
             shuffle_dataset=False, save_strategy="no", report_to="none", logging_steps=1,
             disable_tqdm=True, seed=config.seed, use_cpu=student.device.type == "cpu")
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -199,6 +204,8 @@ def main() -> None:
     parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
     parser.add_argument("--same-allocator", action="store_true",
                         help="TRL's process keeps freed memory for reuse too (safesteer.allocator)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="both sides in bfloat16 products over float32 weights (TRL's default)")
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         parser.error("--steps must be at least 2 (the first step is warm-up), --rounds at least 1")
@@ -228,7 +235,8 @@ def main() -> None:
         ours, theirs = (combined([pair[side] for pair in rounds]) for side in (0, 1))
 
     config = distill_config(args)
-    print(f"trl {trl_version}; {args.rounds} round(s) of each side in turns; {args.model} float32 with "
+    precision = "float32, bfloat16 products" if args.bf16 else "float32"
+    print(f"trl {trl_version}; {args.rounds} round(s) of each side in turns; {args.model} {precision} with "
           f"LoRA r={config.lora_r} alpha={config.lora_alpha} "
           f"({config.lora_target_modules}); {args.steps} steps of {config.prompts_per_step} {PROMPT_SET} "
           f"prompts x {config.samples_per_prompt} samples x <= {config.max_new_tokens} new tokens, "
