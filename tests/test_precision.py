@@ -117,7 +117,10 @@ def test_frozen_weight_casts_match_autocast_bit_for_bit_and_cast_once() -> None:
     cached = run(mode)
     for expected, actual in zip(reference, cached, strict=True):
         assert torch.equal(expected, actual)
-    assert mode.copies.originals() == [frozen]
+    assert [id(weight) for weight in mode.copies.originals()] == [id(frozen)]
+    copy = mode.copies.get(frozen, torch.bfloat16)
+    run(mode)
+    assert mode.copies.get(frozen, torch.bfloat16) is copy
     with torch.no_grad():
         frozen.mul_(2)
     again = run(mode)

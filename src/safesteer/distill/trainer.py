@@ -93,11 +93,10 @@ class Distiller:
       count as denominator. --mode sft is the offline baseline instead: the (per-row) teacher
       samples the completions and the loss is the student's
       ``divergence.negative_log_likelihood`` of them; no teacher forward runs in training.
-    * **Micro-batching** (--micro-batch-size, --gradient-checkpointing): teacher and student
-      forwards and the backward run on this many completions at a time, gradients accumulating
-      without synchronisation (``accelerator.accumulate``) until the step's last micro-batch; the
-      gradient does not depend on it. A prompt's M samples share one reading of it
-      (``share_prompts``, docs/method.md §6.1); --bf16 autocasts both forwards to bfloat16.
+    * **Micro-batching** (--micro-batch-size, --gradient-checkpointing, --bf16): the forwards and
+      backward run on this many completions at a time, gradients accumulating unsynchronised
+      (``accelerator.accumulate``) to the same gradient; a prompt's M samples share one reading
+      of it, and --bf16 autocasts both forwards with the frozen weights' bfloat16 copies kept.
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
@@ -110,12 +109,11 @@ class Distiller:
       mass on S (not with --mode sft), the samples' refusal-phrase rate, length, truncated and
       steered shares, tokens/s, learning rate and gradient norm (:mod:`safesteer.distill.metrics`)
       go to ``train_log.jsonl``, the console and, optionally, an accelerate tracker.
-    * **Checkpoints and resume** (--save-steps, ``resume``): atomic ``checkpoints/step-N``
-      directories (the last 2 kept); a resumed run continues from the last complete one and ends
-      with the same adapter as an uninterrupted run; one with another config or other inputs is
-      refused with the differing keys; a non-finite loss stops the run before the bad update.
-    * **Output**: ``student/`` (the adapter, or the full float32 model, plus the tokenizer);
-      :func:`safesteer.distill.export.merge_student` turns an adapter into a plain model directory.
+    * **Checkpoints and resume** (--save-steps, ``resume``): atomic ``checkpoints/step-N`` (the
+      last 2 kept); a resumed run continues from the last complete one to the uninterrupted run's
+      adapter; other configs or inputs are refused by key; a non-finite loss stops before its update.
+    * **Output**: ``student/`` (the adapter, or the full float32 model, plus the tokenizer), which
+      :func:`safesteer.distill.export.merge_student` turns into a plain model directory.
 
     The model is modified in place: wrapped in a PeftModel (``self.model``), or, without LoRA,
     trained itself. Pass ``overwrite=True`` to start afresh in a directory that holds a run.

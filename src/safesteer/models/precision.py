@@ -13,6 +13,9 @@ few tokens, as answers in another dtype do; their refusal verdicts hardly move (
 
 The chosen dtype is kept on the model by :func:`~safesteer.models.loading.load_model`, so every
 caller of :func:`~safesteer.models.generation.generate_ids` gets it without passing it along.
+
+Stage 3's ``--bf16`` trains under bfloat16 autocast instead; :class:`FrozenWeightCasts` keeps the
+frozen weights' bfloat16 copies there, which autocast would make again at every forward.
 """
 
 from __future__ import annotations
