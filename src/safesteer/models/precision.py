@@ -74,10 +74,9 @@ def generation_dtype_name(model: nn.Module) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class BfloatProducts(TorchFunctionMode):
-    """Inside it, ``F.linear`` on float32 weights without autograd is computed as
-    ``F.linear(inputs.bfloat16(), bfloat16 copy of weight)`` and returned in float32 (bias added
-    in float32). Each weight is copied once for the life of the mode."""
+class LinearMode(TorchFunctionMode):
+    """A mode that computes ``F.linear`` its own way (:meth:`linear`), with the weights' lower-dtype
+    copies it makes kept in ``copies`` for its life; every other function runs as usual."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,37 +85,40 @@ class BfloatProducts(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.linear and not torch.is_grad_enabled() and args[1].dtype == torch.float32:
-            inputs, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            output = F.linear(inputs.to(torch.bfloat16), self.copies.get(weight, torch.bfloat16)).float()
-            return output if bias is None else output + bias
-        return func(*args, **kwargs)
+        return self.linear(*args, **kwargs) if func is F.linear else func(*args, **kwargs)
+
+    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(input, weight, bias)
 
 
-class FrozenWeightCasts(TorchFunctionMode):
+class BfloatProducts(LinearMode):
+    """Inside it, ``F.linear`` on float32 weights without autograd is computed as
+    ``F.linear(inputs.bfloat16(), bfloat16 copy of weight)`` and returned in float32 (bias added
+    in float32). Each weight is copied once for the life of the mode."""
+
+    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled() or weight.dtype != torch.float32:
+            return F.linear(input, weight, bias)
+        output = F.linear(input.to(torch.bfloat16), self.copies.get(weight, torch.bfloat16)).float()
+        return output if bias is None else output + bias
+
+
+class FrozenWeightCasts(LinearMode):
     """Under autocast, ``F.linear`` of a frozen float32 weight reads a copy in autocast's dtype
     kept across forwards (docs/method.md §6.1).
 
     Autocast keeps only the casts of weights that take a gradient, so each teacher-forced forward
     would otherwise cast the whole frozen model again. The copy is the cast autocast makes, so the
-    products are the same bit for bit.
+    products are the same bit for bit. (Sharing one cast of an input among the products that read
+    it would not be: its gradient would then add up in bfloat16.)
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies = WeightCopies()
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear and len(args) > 1:
-            device = args[0].device.type
-            weight = args[1]
-            if (torch.is_autocast_enabled(device) and weight.dtype == torch.float32
-                    and not weight.requires_grad and weight.device.type == device):
-                args = (args[0], self.copies.get(weight, torch.get_autocast_dtype(device)), *args[2:])
-        return func(*args, **kwargs)
+    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        device = input.device.type
+        if (torch.is_autocast_enabled(device) and weight.dtype == torch.float32
+                and not weight.requires_grad and weight.device.type == device):
+            weight = self.copies.get(weight, torch.get_autocast_dtype(device))
+        return F.linear(input, weight, bias)
 
 
 class WeightCopies:
