@@ -124,9 +124,11 @@ class DistillConfig:
         default=False, metadata={"help": "Run the teacher's and the student's teacher-forced "
                                          "forwards (and so the backward) under bfloat16 autocast, "
                                          "the weights, adapter, optimizer and loss staying in their "
-                                         "dtype; sampling is untouched. Faster where bfloat16 "
-                                         "matmuls are (GPUs, CPUs with AVX512-BF16 or AMX); the "
-                                         "loss moves within the tolerance of docs/method.md §6.1."})
+                                         "dtype (the frozen weights' bfloat16 copies are kept, "
+                                         "half their float32 size); sampling is untouched. Faster "
+                                         "where bfloat16 matmuls are (GPUs, CPUs with AVX512-BF16 "
+                                         "or AMX); the loss moves within the tolerance of "
+                                         "docs/method.md §6.1."})
 
     # --- bookkeeping
     save_steps: int = field(
