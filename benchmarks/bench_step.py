@@ -2,11 +2,12 @@
 
     .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
     .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR] [--bf16]
+                                              [--gradient-checkpointing] [--same-allocator]
 
 Both sides train the embedded default (float32) on the same ``safesteer-train`` prompts, in the
 same order and to the same token ids, with the default DistillConfig's sampling, LoRA and
 optimiser settings (each overridable below): P prompts x M samples per optimizer step in
-micro-batches of the same size, the same completion length, temperature 1, no checkpoints.
+micro-batches of the same size, the same completion length, temperature 1, no checkpoints saved.
 safesteer is the ``Distiller``: one copy of the weights (the teacher is the adapter switched off
 plus the steering hook) and reverse KL on the safety tokens S. TRL is its ``DistillationTrainer``
 (always on-policy: the student samples every completion) with reverse KL on the whole vocabulary;
@@ -19,10 +20,14 @@ every round's steps but its first (warm-up). The sides sample different completi
 lengths are printed: the work per step is comparable only when they are close. safesteer's
 process keeps freed memory for reuse, as the ``safesteer`` command does (``safesteer.allocator``,
 docs/method.md §6.1); TRL's keeps glibc's defaults, as a TRL user's script would, unless
-``--same-allocator`` gives it the setting too. Timings on a shared machine vary: compare the
+``--same-allocator`` gives it the setting too, and ``SAFESTEER_SYSTEM_MALLOC=1`` in the
+environment leaves both sides on glibc's defaults. Timings on a shared machine vary: compare the
 ratios of one run. ``--bf16`` runs both sides in bfloat16 products over the float32 weights, the
 dtype TRL trains in by default: TRL's ``bf16=True`` (accelerate's autocast over every forward,
 sampling included), and ours ``--bf16 --generation-dtype bfloat16`` (docs/method.md §6.1).
+``--gradient-checkpointing`` has both sides recompute each layer's activations in backward
+(TRL's default too; ours then reads each prompt once per row, as the cache it shares a prompt
+through is off under checkpointing).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
                          micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
                          learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                          lora_target_modules=args.lora_target_modules, save_steps=0, seed=args.seed,
-                         bf16=args.bf16)
+                         bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def load_side(args: argparse.Namespace):
@@ -206,6 +211,8 @@ def main() -> None:
                         help="TRL's process keeps freed memory for reuse too (safesteer.allocator)")
     parser.add_argument("--bf16", action="store_true",
                         help="both sides in bfloat16 products over float32 weights (TRL's default)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="both sides recompute activations in backward (TRL's default)")
     args = parser.parse_args()
     if args.steps < 2 or args.rounds < 1:
         parser.error("--steps must be at least 2 (the first step is warm-up), --rounds at least 1")
@@ -236,6 +243,7 @@ def main() -> None:
 
     config = distill_config(args)
     precision = "float32, bfloat16 products" if args.bf16 else "float32"
+    precision += ", activations recomputed in backward" if args.gradient_checkpointing else ""
     print(f"trl {trl_version}; {args.rounds} round(s) of each side in turns; {args.model} {precision} with "
           f"LoRA r={config.lora_r} alpha={config.lora_alpha} "
           f"({config.lora_target_modules}); {args.steps} steps of {config.prompts_per_step} {PROMPT_SET} "

@@ -5,9 +5,10 @@ folded and bfloat16 copies of the weights). glibc serves blocks from 128 KiB up 
 as its threshold adapts) with fresh ``mmap`` pages and unmaps them when freed, so each step pays
 the kernel to fault the same memory in again. With ``mmap`` off and a high trim threshold, freed
 blocks stay in the process heap and the next step reuses them: on the embedded default a demo
-step ran 1.31x as fast with a third of the system CPU time, for a few percent more peak resident
-memory (``benchmarks/bench_allocator.py``, docs/method.md §6.1). Results are bitwise the same:
-only where the bytes live changes.
+step ran 1.31x as fast with a third of the system CPU time, for 1.01x the peak resident memory
+(``benchmarks/bench_allocator.py``); ``benchmarks/bench_step.py --bf16``'s step, about 1.06x as
+fast for 1.09-1.18x the peak (docs/method.md §6.1). Results are bitwise the same: only where the
+bytes live changes.
 
 The ``safesteer`` command calls :func:`keep_freed_memory` once at start; a library user may too.
 """

@@ -282,8 +282,7 @@ class Distiller:
         totals = StepTotals.zeros(self.device)
         for start, weight in zip(starts + [0] * (count - len(starts)), weights, strict=True):
             rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
-            completions = rollout.completion_mask[rows]
-            length = int(completions.sum(1).max())
+            length = int((completions := rollout.completion_mask[rows]).sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
             with bf16_autocast(cfg.bf16, self.device, self.weight_casts):
                 teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
@@ -300,6 +299,7 @@ class Distiller:
                 statistics = None if teacher_logits is None else token_statistics(
                     student_logits, teacher_logits, sampled, self.safety_ids_tensor, cfg.loss_chunk_size)
                 totals.add_micro_batch(loss, completions[:, :length], statistics)
+            del teacher_logits, student_logits  # before the next micro-batch's forwards, not after
         if size:
             eos = torch.tensor(self.eos_token_ids, device=self.device)
             truncated = ~torch.isin(rollout.sequences[:, prompt_length:], eos).any(1)
