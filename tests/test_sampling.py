@@ -12,14 +12,20 @@ either may redraw them (then re-capture, after checking the paths against each o
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safesteer.distill.config import DistillConfig
+from safesteer.distill import rollout
 from safesteer.distill.rollout import sample_completions
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import model_device
+from safesteer.models.precision import BfloatProducts
 from safesteer.models.rendering import encode_rendered, render_prompts
+from safesteer.scoring import read_prompts
 from safesteer.tokens.rollouts import sample_rollouts
 
 PROMPTS = ["Tell me a story about a cat.", "What is two plus two?", "Name a colour."]
@@ -47,18 +53,47 @@ def test_sample_completions_draws_the_pinned_ids(tiny_model: PreTrainedModel,
     assert ids.tolist() == COMPLETIONS
 
 
+@pytest.mark.parametrize("products", [None, torch.bfloat16])
 def test_samples_of_a_prompt_read_it_once_and_draw_what_repeated_prompts_draw(
-        tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+        tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, products: torch.dtype | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # In bfloat16 products (--generation-dtype) the shared prompt is read in them too, as generate
+    # reads a repeated one.
+    monkeypatch.setattr(tiny_model, "safesteer_generation_dtype", products, raising=False)
     encoded = _encoded(tiny_tokenizer, tiny_model)
-    config = DistillConfig(max_new_tokens=6, temperature=0.9, top_p=0.95)
+    config = DistillConfig(max_new_tokens=24, temperature=0.9, top_p=0.95)
     options = {"config": config, "eos_token_ids": [tiny_tokenizer.eos_token_id],
                "pad_token_id": tiny_tokenizer.pad_token_id, "seed": 3, "step": 1}
     shared = sample_completions(tiny_model, encoded["input_ids"], encoded["attention_mask"], samples=2,
                                 **options)
     repeated = sample_completions(tiny_model, encoded["input_ids"].repeat_interleave(2, 0),
                                   encoded["attention_mask"].repeat_interleave(2, 0), **options)
-    assert shared.shape == (2 * len(encoded["input_ids"]), 6)
+    assert shared.shape == (2 * len(encoded["input_ids"]), 24)
     assert shared.tolist() == repeated.tolist()
+
+
+def test_a_shared_prompt_is_read_in_the_products_generate_reads_it_in(
+        tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tiny_model, "safesteer_generation_dtype", torch.bfloat16, raising=False)
+    reads: list[tuple[tuple[Any, ...], torch.Tensor]] = []
+
+    def reading(*args: Any) -> tuple[torch.Tensor, Any]:
+        first, cache = read_prompts(*args)
+        reads.append((args, first))
+        return first, cache
+
+    monkeypatch.setattr(rollout, "read_prompts", reading)
+    encoded = _encoded(tiny_tokenizer, tiny_model)
+    sample_completions(tiny_model, encoded["input_ids"], encoded["attention_mask"], samples=2,
+                       config=DistillConfig(max_new_tokens=2), eos_token_ids=[tiny_tokenizer.eos_token_id],
+                       pad_token_id=tiny_tokenizer.pad_token_id, seed=3, step=1)
+    [(args, shared)] = reads
+    with torch.no_grad():
+        in_float32 = read_prompts(*args)[0]
+        with BfloatProducts():
+            in_bfloat16 = read_prompts(*args)[0]
+    assert torch.equal(shared, in_bfloat16) and not torch.equal(shared, in_float32)
 
 
 def test_sample_rollouts_draws_the_pinned_ids(tiny_model: PreTrainedModel,
