@@ -18,8 +18,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safesteer.distill.config import DistillConfig
 from safesteer.distill import rollout
+from safesteer.distill.config import DistillConfig
 from safesteer.distill.rollout import sample_completions
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import model_device
