@@ -6,15 +6,18 @@
 tokens are copied into a fresh directory, and ``safesteer run --preset demo --resume
 --check-limit 0`` trains the first ``--steps`` steps there (stages 1 and 2 loaded, not redone),
 once with the setting of :mod:`safesteer.allocator` (the command's default) and once with
-``SAFESTEER_SYSTEM_MALLOC=1`` (glibc's defaults), each in its own process, alternating for
-``--rounds`` rounds. Printed: each way's median seconds per step (the first step left out),
-user and system CPU seconds and peak resident memory of the process, the ratios, and whether
-both ways logged bitwise the same losses and gradient norms (docs/method.md §6.1).
+``SAFESTEER_SYSTEM_MALLOC=1`` (glibc's defaults), and, where the system has jemalloc (Debian and
+Ubuntu: ``libjemalloc2``), once with it in ``LD_PRELOAD`` (which the command leaves alone), each
+in its own process, alternating for ``--rounds`` rounds. Printed: each way's median seconds per
+step (the first step left out), user and system CPU seconds and peak resident memory of the
+process, the ratios, and whether every way logged bitwise the same losses and gradient norms
+(docs/method.md §6.1).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import resource
@@ -75,9 +78,12 @@ def main() -> None:
     if any(tunes_allocator(name, value) for name, value in os.environ.items()):
         raise SystemExit("unset MALLOC_*, LD_PRELOAD and SAFESTEER_SYSTEM_MALLOC first: they turn the "
                          "setting off both ways")
-    runs: dict[str, list[dict]] = {way: [] for way in WAYS}
+    ways = dict(WAYS)
+    if library := ctypes.util.find_library("jemalloc"):  # Debian and Ubuntu: libjemalloc2
+        ways["jemalloc preloaded"] = {"LD_PRELOAD": library}
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(args.rounds):
-        for way, environment in WAYS.items():
+        for way, environment in ways.items():
             runs[way].append(measure(Path(args.run_dir), args.steps, environment))
     print(f"{args.run_dir}: {args.steps} demo steps per process (the first left out), {args.rounds} "
           "processes each way, in turns")
@@ -85,7 +91,7 @@ def main() -> None:
     for way, results in runs.items():
         step[way] = statistics.median(row["seconds"] for result in results for row in result["log"][1:])
         user, system = (statistics.median(result[key] for result in results) for key in ("user", "system"))
-        print(f"{way:<15} {step[way]:6.2f} s/step  user {user:6.1f} s  system {system:5.1f} s  peak RSS "
+        print(f"{way:<18} {step[way]:6.2f} s/step  user {user:6.1f} s  system {system:5.1f} s  peak RSS "
               f"{max(result['peak_rss_mib'] for result in results):6.0f} MiB")
     keys = ("loss", "kl_k3", "grad_norm")
     logs = [[tuple(row[key] for key in keys) for row in result["log"]]
@@ -96,6 +102,12 @@ def main() -> None:
     print(f"bench_allocator: a step {step['glibc defaults'] / step['kept for reuse']:.2f}x faster with "
           f"freed memory kept, peak RSS {memory:.2f}x; losses and gradient norms "
           f"{'bitwise the same' if same else 'DIFFERENT'}")
+    if "jemalloc preloaded" in runs:
+        preloaded = max(r["peak_rss_mib"] for r in runs["jemalloc preloaded"]) / max(
+            r["peak_rss_mib"] for r in kept)
+        speed = step["kept for reuse"] / step["jemalloc preloaded"]
+        print(f"bench_allocator: jemalloc preloaded, a step {speed:.2f}x as fast as with freed memory kept, "
+              f"peak RSS {preloaded:.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ every round's steps but its first (warm-up). The sides sample different completi
 lengths are printed: the work per step is comparable only when they are close. safesteer's
 process keeps freed memory for reuse, as the ``safesteer`` command does (``safesteer.allocator``,
 docs/method.md §6.1); TRL's keeps glibc's defaults, as a TRL user's script would, unless
-``--same-allocator`` gives it the setting too, and ``SAFESTEER_SYSTEM_MALLOC=1`` in the
-environment leaves both sides on glibc's defaults. Timings on a shared machine vary: compare the
-ratios of one run. ``--bf16`` runs both sides in bfloat16 products over the float32 weights, the
-dtype TRL trains in by default: TRL's ``bf16=True`` (accelerate's autocast over every forward,
-sampling included), and ours ``--bf16 --generation-dtype bfloat16`` (docs/method.md §6.1).
+``--same-allocator`` gives it the setting too; ``SAFESTEER_SYSTEM_MALLOC=1`` in the environment
+leaves both sides on glibc's defaults, and an allocator in ``LD_PRELOAD`` (jemalloc) serves both.
+Timings on a shared machine vary: compare the ratios of one run. ``--bf16`` runs both sides in
+bfloat16 products over the float32 weights, the dtype TRL trains in by default: TRL's
+``bf16=True`` (accelerate's autocast over every forward, sampling included), and ours ``--bf16
+--generation-dtype bfloat16`` (docs/method.md §6.1).
 ``--gradient-checkpointing`` has both sides recompute each layer's activations in backward
 (TRL's default too; ours then reads each prompt once per row, as the cache it shares a prompt
 through is off under checkpointing).
@@ -36,6 +37,7 @@ import argparse
 import importlib.metadata
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
@@ -69,6 +71,15 @@ def memory_mib(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
 
 
+def allocator_in_use(kept: bool) -> str:
+    """How this process allocates: glibc keeping freed memory, another allocator in LD_PRELOAD
+    (which ``keep_freed_memory`` leaves alone), or glibc's defaults."""
+    if kept:
+        return "freed memory kept for reuse"
+    preloaded = os.environ.get("LD_PRELOAD")
+    return f"{Path(preloaded).name} preloaded" if preloaded else "freed memory as glibc defaults"
+
+
 def distill_config(args: argparse.Namespace) -> DistillConfig:
     return DistillConfig(prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
                          micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
@@ -88,7 +99,7 @@ def load_side(args: argparse.Namespace):
 def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any]:
     """safesteer's steps in this (fresh) process, which keeps freed memory as the command does;
     returns the prompt order TRL is to follow."""
-    kept = keep_freed_memory()
+    allocator = allocator_in_use(keep_freed_memory())
     imported = memory_mib("VmRSS")
     model, tokenizer, prompts = load_side(args)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
@@ -100,7 +111,7 @@ def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any
         distiller.train()
         log = [json.loads(line) for line in (Path(output_dir) / LOG_FILE).read_text().splitlines()]
     return {"seconds": [row["seconds"] for row in log], "order": order, "rss_mib": memory_mib(),
-            "imported_mib": imported, "kept": kept,
+            "imported_mib": imported, "allocator": allocator,
             "completion_length": [row["completion_length"] for row in log],
             "loss": f"subset reverse KL on |S| = {len(safety_ids)} tokens"}
 
@@ -124,7 +135,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
         def on_step_end(self, *_: Any, **__: Any) -> None:
             self.seconds.append(time.perf_counter() - self.started)
 
-    kept = args.same_allocator and keep_freed_memory()
+    allocator = allocator_in_use(args.same_allocator and keep_freed_memory())
     imported = memory_mib("VmRSS")
     student, tokenizer, prompts = load_side(args)
     teacher, _ = load_model(ModelArguments(model=args.model, dtype="float32"))  # the second copy
@@ -157,8 +168,8 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
             trainer.train()
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                if "completions/mean_length" in row]
-    return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported, "kept": kept,
-            "completion_length": lengths,
+    return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported,
+            "allocator": allocator, "completion_length": lengths,
             "loss": "generalised JSD with beta 1 (reverse KL) on the full vocabulary"}
 
 
@@ -174,7 +185,7 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "rss_mib": max(result["rss_mib"] for result in rounds),
             "imported_mib": max(result["imported_mib"] for result in rounds),
             "completion_length": [length for result in rounds for length in result["completion_length"]],
-            "loss": rounds[0]["loss"], "kept": all(result["kept"] for result in rounds)}
+            "loss": rounds[0]["loss"], "allocator": rounds[0]["allocator"]}
 
 
 def summary(name: str, result: dict[str, Any]) -> float:
@@ -184,8 +195,8 @@ def summary(name: str, result: dict[str, Any]) -> float:
     print(f"{name:<36} {median:7.2f} s/step (timed steps: {steps}), "
           f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
           f"imported), completion length "
-          f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}; freed memory "
-          f"{'kept for reuse' if result['kept'] else 'as glibc defaults'}")
+          f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}; "
+          f"{result['allocator']}")
     return median
 
 
