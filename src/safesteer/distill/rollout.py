@@ -18,7 +18,6 @@ from safesteer.models.devices import seeded
 from safesteer.models.generation import generate_ids
 from safesteer.models.layout import model_device
 from safesteer.models.loading import adapters_merged
-from safesteer.models.precision import prompt_products
 from safesteer.scoring import (
     cache_keyword,
     completion_logits,
@@ -104,19 +103,19 @@ def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     (together), [prompts × samples, T], drawn from ``seed``.
 
     With ``share`` a prompt's samples share one reading of it (its KV cache up to the last
-    token, from which ``generate`` goes on, read in the products ``generate`` would read it in)
-    instead of each row re-reading it; the draws are the same. Only temperature and top-p shape
-    the distribution (no top-k, min-p or repetition penalty, whatever the model's generation
-    config says), as in the paper's sampler. A LoRA student samples with its adapter folded into
-    copies of the weights (:func:`~safesteer.models.loading.adapters_merged`).
+    token, from which ``generate`` goes on, read in the weights' own products even under a
+    bfloat16 generation dtype) instead of each row re-reading it; the draws are the same in the
+    weights' dtype. Only temperature and top-p shape the distribution (no top-k, min-p or repetition
+    penalty, whatever the model's generation config says), as in the paper's sampler. A LoRA
+    student samples with its adapter folded into copies of the weights
+    (:func:`~safesteer.models.loading.adapters_merged`).
     """
     rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(samples)
     shared = {}
     try:
         with adapters_merged(model), torch.no_grad():
             if share and samples > 1 and input_ids.shape[1] > 1:
-                with prompt_products(model):
-                    _, cache = read_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
+                _, cache = read_prompts(model, input_ids[:, :-1], attention_mask[:, :-1], rows)
                 shared[cache_keyword(model)] = cache
             with seeded(seed, model_device(model)):
                 return generate_ids(

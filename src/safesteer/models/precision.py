@@ -20,7 +20,7 @@ frozen weights' bfloat16 copies there, which autocast would make again at every 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -145,11 +145,4 @@ def generation_products(model: nn.Module) -> AbstractContextManager[Any]:
     """The mode ``model``'s linear products run in while it generates: :class:`BfloatProducts` when
     its generation dtype is bfloat16, else :func:`~safesteer.models.narrow.narrow_linears`."""
     return BfloatProducts() if generation_dtype(model) == torch.bfloat16 else narrow_linears(model)
-
-
-def prompt_products(model: nn.Module) -> AbstractContextManager[Any]:
-    """The mode a prompt read ahead of ``generate`` (its KV cache shared by several samples) runs
-    in: the products ``generate`` would read it in, bfloat16 ones when the generation dtype is
-    bfloat16; plain otherwise (the few-row products are for decode steps)."""
-    return BfloatProducts() if generation_dtype(model) == torch.bfloat16 else nullcontext()
 
