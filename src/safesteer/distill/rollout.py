@@ -105,9 +105,9 @@ def sample_completions(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     With ``share`` a prompt's samples share one reading of it (its KV cache up to the last
     token, from which ``generate`` goes on, read in the weights' own products even under a
     bfloat16 generation dtype) instead of each row re-reading it; the draws are the same in the
-    weights' dtype. Only temperature and top-p shape the distribution (no top-k, min-p or repetition
-    penalty, whatever the model's generation config says), as in the paper's sampler. A LoRA
-    student samples with its adapter folded into copies of the weights
+    weights' dtype. Only temperature and top-p shape the distribution (no top-k, min-p or
+    repetition penalty, whatever the model's generation config says), as in the paper's sampler.
+    A LoRA student samples with its adapter folded into copies of the weights
     (:func:`~safesteer.models.loading.adapters_merged`).
     """
     rows = torch.arange(len(input_ids), device=input_ids.device).repeat_interleave(samples)
