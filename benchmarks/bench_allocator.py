@@ -87,27 +87,24 @@ def main() -> None:
             runs[way].append(measure(Path(args.run_dir), args.steps, environment))
     print(f"{args.run_dir}: {args.steps} demo steps per process (the first left out), {args.rounds} "
           "processes each way, in turns")
-    step = {}
+    step, peak = {}, {}
     for way, results in runs.items():
         step[way] = statistics.median(row["seconds"] for result in results for row in result["log"][1:])
+        peak[way] = max(result["peak_rss_mib"] for result in results)
         user, system = (statistics.median(result[key] for result in results) for key in ("user", "system"))
         print(f"{way:<18} {step[way]:6.2f} s/step  user {user:6.1f} s  system {system:5.1f} s  peak RSS "
-              f"{max(result['peak_rss_mib'] for result in results):6.0f} MiB")
+              f"{peak[way]:6.0f} MiB")
     keys = ("loss", "kl_k3", "grad_norm")
     logs = [[tuple(row[key] for key in keys) for row in result["log"]]
             for results in runs.values() for result in results]
     same = all(log == logs[0] for log in logs)
-    kept, system = runs["kept for reuse"], runs["glibc defaults"]
-    memory = max(r["peak_rss_mib"] for r in kept) / max(r["peak_rss_mib"] for r in system)
-    print(f"bench_allocator: a step {step['glibc defaults'] / step['kept for reuse']:.2f}x faster with "
-          f"freed memory kept, peak RSS {memory:.2f}x; losses and gradient norms "
+    kept, system, preloaded = "kept for reuse", "glibc defaults", "jemalloc preloaded"
+    print(f"bench_allocator: a step {step[system] / step[kept]:.2f}x faster with freed memory kept, "
+          f"peak RSS {peak[kept] / peak[system]:.2f}x; losses and gradient norms "
           f"{'bitwise the same' if same else 'DIFFERENT'}")
-    if "jemalloc preloaded" in runs:
-        preloaded = max(r["peak_rss_mib"] for r in runs["jemalloc preloaded"]) / max(
-            r["peak_rss_mib"] for r in kept)
-        speed = step["kept for reuse"] / step["jemalloc preloaded"]
-        print(f"bench_allocator: jemalloc preloaded, a step {speed:.2f}x as fast as with freed memory kept, "
-              f"peak RSS {preloaded:.2f}x")
+    if preloaded in runs:
+        print(f"bench_allocator: jemalloc preloaded, a step {step[kept] / step[preloaded]:.2f}x as fast as "
+              f"with freed memory kept, peak RSS {peak[preloaded] / peak[kept]:.2f}x")
 
 
 if __name__ == "__main__":
