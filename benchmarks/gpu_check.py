@@ -110,7 +110,7 @@ def run_stage(name: str, command: list[str], summary_file: Path | None,
         summary = json.loads(summary_file.read_text())
     peak = summary.get("peak_gpu_mib")
     passed = process.returncode == 0 and (limit_mib is None or peak is None or peak <= limit_mib)
-    memory = "" if peak is None else f", peak GPU {peak:.0f} MiB"
+    memory = "" if peak is None else f", peak GPU {peak:,.1f} MiB"
     print(f"{'PASS' if passed else 'FAIL'}  {name:<9} {seconds:6.1f} s{memory}"
           + ("" if limit_mib is None else f" (limit {limit_mib:.0f} MiB)"), flush=True)
     if summary.get("stage_seconds"):
