@@ -1,22 +1,30 @@
 """Stage 3's step against this machine's matmul peak: achieved model FLOP/s of each phase.
 
     .venv/bin/python benchmarks/bench_roofline.py [--steps 3] [--direction RUN_DIR] [--dtype auto]
+                                                  [--model M] [--prompts SET_OR_FILE] [--bf16]
+                                                  [--prompts-per-step P] [--samples-per-prompt M]
+                                                  [--micro-batch-size B] [--gradient-checkpointing]
 
 First the peak: ``torch.matmul`` in float32 and bfloat16 on the shapes of the model's own linear
 layers (the output head left out), ``--rows`` rows each (about a micro-batch's tokens), the
 median of ``--repeats`` runs per shape, the best shape per dtype. Then ``--steps`` optimizer steps
-of the default DistillConfig on the embedded default (as benchmarks/bench_distill.py), the first
-left out as warm-up. Each phase is timed by wrapping the trainer's own methods (behaviour
-unchanged): sampling (``Distiller.sample``), teacher scoring (``Teachers.logits``), student
-forward+backward (the rest of ``Distiller.backward``: loss and step metrics included), and the
-rest of the step (clipping, optimizer, schedule). Tokens are counted at the input embedding as
-the model reads them, padding and finished rows included, and logit positions at the output
-head. FLOPs (:func:`forward_flops`) are 2 x weights x tokens for the body and 2 x head weights x
-logit positions, x3 for forward+backward (the usual 6·N·T); attention's score products are left
-out. With LoRA the frozen base needs no weight gradients, so the student's useful work is about
-4·N·T: its share of the peak is an upper bound by up to 1.5x. The process keeps freed memory for
-reuse, as the ``safesteer`` command does (``safesteer.allocator``; ``SAFESTEER_SYSTEM_MALLOC=1``
-measures glibc's defaults instead).
+of the default DistillConfig (the batch options above override it) on the embedded default (as
+benchmarks/bench_distill.py) or ``--model``, the first left out as warm-up. Any model directory
+does, a GPU's too: after ``benchmarks/gpu_check.py --paper-8b --work-dir DIR``, ``--model
+DIR/llama-8b-shaped --direction DIR/paper-8b --prompts DIR/prompts.txt --dtype bfloat16`` with
+that stage's batch options measures the one-GPU 8B setting offline (on CUDA the peak GPU memory
+is printed too).
+Each phase is timed by wrapping the trainer's own methods (behaviour unchanged): sampling
+(``Distiller.sample``), teacher scoring (``Teachers.logits``), student forward+backward (the rest
+of ``Distiller.backward``: loss and step metrics included), and the rest of the step (clipping,
+optimizer, schedule). Tokens are counted at the input embedding as the model reads them, padding
+and finished rows included, and logit positions at the output head. FLOPs (:func:`forward_flops`)
+are 2 x weights x tokens for the body and 2 x head weights x logit positions, x3 for
+forward+backward (the usual 6·N·T); attention's score products are left out. With LoRA the frozen
+base needs no weight gradients, so the student's useful work is about 4·N·T: its share of the peak
+is an upper bound by up to 1.5x. The process keeps freed memory for reuse, as the ``safesteer``
+command does (``safesteer.allocator``; ``SAFESTEER_SYSTEM_MALLOC=1`` measures glibc's defaults
+instead).
 """
 
 from __future__ import annotations
@@ -139,6 +147,13 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="teacher and student forwards under bfloat16 autocast (DistillConfig.bf16)")
     parser.add_argument("--direction", default=None, help="run directory of `safesteer direction`")
+    parser.add_argument("--model", default=ModelArguments.model, help="as `safesteer run --model`")
+    parser.add_argument("--prompts", default="safesteer-train", help="training prompts: set or file")
+    defaults = DistillConfig()
+    for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in backward (DistillConfig.gradient_checkpointing)")
     parser.add_argument("--rows", type=int, default=1024, help="rows of each peak matmul")
     parser.add_argument("--repeats", type=int, default=5, help="timed products per shape")
     args = parser.parse_args()
@@ -146,7 +161,7 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
 
     kept = keep_freed_memory()
-    model, tokenizer = load_model(ModelArguments(dtype=args.dtype))
+    model, tokenizer = load_model(ModelArguments(model=args.model, dtype=args.dtype))
     body, head, shapes = weight_counts(model)
     peaks = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -159,8 +174,11 @@ def main() -> None:
 
     direction = Direction.load(args.direction) if args.direction else quick_direction(model, tokenizer)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
-    config = DistillConfig(max_new_tokens=args.max_new_tokens, save_steps=0, bf16=args.bf16)
-    prompts = load_prompts("safesteer-train", limit=args.steps * config.prompts_per_step)
+    config = DistillConfig(max_new_tokens=args.max_new_tokens, save_steps=0, bf16=args.bf16,
+                           prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
+                           micro_batch_size=args.micro_batch_size,
+                           gradient_checkpointing=args.gradient_checkpointing)
+    prompts = load_prompts(args.prompts, limit=args.steps * config.prompts_per_step)
     meter = PhaseMeter()
     with tempfile.TemporaryDirectory() as output_dir:
         distiller = Distiller(model, tokenizer, direction, prompts, config, output_dir,
@@ -183,8 +201,12 @@ def main() -> None:
           f"{' (bfloat16 autocast)' if config.bf16 else ''}, {body / 1e6:.1f}M body + "
           f"{head / 1e6:.1f}M head weights; {len(measured)} step(s) after a warm-up step, "
           f"{config.prompts_per_step} prompts x {config.samples_per_prompt} samples x <= "
-          f"{config.max_new_tokens} new tokens, LoRA r={config.lora_r}; tokens include padding; freed memory "
-          f"{'kept for reuse' if kept else 'as glibc defaults'}")
+          f"{config.max_new_tokens} new tokens, micro-batch {config.micro_batch_size}"
+          f"{', activations recomputed' if config.gradient_checkpointing else ''}, LoRA r={config.lora_r}; "
+          f"tokens include padding; freed memory "
+          f"{'kept for reuse' if kept else 'as glibc defaults'}"
+          + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
+             if model.device.type == "cuda" else ""))
     print(f"{'phase':<17} {'share':>6} {'s/step':>7} {'tokens':>8} {'logits':>7} {'GFLOP':>7} "
           f"{'GFLOP/s':>8} {'% peak':>7}")
     accounted, shares = 0.0, {}
