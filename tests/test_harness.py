@@ -202,6 +202,28 @@ def test_a_rerun_regenerates_the_answers_of_a_changed_student_or_answer_length(
     assert generated == [f"{name}: harmless-test" for name in ("base", "teacher", "student")]
 
 
+def test_a_rerun_regenerates_only_the_teachers_answers_after_the_direction_changed(
+        eval_setup, tmp_path, capsys, monkeypatch) -> None:
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "--output-dir", str(out)]
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    before = _responses(out / "completions" / "teacher" / "harmless-test.jsonl")
+    run_dir = Path(eval_setup[eval_setup.index("--run-dir") + 1])
+    old = Direction.load(run_dir)  # the same layer and strength, the vector alone turned around
+    Direction(-old.vector, old.layer, old.coefficient, old.metadata).save(run_dir)
+    generated: list[str] = []
+    generate = harness.generate_responses
+
+    def counted(*args, **kwargs):
+        generated.append(kwargs["desc"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate_responses", counted)
+    assert main(["eval", *flags]) == 0, capsys.readouterr().err
+    assert generated == ["teacher: harmless-test"]
+    assert _responses(out / "completions" / "teacher" / "harmless-test.jsonl") != before
+
+
 def test_named_targets_are_shown_and_saved_under_their_names_with_their_wall_time(eval_setup, tmp_path,
                                                                                 capsys) -> None:
     student = Path(eval_setup[eval_setup.index("--run-dir") + 1]) / "student"
