@@ -176,8 +176,22 @@ def test_eval_scores_every_target_and_a_rerun_reuses_the_completions(eval_setup,
     assert json.loads((out / "results.json").read_text())["results"] == results
 
 
+@pytest.fixture
+def generated(monkeypatch) -> list[str]:
+    """What eval generates answers for from now on, by its progress labels ("target: benchmark")."""
+    labels: list[str] = []
+    generate = harness.generate_responses
+
+    def counted(*args, **kwargs):
+        labels.append(kwargs["desc"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate_responses", counted)
+    return labels
+
+
 def test_a_rerun_regenerates_the_answers_of_a_changed_student_or_answer_length(
-        eval_setup, make_tiny_model, tmp_path, capsys, monkeypatch) -> None:
+        eval_setup, make_tiny_model, tmp_path, capsys, generated) -> None:
     out = tmp_path / "eval"
     flags = [*eval_setup, "--benchmarks", "harmless-test", "--output-dir", str(out)]
     assert main(["eval", *flags]) == 0, capsys.readouterr().err
@@ -187,14 +201,7 @@ def test_a_rerun_regenerates_the_answers_of_a_changed_student_or_answer_length(
         student = get_peft_model(model, LoraConfig(r=2, init_lora_weights=False, target_modules="all-linear"))
     student.save_pretrained(Path(eval_setup[eval_setup.index("--run-dir") + 1]) / "student",
                             save_embedding_layers=False)
-    generated: list[str] = []
-    generate = harness.generate_responses
-
-    def counted(*args, **kwargs):
-        generated.append(kwargs["desc"])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "generate_responses", counted)
+    generated.clear()
     assert main(["eval", *flags]) == 0, capsys.readouterr().err
     assert generated == ["student: harmless-test"]
     generated.clear()
@@ -203,7 +210,7 @@ def test_a_rerun_regenerates_the_answers_of_a_changed_student_or_answer_length(
 
 
 def test_a_rerun_regenerates_only_the_teachers_answers_after_the_direction_changed(
-        eval_setup, tmp_path, capsys, monkeypatch) -> None:
+        eval_setup, tmp_path, capsys, generated) -> None:
     out = tmp_path / "eval"
     flags = [*eval_setup, "--benchmarks", "harmless-test", "--output-dir", str(out)]
     assert main(["eval", *flags]) == 0, capsys.readouterr().err
@@ -211,14 +218,7 @@ def test_a_rerun_regenerates_only_the_teachers_answers_after_the_direction_chang
     run_dir = Path(eval_setup[eval_setup.index("--run-dir") + 1])
     old = Direction.load(run_dir)  # the same layer and strength, the vector alone turned around
     Direction(-old.vector, old.layer, old.coefficient, old.metadata).save(run_dir)
-    generated: list[str] = []
-    generate = harness.generate_responses
-
-    def counted(*args, **kwargs):
-        generated.append(kwargs["desc"])
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(harness, "generate_responses", counted)
+    generated.clear()
     assert main(["eval", *flags]) == 0, capsys.readouterr().err
     assert generated == ["teacher: harmless-test"]
     assert _responses(out / "completions" / "teacher" / "harmless-test.jsonl") != before
