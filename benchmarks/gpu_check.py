@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path,
                         help="where to build the model and runs (default: temporary)")
     parser.add_argument("--allow-cpu", action="store_true",
-                        help="without CUDA, run stages 1 and 4 on the CPU")
+                        help="without CUDA, run the single-process stages on the CPU")
     parser.add_argument("--paper-8b", action="store_true",
                         help="also run stage 5, the 8B LoRA setting (writes a 16 GB model; minutes)")
     args = parser.parse_args()
