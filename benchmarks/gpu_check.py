@@ -64,7 +64,7 @@ RUN_SETTINGS = {
     "prompts_per_step": 4, "samples_per_prompt": 2, "micro_batch_size": 2, "max_new_tokens": 8,
     "check_limit": 2, "check_max_new_tokens": 4, "lora_r": 4, "dtype": "bfloat16"}
 # README's "8B model, one 80 GB GPU, with LoRA" (the paper's sampling shape; stages 1-2 kept small).
-PAPER_8B_SETTINGS = {**RUN_SETTINGS, "use_lora": True, "lora_r": 16, "lora_alpha": 32, "n_train_prompts": 8,
+PAPER_8B_SETTINGS = {**RUN_SETTINGS, "use_lora": True, "lora_r": 16, "n_train_prompts": 8,
                      "samples_per_prompt": 8, "max_new_tokens": 512, "micro_batch_size": 1,
                      "gradient_checkpointing": True, "reduction": "sequence"}
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "vote_prompts",
@@ -164,7 +164,7 @@ def main() -> int:
             config_path = REPOSITORY / "examples" / "accelerate" / config_file
             results.append(run_stage(name, [*launch, str(config_path), *cli, *extra, "--output-dir",
                                             str(work / name)], work / name / "check.json"))
-        peak_file = work / "eval-peak.json"
+        peak_file = work / "eval" / "peak.json"  # beside eval's results, after they are written
         report_peak = (f"import json, sys, torch; from safesteer.cli import main; code = main(sys.argv[1:]); "
                        f"json.dump({{'peak_gpu_mib': torch.cuda.max_memory_allocated() / 2**20 "
                        f"if torch.cuda.is_available() else None}}, open({str(peak_file)!r}, 'w')); "
