@@ -231,6 +231,31 @@ def test_yaml_values_parse_like_flags(tmp_path):
     assert direction.response_betas == [0.5, 0.7]
 
 
+def test_bf16_is_a_switch_that_also_takes_auto_on_the_command_line_and_in_yaml(capsys, tmp_path):
+    from safesteer.cli import parse
+    from safesteer.distill.config import DistillConfig
+
+    def bf16(*args: str) -> object:
+        parsed = parse("run", ["--output-dir", str(tmp_path / "run"), *args])[1]
+        return next(item for item in parsed if isinstance(item, DistillConfig)).bf16
+
+    config = tmp_path / "c.yaml"
+    config.write_text("bf16: auto\n")
+    assert [bf16(), bf16("--bf16"), bf16("--bf16=auto"), bf16("--bf16", "auto"), bf16("--no-bf16"),
+            bf16("--config", str(config)), bf16("--config", str(config), "--no-bf16")] == [
+        False, True, "auto", "auto", False, "auto", False]
+    assert bf16("--preset", "demo") == "auto"
+    for args in (["--bf16=yes"], ["--no-bf16=auto"]):
+        code, _, err = _run(capsys, "run", "--output-dir", str(tmp_path / "run"), *args)
+        assert code == 2 and err.count("\n") == 1 and "--" in err and "expected no value" in err
+    config.write_text("n_train: 4\nbf16: maybe\n")
+    code, _, err = _run(capsys, "run", "--output-dir", str(tmp_path / "run"), "--config", str(config))
+    assert code == 2 and "line 2" in err and "expected true, false or auto, got 'maybe'" in err
+    with pytest.raises(SystemExit):
+        main(["run", "--preset", "demo", "--help"])
+    assert "(default: --bf16=auto)" in capsys.readouterr().out
+
+
 def test_option_flags_read_back_to_the_same_configs():
     from dataclasses import asdict
 
@@ -239,7 +264,7 @@ def test_option_flags_read_back_to_the_same_configs():
 
     _, parsed = parse("run", ["--output-dir", "x y", "--preset", "demo", "--retain-prompts", "a,b",
                               "--n-retain-prompts", "2", "--response-layers", "1", "3",
-                              "--teacher-system-prompt", "-- be safe --", "--no-use-lora"])
+                              "--teacher-system-prompt", "-- be safe --", "--no-use-lora", "--bf16=auto"])
     flags = option_flags({key: value for item in parsed for key, value in asdict(item).items()})
     assert parse("run", flags)[1] == parsed
 

@@ -20,6 +20,7 @@ from safesteer.distill.export import merge_student
 from safesteer.distill.rollout import Rollout, completion_mask
 from safesteer.distill.trainer import Distiller
 from safesteer.errors import SafesteerError
+from safesteer.models import precision
 from safesteer.models.layout import decoder_layers
 from safesteer.models.rendering import render_prompts
 from safesteer.scoring import completion_logits
@@ -253,6 +254,22 @@ def test_bf16_autocast_scores_in_bfloat16_and_stays_close(make_tiny_model: Model
     assert bf16_gradient.dtype == torch.float32 and gradient.abs().max() > 0
     assert bf16_loss == pytest.approx(loss, rel=0.02)
     assert torch.nn.functional.cosine_similarity(gradient, bf16_gradient, dim=0) > 0.999
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_autocasts_on_a_cpu_with_native_bfloat16_only(make_tiny_model: ModelFactory, tiny_tokenizer,
+                                                                  direction, tmp_path, native: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "native_bfloat16_cpu", lambda: native)
+    distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path,
+                               make_config(max_new_tokens=4, bf16="auto"))
+    heads: list[torch.dtype] = []
+    distiller.student.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: heads.append(output.dtype) if torch.is_grad_enabled() else None)
+    distiller.backward(distiller.sample(1))
+    assert distiller.bf16 is native and set(heads) == {torch.bfloat16 if native else torch.float32}
+    with pytest.raises(SafesteerError, match="--bf16 must be true, false or auto, got 'yes'"):
+        make_config(bf16="yes")
 
 
 def test_bf16_keeps_the_frozen_weights_bfloat16_copies_without_changing_a_bit(

@@ -22,6 +22,7 @@ from safesteer.models.precision import (
     BfloatProducts,
     FrozenWeightCasts,
     generation_dtype,
+    resolve_bf16,
     resolve_generation_dtype,
     set_generation_dtype,
 )
@@ -142,6 +143,23 @@ def test_the_generation_dtype_resolves(name: str, weights: torch.dtype, device: 
                                        expected: torch.dtype | None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "native_bfloat16_cpu", lambda: native)
     assert resolve_generation_dtype(name, weights, device) == expected
+
+
+@pytest.mark.parametrize(("setting", "weights", "device", "native", "expected"), [
+    (True, torch.float32, CPU, False, True),
+    (False, torch.float32, CPU, True, False),
+    ("auto", torch.float32, CPU, True, True),
+    ("auto", torch.float32, CPU, False, False),
+    ("auto", torch.bfloat16, CPU, True, False),
+    ("auto", torch.float32, torch.device("meta"), True, False),
+])
+def test_bf16_resolves_auto_where_generation_dtype_auto_picks_bfloat16(
+        setting: bool | str, weights: torch.dtype, device: torch.device, native: bool, expected: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "native_bfloat16_cpu", lambda: native)
+    assert resolve_bf16(setting, weights, device) is expected
+    generation = resolve_generation_dtype("auto", weights, device) == torch.bfloat16
+    assert setting != "auto" or generation is expected
 
 
 def test_an_unknown_generation_dtype_is_refused() -> None:

@@ -1,7 +1,8 @@
 """Typed config dataclasses as a command line: flags, ``--config`` YAML files and ``--help``.
 
 Each field is one kebab-case option (``n_train`` -> ``--n-train``) whose help text is the field's
-``metadata["help"]``; a boolean is ``--flag/--no-flag``, a list takes one or more values, a field
+``metadata["help"]``; a boolean is ``--flag/--no-flag`` (``bool | Literal["auto"]`` also takes
+``--flag=auto``, resolved where the option is used), a list takes one or more values, a field
 without a default is required, and one marked ``metadata["positional"]`` is a bare operand
 (``safesteer report DIR``). A YAML file's keys are the field names and its values are read like
 flags: they become flags placed before the real ones, which therefore win. Every mistake is a
@@ -72,6 +73,22 @@ class _Switch(argparse.BooleanOptionalAction):
         self.help = help
 
 
+class _AutoSwitch(_Switch):
+    """A switch that also takes ``auto`` (``--bf16=auto``): a choice left to the machine it runs on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nargs, self.metavar = "?", "auto"
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        negated = bool(option_string and option_string.startswith("--no-"))
+        if values is not None and (negated or values != "auto"):
+            expected = "no value" if negated else "no value or auto"
+            parser.error(f"argument {option_string}: expected {expected}, got {values!r}")
+        setattr(namespace, self.dest, "auto" if values == "auto" else not negated)
+
+
 class _Formatter(argparse.HelpFormatter):
     """Help that says "(required)" or the default, spelt as it would be typed."""
 
@@ -88,7 +105,9 @@ class _Formatter(argparse.HelpFormatter):
         default = action.default
         if default is None or default is argparse.SUPPRESS or not action.option_strings:
             return text
-        if isinstance(action, _Switch):
+        if default == "auto" and isinstance(action, _AutoSwitch):
+            shown = f"{action.option_strings[0]}=auto"
+        elif isinstance(action, _Switch):
             shown = action.option_strings[0 if default else 1]
         elif isinstance(default, list):
             shown = " ".join(map(str, default))
@@ -121,7 +140,8 @@ def _add_option(group: argparse._ArgumentGroup, item: Field[Any], hint: Any) -> 
     else:
         kwargs["required"] = True
     if kind is bool:
-        return group.add_argument(flag(item.name), action=_Switch, **kwargs)
+        auto = set(typing.get_args(hint)) == {bool, typing.Literal["auto"]}
+        return group.add_argument(flag(item.name), action=_AutoSwitch if auto else _Switch, **kwargs)
     kwargs.update(type=kind, metavar=metadata.get("metavar", _METAVARS.get(kind, "VALUE")))
     if "choices" in metadata:
         kwargs.update(choices=metadata["choices"], metavar=None)
@@ -197,6 +217,9 @@ def _yaml_mapping(path: str) -> tuple[dict[Any, Any], dict[str, int]]:
 
 def _yaml_value_problem(action: argparse.Action, value: Any) -> str | None:
     """Why ``value`` cannot be given to ``action``'s option, or None."""
+    if isinstance(action, _AutoSwitch):
+        good = isinstance(value, bool) or value == "auto"
+        return None if good else f"expected true, false or auto, got {value!r}"
     if isinstance(action, _Switch):
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     items = value if isinstance(value, list) else [value]

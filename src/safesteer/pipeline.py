@@ -174,7 +174,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
         summary = {"refusal": results, "harmful_sets": run.check_harmful,
                    "benign_sets": run.check_benign, "judge": "keyword (safesteer.keyword_judge)",
                    "max_new_tokens": run.check_max_new_tokens,
-                   "generation_dtype": generation_dtype_name(model)}
+                   "generation_dtype": generation_dtype_name(model), "bf16_autocast": distiller.bf16}
         print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
               f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))
     summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)))

@@ -10,6 +10,7 @@ prompt and 512 new tokens, with ``--reduction sequence``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from safesteer.errors import SafesteerError
 from safesteer.validation import check_choice, check_range
@@ -120,7 +121,7 @@ class DistillConfig:
                                                 "the output head) or comma-separated module names."})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."})
-    bf16: bool = field(
+    bf16: bool | Literal["auto"] = field(
         default=False, metadata={"help": "Run the teacher's and the student's teacher-forced "
                                          "forwards (and so the backward) under bfloat16 autocast, "
                                          "the weights, adapter, optimizer and loss staying in their "
@@ -128,7 +129,8 @@ class DistillConfig:
                                          "half their float32 size); sampling is untouched. Faster "
                                          "where bfloat16 matmuls are (GPUs, CPUs with AVX512-BF16 "
                                          "or AMX); the loss moves within the tolerance of "
-                                         "docs/method.md §6.1."})
+                                         "docs/method.md §6.1. auto: on for float32 weights on such "
+                                         "a CPU, else off."})
 
     # --- bookkeeping
     save_steps: int = field(
@@ -157,6 +159,8 @@ class DistillConfig:
         check_range(self, ("warmup_ratio", "adam_beta1", "adam_beta2", "lora_dropout"), low=0, high=1,
                     high_open=True)
         check_range(self, "top_p", low=0, high=1, low_open=True)
+        if self.bf16 not in (True, False, "auto"):
+            raise SafesteerError(f"--bf16 must be true, false or auto, got {self.bf16!r}")
         check_range(self, "alpha", low=0, high=1)
         sliced = self.mode in ("topk", "subset")
         if self.renormalize and not sliced:

@@ -38,7 +38,7 @@ from safesteer.divergence import divergence, negative_log_likelihood
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.layout import model_device
-from safesteer.models.precision import FrozenWeightCasts
+from safesteer.models.precision import FrozenWeightCasts, resolve_bf16
 from safesteer.progress import progress_bar
 from safesteer.scoring import left_pad
 
@@ -96,7 +96,7 @@ class Distiller:
     * **Micro-batching** (--micro-batch-size, --gradient-checkpointing, --bf16): the forwards and
       backward run on this many completions at a time, gradients accumulating unsynchronised
       (``accelerator.accumulate``) to the same gradient; a prompt's M samples share one reading
-      of it, and --bf16 autocasts both forwards with the frozen weights' bfloat16 copies kept.
+      of it, and --bf16 (or =auto) autocasts both forwards with the frozen weights' bfloat16 copies kept.
     * **Optimisation** (--learning-rate, --num-epochs, --warmup-ratio, --max-grad-norm,
       --weight-decay, --adam-beta1, --adam-beta2, --adam-epsilon): AdamW, cosine schedule with
       linear warmup from 0 (transformers' schedule, as the paper's trainer), gradient clipping.
@@ -185,6 +185,7 @@ class Distiller:
         self.share_prompts = (cfg.samples_per_prompt > 1  # 2 forwards, 1 backward: untried when sharded
                               and not (self.run.sharded or cfg.gradient_checkpointing))  # no cache
         self.weight_casts = None if self.run.sharded else FrozenWeightCasts()
+        self.bf16 = resolve_bf16(cfg.bf16, next(self.base_model.parameters()).dtype, self.device)
         self.teachers = Teachers(self.student, self.teacher_model, self.direction, self.prompt_ids,
                                  self.teacher_prompt_ids, self.tokenizer.pad_token_id, cfg.temperature,
                                  self.device, self.share_prompts)
@@ -284,11 +285,11 @@ class Distiller:
             rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
             length = int((completions := rollout.completion_mask[rows]).sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
-            with bf16_autocast(cfg.bf16, self.device, self.weight_casts):
+            with bf16_autocast(self.bf16, self.device, self.weight_casts):
                 teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                with bf16_autocast(cfg.bf16, self.device, self.weight_casts):
+                with bf16_autocast(self.bf16, self.device, self.weight_casts):
                     student_logits = rollout.logits(self.model, rows, length, cfg.temperature,
                                                     self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),
@@ -379,7 +380,6 @@ class Distiller:
         return DistillResult(self.step, self.total_steps, student_dir, last_metrics)
 
     def _log(self, record: dict[str, float], progress: tqdm) -> None:
-        cfg, accelerator = self.config, self.accelerator
         self.run.append_log(record)
         shown = {"loss": f"{record['loss']:.4g}", "refusal": f"{record['refusal_rate']:.2f}"}
         if "kl_k3" in record:
@@ -388,11 +388,11 @@ class Distiller:
             shown["mass_s"] = f"{record['student_mass_s']:.3g}/{record['teacher_mass_s']:.3g}"
         progress.set_postfix(shown)
         progress.update(1)
-        if record["step"] % cfg.logging_steps == 0:
+        if record["step"] % self.config.logging_steps == 0:
             logger.info("step %d/%d %s", record["step"], self.total_steps,
                         " ".join(f"{key}={value:.4g}" for key, value in record.items() if key != "step"))
-            if cfg.report_to != "none":
-                accelerator.log(record, step=int(record["step"]))
+            if self.config.report_to != "none":
+                self.accelerator.log(record, step=int(record["step"]))
 
     def _step_seed(self, purpose: str, step: int) -> int:
         """A seed for one step's sampling or dropout, from (--seed, purpose, step, process)."""

@@ -14,12 +14,14 @@ few tokens, as answers in another dtype do; their refusal verdicts hardly move (
 The chosen dtype is kept on the model by :func:`~safesteer.models.loading.load_model`, so every
 caller of :func:`~safesteer.models.generation.generate_ids` gets it without passing it along.
 
-Stage 3's ``--bf16`` trains under bfloat16 autocast instead; :class:`FrozenWeightCasts` keeps the
-frozen weights' bfloat16 copies there, which autocast would make again at every forward.
+Stage 3's ``--bf16`` trains under bfloat16 autocast instead (``--bf16=auto``: where
+``--generation-dtype auto`` would pick bfloat16, :func:`resolve_bf16`); :class:`FrozenWeightCasts`
+keeps the frozen weights' bfloat16 copies there, which autocast would make again at every forward.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -30,6 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 from safesteer.config import GENERATION_DTYPES
 from safesteer.models.narrow import narrow_linears
+
+logger = logging.getLogger(__name__)
 
 # The attribute load_model sets; a PeftModel forwards the lookup to the model it wraps.
 _ATTRIBUTE = "safesteer_generation_dtype"
@@ -57,6 +61,18 @@ def resolve_generation_dtype(name: str, weights: torch.dtype, device: torch.devi
     if name == "auto" and not (device.type == "cpu" and native_bfloat16_cpu()):
         return None
     return torch.bfloat16
+
+
+def resolve_bf16(setting: bool | str, weights: torch.dtype, device: torch.device) -> bool:
+    """Whether stage 3's teacher-forced passes run under bfloat16 autocast (``--bf16``): as set,
+    or for ``auto`` on float32 weights on a CPU with native bfloat16, where the faster products
+    pay for the copies; elsewhere ``auto`` leaves results as they were."""
+    if setting != "auto":
+        return bool(setting)
+    chosen = weights == torch.float32 and device.type == "cpu" and native_bfloat16_cpu()
+    logger.info("--bf16=auto: %s in stage 3's teacher-forced passes",
+                "bfloat16 autocast" if chosen else "the weights' own products")
+    return chosen
 
 
 def set_generation_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
