@@ -123,6 +123,10 @@ def test_config_parses_flags_and_documents_every_field() -> None:
         "sft", SAFETY_SYSTEM_PROMPT, True)
     assert config.target_modules() == ["q_proj", "v_proj"]
     assert DistillConfig().target_modules() == "all-linear"
+    # HfArgumentParser reads the bool of `bool | str`; "auto" is safesteer's own spelling (tests/test_cli.py)
+    flagged = [parser.parse_args_into_dataclasses(flags)[0].bf16
+               for flags in ([], ["--bf16"], ["--bf16", "false"])]
+    assert flagged == [False, True, False]
     undocumented = [f.name for f in DistillConfig.__dataclass_fields__.values() if not f.metadata.get("help")]
     assert not undocumented
 

@@ -1,8 +1,8 @@
 """Typed config dataclasses as a command line: flags, ``--config`` YAML files and ``--help``.
 
 Each field is one kebab-case option (``n_train`` -> ``--n-train``) whose help text is the field's
-``metadata["help"]``; a boolean is ``--flag/--no-flag`` (``bool | Literal["auto"]`` also takes
-``--flag=auto``, resolved where the option is used), a list takes one or more values, a field
+``metadata["help"]``; a boolean is ``--flag/--no-flag`` (``bool | str`` also takes ``--flag=auto``,
+resolved where the option is used), a list takes one or more values, a field
 without a default is required, and one marked ``metadata["positional"]`` is a bare operand
 (``safesteer report DIR``). A YAML file's keys are the field names and its values are read like
 flags: they become flags placed before the real ones, which therefore win. Every mistake is a
@@ -140,7 +140,7 @@ def _add_option(group: argparse._ArgumentGroup, item: Field[Any], hint: Any) -> 
     else:
         kwargs["required"] = True
     if kind is bool:
-        auto = set(typing.get_args(hint)) == {bool, typing.Literal["auto"]}
+        auto = set(typing.get_args(hint)) == {bool, str}
         return group.add_argument(flag(item.name), action=_AutoSwitch if auto else _Switch, **kwargs)
     kwargs.update(type=kind, metavar=metadata.get("metavar", _METAVARS.get(kind, "VALUE")))
     if "choices" in metadata:

@@ -10,7 +10,6 @@ prompt and 512 new tokens, with ``--reduction sequence``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from safesteer.errors import SafesteerError
 from safesteer.validation import check_choice, check_range
@@ -121,7 +120,7 @@ class DistillConfig:
                                                 "the output head) or comma-separated module names."})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."})
-    bf16: bool | Literal["auto"] = field(
+    bf16: bool | str = field(  # str: "auto" (HfArgumentParser reads it as a bool)
         default=False, metadata={"help": "Run the teacher's and the student's teacher-forced "
                                          "forwards (and so the backward) under bfloat16 autocast, "
                                          "the weights, adapter, optimizer and loss staying in their "
