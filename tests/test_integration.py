@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from safesteer.direction import Direction
 from safesteer.keyword_judge import refusal_rate
 from safesteer.models.generation import generate_responses
 from safesteer.models.loading import load_model
+from safesteer.models.precision import native_bfloat16_cpu
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +68,8 @@ def test_demo_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path
                  "--n-train-prompts", "4", "--prompts-per-step", "2", "--samples-per-prompt", "2",
                  "--max-new-tokens", "8", "--check-limit", "4", "--check-max-new-tokens", "8"])
     assert code == 0, capsys.readouterr().err
-    assert (run_dir / "check.json").is_file()
+    check = json.loads((run_dir / "check.json").read_text())
+    assert check["bf16_autocast"] is native_bfloat16_cpu()  # the preset's --bf16=auto, resolved here
     script = textwrap.dedent(f"""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,8 +88,6 @@ def test_demo_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path
 def test_eval_scores_base_teacher_and_student_on_real_benchmarks(direction_run, tmp_path, capsys):
     """`safesteer eval` on the embedded model with every default benchmark, at CI size; the
     student is a LoRA adapter with random (non-zero) weights, so it differs from the base."""
-    import json
-
     from peft import LoraConfig, get_peft_model
 
     run_dir = tmp_path / "run"
@@ -119,7 +120,6 @@ def test_quick_compare_tabulates_each_kind_of_method(tmp_path, capsys):
     preset makes it (trained 2 steps), all evaluated on 4 items per benchmark; the table has a
     finite value on every axis for every method. Every built-in method runs in
     tests/test_compare.py on the tiny model; here the embedded model and the real data."""
-    import json
     import math
 
     out = tmp_path / "compare"
