@@ -65,11 +65,12 @@ def resolve_generation_dtype(name: str, weights: torch.dtype, device: torch.devi
 
 def resolve_bf16(setting: bool | str, weights: torch.dtype, device: torch.device) -> bool:
     """Whether stage 3's teacher-forced passes run under bfloat16 autocast (``--bf16``): as set,
-    or for ``auto`` on float32 weights on a CPU with native bfloat16, where the faster products
-    pay for the copies; elsewhere ``auto`` leaves results as they were."""
+    or for ``auto`` where ``--generation-dtype auto`` picks bfloat16 (float32 weights on a CPU
+    with native bfloat16), where the faster products pay for the copies; elsewhere ``auto`` leaves
+    results as they were."""
     if setting != "auto":
         return bool(setting)
-    chosen = weights == torch.float32 and device.type == "cpu" and native_bfloat16_cpu()
+    chosen = resolve_generation_dtype("auto", weights, device) == torch.bfloat16
     logger.info("--bf16=auto: %s in stage 3's teacher-forced passes",
                 "bfloat16 autocast" if chosen else "the weights' own products")
     return chosen
