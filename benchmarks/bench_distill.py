@@ -36,6 +36,13 @@ SAFETY_WORDS = ("I", "As", "Sorry", "Unfortunately", " sorry", " cannot", " ille
                 " harmful", " assist", " provide", " help")
 
 
+def add_int_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """``--name`` options for integer DistillConfig fields, defaulting to the config's own defaults."""
+    defaults = DistillConfig()
+    for name in names:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+
+
 def quick_direction(model, tokenizer, layer: int = 16, beta: float = 0.2, n: int = 16) -> Direction:
     prompts = load_prompts("direction-harmful-train", limit=n)
     refusals = [REFUSAL_TEMPLATES[i % len(REFUSAL_TEMPLATES)] for i in range(n)]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_distill import SAFETY_WORDS, quick_direction
+from bench_distill import SAFETY_WORDS, add_int_options, quick_direction
 from torch import nn
 
 from safesteer.allocator import keep_freed_memory
@@ -149,9 +149,7 @@ def main() -> None:
     parser.add_argument("--direction", default=None, help="run directory of `safesteer direction`")
     parser.add_argument("--model", default=ModelArguments.model, help="as `safesteer run --model`")
     parser.add_argument("--prompts", default="safesteer-train", help="training prompts: set or file")
-    defaults = DistillConfig()
-    for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    add_int_options(parser, ("prompts_per_step", "samples_per_prompt", "micro_batch_size"))
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in backward (DistillConfig.gradient_checkpointing)")
     parser.add_argument("--rows", type=int, default=1024, help="rows of each peak matmul")

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_distill import SAFETY_WORDS, quick_direction
+from bench_distill import SAFETY_WORDS, add_int_options, quick_direction
 
 from safesteer.allocator import keep_freed_memory
 from safesteer.config import ModelArguments
@@ -213,9 +213,8 @@ def main() -> None:
                              "direction (bench_distill.quick_direction)")
     parser.add_argument("--model", default=ModelArguments().model)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens", "lora_r",
-                 "lora_alpha"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    add_int_options(parser, ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens",
+                             "lora_r", "lora_alpha"))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
     parser.add_argument("--same-allocator", action="store_true",
