@@ -240,6 +240,20 @@ def test_named_targets_are_shown_and_saved_under_their_names_with_their_wall_tim
     assert summary["results"]["v1.5"] == summary["results"]["student"]
 
 
+def test_benign_scores_need_not_evaluate_the_base(eval_setup, tmp_path, capsys) -> None:
+    """kl-benign and benign-nll score the base model's answers, made and saved under the base's name
+    even when the base is not a target, and reused by a later evaluation of the base."""
+    out = tmp_path / "eval"
+    flags = [*eval_setup, "--benchmarks", "kl-benign", "benign-nll", "ordinary-test",
+             "--output-dir", str(out)]
+    assert main(["eval", *flags, "--targets", "student"]) == 0, capsys.readouterr().err
+    saved = _responses(out / "completions" / "base" / "ordinary-test.jsonl")
+    assert json.loads((out / "results.json").read_text())["results"]["student"]["kl-benign"]["value"] > 0
+    assert main(["eval", *flags, "--targets", "base"]) == 0, capsys.readouterr().err
+    assert _responses(out / "completions" / "base" / "ordinary-test.jsonl") == saved
+    assert "dropped and regenerated" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("threshold", "same_as"), [(-1e9, "teacher"), (1e9, "base")])
 def test_conditional_teacher_steers_the_prompts_its_gate_flags(eval_setup, tmp_path, capsys, threshold,
                                                                same_as) -> None:

@@ -128,7 +128,9 @@ class Targets:
 
     def _identity(self, name: str) -> str:
         base = f"{self.model_args.model} ({self.model_args.dtype})"
-        source = self.sources[name]
+        # "base" is reserved for the base model, which answers kl-benign's reference prompts
+        # even when it is not among the targets.
+        source = "base" if name == "base" else self.sources[name]
         if source == "base":
             return base
         if source in ("teacher", "conditional-teacher"):
