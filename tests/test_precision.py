@@ -73,6 +73,24 @@ def test_a_bfloat_product_rounds_input_and_weight_and_copies_the_weight_once(bia
     assert (output.double() - exact).abs().max() > 1e-3
 
 
+def test_a_weight_whose_values_are_swapped_in_gets_a_copy_of_each() -> None:
+    """A folded adapter replaces a parameter's ``.data`` without touching its version counter: the
+    products must follow the values, not keep the first copy."""
+    weight = nn.Parameter(torch.randn(6, 8), requires_grad=False)
+    original, folded = weight.data, torch.randn(6, 8)
+    inputs = torch.randn(2, 8)
+    mode = BfloatProducts()
+    with torch.no_grad(), mode:
+        before = F.linear(inputs, weight)
+        weight.data = folded
+        swapped = F.linear(inputs, weight)
+        weight.data = original
+        after = F.linear(inputs, weight)
+    assert torch.equal(before, after) and len(mode.copies) == 2
+    torch.testing.assert_close(swapped, inputs @ folded.T, rtol=2e-2, atol=5e-2)
+    assert not torch.allclose(swapped, before, rtol=2e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("case", ["autograd", "float64"])
 def test_other_products_are_left_alone(case: str) -> None:
     dtype = torch.float64 if case == "float64" else torch.float32

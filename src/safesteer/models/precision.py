@@ -139,23 +139,31 @@ class FrozenWeightCasts(LinearMode):
 
 
 class WeightCopies:
-    """Weights copied to a lower dtype once, and again only after the weight changes in place."""
+    """Weights copied to a lower dtype once, and again only after the weight changes in place.
+
+    A copy belongs to the weight's storage as well as to the weight: a folded adapter is swapped in
+    as the parameter's ``.data`` (:class:`~safesteer.models.loading.FoldedAdapters`), which leaves
+    its version counter alone, so the base model's and the student's values each keep their copy.
+    """
 
     def __init__(self) -> None:
-        # Keyed by id, with the weight itself kept: a freed tensor's id may be reused.
-        self.kept: dict[int, tuple[Tensor, int, Tensor]] = {}
+        # Keyed by id and storage, with the weight and its storage kept: a freed tensor's id or
+        # address may be reused.
+        self.kept: dict[tuple[int, int], tuple[Tensor, int, Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.kept)
 
     def originals(self) -> list[Tensor]:
-        return [weight for weight, _, _ in self.kept.values()]
+        return [weight for weight, _, _, _ in self.kept.values()]
 
     def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        kept = self.kept.get(id(weight))
-        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype:
-            kept = self.kept[id(weight)] = (weight, weight._version, weight.detach().to(dtype))
-        return kept[2]
+        key = (id(weight), weight.data_ptr())
+        kept = self.kept.get(key)
+        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[3].dtype != dtype:
+            values = weight.detach()
+            kept = self.kept[key] = (weight, weight._version, values, values.to(dtype))
+        return kept[3]
 
 
 def generation_products(model: nn.Module) -> AbstractContextManager[Any]:
