@@ -254,6 +254,27 @@ def test_benign_scores_need_not_evaluate_the_base(eval_setup, tmp_path, capsys) 
     assert "dropped and regenerated" not in capsys.readouterr().err
 
 
+def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(eval_setup, tmp_path,
+                                                                               capsys) -> None:
+    """--score-dtype bfloat16 computes MMLU letters, gold-answer NLLs and kl-benign in bfloat16
+    products: close to float32's but not equal. The student's KL must stay the student's: its
+    folded weights and the base's each get their own copy within one measure."""
+    benchmarks = ["mmlu-nll", "gsm8k-nll", "kl-benign", "benign-nll"]
+    values = {}
+    for dtype in ("model", "bfloat16"):
+        out = tmp_path / f"eval-{dtype}"
+        flags = [*eval_setup, "--benchmarks", *benchmarks, "--score-dtype", dtype, "--output-dir", str(out)]
+        assert main(["eval", *flags, "--targets", "base", "student"]) == 0, capsys.readouterr().err
+        summary = json.loads((out / "results.json").read_text())
+        assert summary["settings"]["score_dtype"] == {"model": "float32"}.get(dtype, dtype)
+        values[dtype] = {(target, name): summary["results"][target][name]["value"]
+                         for target in ("base", "student") for name in benchmarks}
+    for key, exact in values["model"].items():
+        assert values["bfloat16"][key] == pytest.approx(exact, rel=0.05), key
+    assert values["bfloat16"][("student", "kl-benign")] > 0.5 * values["model"][("student", "kl-benign")]
+    assert values["bfloat16"] != values["model"]
+
+
 @pytest.mark.parametrize(("threshold", "same_as"), [(-1e9, "teacher"), (1e9, "base")])
 def test_conditional_teacher_steers_the_prompts_its_gate_flags(eval_setup, tmp_path, capsys, threshold,
                                                                same_as) -> None:

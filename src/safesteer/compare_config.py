@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from safesteer.config import DataArguments, ModelArguments
+from safesteer.config import GENERATION_DTYPES, DataArguments, ModelArguments
 from safesteer.direction_config import DirectionConfig
 from safesteer.distill.config import SAFETY_SYSTEM_PROMPT, DistillConfig
 from safesteer.errors import SafesteerError
@@ -118,6 +118,10 @@ class CompareArguments:
         "help": "Items per capability benchmark (default 48, 4 with --quick; 0 = all)."})
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "Tokens generated per evaluated answer (default 64, as the demo check; 8 with --quick)."})
+    score_dtype: str = field(default="model", metadata={
+        "help": "Products of the evaluation's teacher-forced measures, as `safesteer eval "
+                "--score-dtype`: model, bfloat16, or auto (bfloat16 on a CPU with native bfloat16).",
+        "choices": GENERATION_DTYPES})
 
     def __post_init__(self) -> None:
         check_choice(self, "preset", sorted(PRESETS))
@@ -135,7 +139,8 @@ class CompareArguments:
         assert self.limit is not None and self.capability_limit is not None and self.max_new_tokens
         return EvalArguments(output_dir=str(Path(self.output_dir) / "eval"), targets=targets,
                              run_dir=run_dir, benchmarks=self.benchmarks, limit=self.limit,
-                             capability_limit=self.capability_limit, max_new_tokens=self.max_new_tokens)
+                             capability_limit=self.capability_limit, max_new_tokens=self.max_new_tokens,
+                             score_dtype=self.score_dtype)
 
 
 # ------------------------------------------------------------------------- the methods file

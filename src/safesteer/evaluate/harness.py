@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -52,9 +52,9 @@ from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
 from safesteer.io import atomic_write, write_json
 from safesteer.models.generation import generate_responses
-from safesteer.models.layout import num_layers
+from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import pretrained_location
-from safesteer.models.precision import generation_dtype_name
+from safesteer.models.precision import BfloatProducts, generation_dtype_name, resolve_generation_dtype
 from safesteer.report import plot_results
 from safesteer.steering import ablate_direction
 
@@ -123,6 +123,9 @@ class Evaluation:
         self._references: list[str] | None = None
         self._letters: dict[tuple[str, str], tuple[list[MultipleChoiceQuestion], list[list[float]]]] = {}
         self._own_directions: dict[str, torch.Tensor] = {}
+        weights = next(targets.model.parameters()).dtype
+        self.score_dtype = resolve_generation_dtype(args.score_dtype, weights, model_device(targets.model))
+        self.score_dtype_name = str(self.score_dtype or weights).removeprefix("torch.")
         self.judge = (LLMJudge.load(args.judge_model, args.judge_format, device=targets.model_args.device)
                       if args.judge_model else None)
 
@@ -263,7 +266,7 @@ class Evaluation:
         key = (target_name, subset)
         if key not in self._letters:
             questions = load_mmlu(subset, self.args.capability_limit or None, seed=self.args.eval_seed)
-            with target() as model, torch.inference_mode():
+            with target() as model, torch.inference_mode(), self.scoring():
                 scores = choice_logprobs(model, self.tokenizer, questions,
                                          batch_size=self.args.score_batch_size)
             self._letters[key] = (questions, scores)
@@ -271,13 +274,20 @@ class Evaluation:
 
     def gold_nll(self, target: Target, prompts: list[str], references: list[str]) -> TokenAverage:
         """NLL per token of each reference answer after its prompt, teacher-forced."""
-        return gold_nll_per_token(target, self.tokenizer, prompts, references,
-                                  batch_size=self.args.score_batch_size)
+        with self.scoring():
+            return gold_nll_per_token(target, self.tokenizer, prompts, references,
+                                      batch_size=self.args.score_batch_size)
 
     def kl_to_base(self, target: Target, prompts: list[str], responses: list[str]) -> TokenAverage:
         """KL(target‖base) per token, teacher-forced on ``responses``."""
-        return mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
-                               batch_size=self.args.score_batch_size)
+        with self.scoring():
+            return mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
+                                   batch_size=self.args.score_batch_size)
+
+    def scoring(self) -> AbstractContextManager[Any]:
+        """The products of the teacher-forced measures: bfloat16 ones under --score-dtype bfloat16
+        (or auto on a CPU with native bfloat16), the weights' own otherwise (docs/method.md §8)."""
+        return BfloatProducts() if self.score_dtype == torch.bfloat16 else nullcontext()
 
     def benign_answers(self) -> tuple[list[str], list[str]]:
         """The --benign-reference prompts and the base model's greedy answers to them, which
@@ -320,7 +330,8 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                "summary": {name: target_summary(result) for name, result in results.items()},
                "judge": "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding",
                "seconds": seconds, "settings": {"model": model_args.model, **asdict(args),
-                                                "generation_dtype": generation_dtype_name(targets.model)}}
+                                                "generation_dtype": generation_dtype_name(targets.model),
+                                                "score_dtype": evaluation.score_dtype_name}}
     output_dir = Path(args.output_dir)
     write_json(output_dir / RESULTS_FILE, summary)
     table = results_table(results, args.benchmarks) + "\n\n" + summary_table(summary["summary"])
