@@ -24,6 +24,7 @@ from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 from safesteer.htmlreport.build import build_report
 from safesteer.models import load_model
+from safesteer.models.precision import BfloatProducts
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
@@ -255,10 +256,18 @@ def test_benign_scores_need_not_evaluate_the_base(eval_setup, tmp_path, capsys) 
 
 
 def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(eval_setup, tmp_path,
-                                                                               capsys) -> None:
+                                                                               capsys, monkeypatch) -> None:
     """--score-dtype bfloat16 computes MMLU letters, gold-answer NLLs and kl-benign in bfloat16
-    products: close to float32's but not equal. The student's KL must stay the student's: its
-    folded weights and the base's each get their own copy within one measure."""
+    products: close to float32's but not equal, with one set of copies per target. The student's
+    KL must stay the student's: its folded weights and the base's each get their own copy."""
+    modes: list[BfloatProducts] = []
+
+    class Counted(BfloatProducts):
+        def __init__(self) -> None:
+            super().__init__()
+            modes.append(self)
+
+    monkeypatch.setattr(harness, "BfloatProducts", Counted)
     benchmarks = ["mmlu-nll", "gsm8k-nll", "kl-benign", "benign-nll"]
     values = {}
     for dtype in ("model", "bfloat16"):
@@ -272,7 +281,7 @@ def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(
     for key, exact in values["model"].items():
         assert values["bfloat16"][key] == pytest.approx(exact, rel=0.05), key
     assert values["bfloat16"][("student", "kl-benign")] > 0.5 * values["model"][("student", "kl-benign")]
-    assert values["bfloat16"] != values["model"]
+    assert values["bfloat16"] != values["model"] and len(modes) == 2
 
 
 @pytest.mark.parametrize(("threshold", "same_as"), [(-1e9, "teacher"), (1e9, "base")])

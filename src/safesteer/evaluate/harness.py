@@ -16,8 +16,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -126,6 +126,7 @@ class Evaluation:
         weights = next(targets.model.parameters()).dtype
         self.score_dtype = resolve_generation_dtype(args.score_dtype, weights, model_device(targets.model))
         self.score_dtype_name = str(self.score_dtype or weights).removeprefix("torch.")
+        self._score_mode: BfloatProducts | None = None
         self.judge = (LLMJudge.load(args.judge_model, args.judge_format, device=targets.model_args.device)
                       if args.judge_model else None)
 
@@ -287,7 +288,19 @@ class Evaluation:
     def scoring(self) -> AbstractContextManager[Any]:
         """The products of the teacher-forced measures: bfloat16 ones under --score-dtype bfloat16
         (or auto on a CPU with native bfloat16), the weights' own otherwise (docs/method.md §8)."""
-        return BfloatProducts() if self.score_dtype == torch.bfloat16 else nullcontext()
+        if self.score_dtype != torch.bfloat16:
+            return nullcontext()
+        return self._score_mode or BfloatProducts()
+
+    @contextmanager
+    def target_copies(self) -> Iterator[None]:
+        """Within it, the teacher-forced measures share one set of bfloat16 weight copies (those
+        of the target and of the base), made on first use and freed at the end: one target's."""
+        self._score_mode = BfloatProducts() if self.score_dtype == torch.bfloat16 else None
+        try:
+            yield
+        finally:
+            self._score_mode = None
 
     def benign_answers(self) -> tuple[list[str], list[str]]:
         """The --benign-reference prompts and the base model's greedy answers to them, which
@@ -319,7 +332,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     seconds: dict[str, float] = {}
     for name in targets.names:
         target_started = time.perf_counter()
-        with targets.session(name) as target:
+        with targets.session(name) as target, evaluation.target_copies():
             for benchmark in args.benchmarks:
                 started = time.perf_counter()
                 results[name][benchmark] = evaluation.score(name, target, benchmark)
