@@ -279,7 +279,8 @@ def test_bf16_auto_autocasts_on_a_cpu_with_native_bfloat16_only(make_tiny_model:
 def test_bf16_keeps_the_frozen_weights_bfloat16_copies_without_changing_a_bit(
         make_tiny_model: ModelFactory, tiny_tokenizer, direction, tmp_path) -> None:
     """The frozen base's bfloat16 copies, kept across forwards, give the loss and gradient of
-    autocast casting every weight at every forward; each linear weight is copied once."""
+    autocast casting every weight at every forward; each linear weight is copied once, however
+    many steps fold the adapter for sampling."""
     results = []
     for keep in (False, True):
         distiller = make_distiller(make_tiny_model("llama"), tiny_tokenizer, direction, tmp_path / str(keep),
@@ -295,6 +296,8 @@ def test_bf16_keeps_the_frozen_weights_bfloat16_copies_without_changing_a_bit(
                for module in distiller.student.modules() if isinstance(module, torch.nn.Linear)
                and not module.weight.requires_grad}
     assert {id(weight) for weight in distiller.weight_casts.copies.originals()} == linears
+    distiller.backward(distiller.sample(1))  # sampling again folds the adapter into new weights
+    assert len(distiller.weight_casts.copies) == len(linears)
 
 
 def test_lora_adapter_is_float32_on_a_bf16_base(make_tiny_model: ModelFactory, tiny_tokenizer,
