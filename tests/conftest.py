@@ -130,6 +130,25 @@ def _one_thread_for_tiny_models(request: pytest.FixtureRequest) -> Iterator[None
 
 
 @pytest.fixture
+def record_bfloat_products(monkeypatch: pytest.MonkeyPatch) -> Callable[[object], list]:
+    """Swaps a module's ``BfloatProducts`` for a subclass that records every mode made; returns
+    the list they go into."""
+    from safesteer.models.precision import BfloatProducts
+
+    def record(module: object) -> list[BfloatProducts]:
+        modes: list[BfloatProducts] = []
+
+        class Recorded(BfloatProducts):
+            def __init__(self) -> None:
+                super().__init__()
+                modes.append(self)
+
+        monkeypatch.setattr(module, "BfloatProducts", Recorded)
+        return modes
+    return record
+
+
+@pytest.fixture
 def fake_benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Synthetic benchmark data in place of the pinned wheels: every registry prompt set is five
     benign prompts (``safesteer-train`` the first of them; local files are read for real), MMLU,

@@ -24,7 +24,6 @@ from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 from safesteer.htmlreport.build import build_report
 from safesteer.models import load_model
-from safesteer.models.precision import BfloatProducts
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
@@ -255,19 +254,12 @@ def test_benign_scores_need_not_evaluate_the_base(eval_setup, tmp_path, capsys) 
     assert "dropped and regenerated" not in capsys.readouterr().err
 
 
-def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(eval_setup, tmp_path,
-                                                                               capsys, monkeypatch) -> None:
+def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(
+        eval_setup, tmp_path, capsys, record_bfloat_products) -> None:
     """--score-dtype bfloat16 computes MMLU letters, gold-answer NLLs and kl-benign in bfloat16
     products: close to float32's but not equal, with one set of copies per target. The student's
     KL must stay the student's: its folded weights and the base's each get their own copy."""
-    modes: list[BfloatProducts] = []
-
-    class Counted(BfloatProducts):
-        def __init__(self) -> None:
-            super().__init__()
-            modes.append(self)
-
-    monkeypatch.setattr(harness, "BfloatProducts", Counted)
+    modes = record_bfloat_products(harness)
     benchmarks = ["mmlu-nll", "gsm8k-nll", "kl-benign", "benign-nll"]
     values = {}
     for dtype in ("model", "bfloat16"):

@@ -196,18 +196,11 @@ def test_load_model_records_the_generation_dtype(tiny_model_dir: Path) -> None:
 
 def test_generation_runs_in_bfloat16_products_through_a_lora_wrapper(
     make_tiny_model: Callable[[str], PreTrainedModel], tiny_tokenizer: PreTrainedTokenizerBase,
-    monkeypatch: pytest.MonkeyPatch,
+    record_bfloat_products: Callable[[object], list[BfloatProducts]],
 ) -> None:
     """generate_ids reads the dtype through a PeftModel, copies every linear weight once and answers
     as the rounded reference does; the logits are the reference's bit for bit and not float32's."""
-    modes: list[BfloatProducts] = []
-
-    class Recorded(BfloatProducts):
-        def __init__(self) -> None:
-            super().__init__()
-            modes.append(self)
-
-    monkeypatch.setattr(precision, "BfloatProducts", Recorded)
+    modes = record_bfloat_products(precision)
     model = make_tiny_model("llama").eval()
     reference = rounded_copy(model)
     weights = {id(module.weight) for module in model.modules() if isinstance(module, nn.Linear)}
