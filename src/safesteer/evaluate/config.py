@@ -71,7 +71,7 @@ class EvalArguments:
         "help": "Dtype of the linear products of the teacher-forced measures (MMLU letters, gold-answer "
                 "NLLs, kl-benign): model (the weights' own), bfloat16 (bfloat16 copies of float32 "
                 "weights; about 2x faster on CPUs with AVX512-BF16 or AMX, NLLs move by up to about "
-                "2 %, docs/method.md §8), auto (bfloat16 on such a CPU, else model).",
+                "2 percent, docs/method.md §8), auto (bfloat16 on such a CPU, else model).",
         "choices": GENERATION_DTYPES})
     exclude_near: list[str] = field(
         default_factory=lambda: ["safesteer-train", "direction-harmful-train", "direction-harmful-val"],
