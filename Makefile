@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/safesteer report $(OUTPUT_DIR)
 
 compare: install
-	$(BIN)/safesteer compare --output-dir runs/compare --generation-dtype auto --score-dtype auto
+	$(BIN)/safesteer compare --output-dir runs/compare --generation-dtype auto --score-dtype auto --jobs 2
 
 report-check: install
 	$(BIN)/python benchmarks/report_check.py $(OUTPUT_DIR) --install

@@ -3,11 +3,13 @@ tiny random model (training in-process instead of in a subprocess)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from safesteer.compare import (
     pareto_front,
     run_settings,
     train_method,
+    train_methods,
 )
 from safesteer.compare_config import (
     DEFAULT_METHODS,
@@ -260,8 +263,63 @@ def test_stream_copies_the_output_to_the_log_and_returns_the_status(tmp_path, ca
     assert log.read_text().splitlines()[1:] == ["hello"]
 
 
+def test_stream_adds_env_to_the_environment(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("SAFESTEER_TEST_KEPT", "kept")
+    code = "import os; print(os.environ['SAFESTEER_TEST_KEPT'], os.environ['SAFESTEER_TEST_ADDED'])"
+    added = {"SAFESTEER_TEST_ADDED": "a"}
+    assert compare._stream([sys.executable, "-c", code], tmp_path / "log", "", added) == 0
+    assert capsys.readouterr().out == "kept a\n"
+
+
+def _fake_runs(monkeypatch, fail: str | None = None) -> list[tuple[str, str, float, float]]:
+    """`safesteer run` replaced by a short sleep that writes a run's stage files; returns what
+    ran: (method, OMP_WAIT_POLICY given, start, end)."""
+    runs: list[tuple[str, str, float, float]] = []
+
+    def fake(command, log, prefix, env=None):
+        start = time.perf_counter()
+        run_dir = log.parent
+        for name in compare.SHARED_FILES:
+            (run_dir / name).write_text(name)
+        (run_dir / "student").mkdir()
+        time.sleep(0 if run_dir.name == fail else 0.2)
+        runs.append((run_dir.name, (env or {}).get("OMP_WAIT_POLICY", ""), start, time.perf_counter()))
+        return 1 if run_dir.name == fail else 0
+
+    monkeypatch.setattr(compare, "_stream", fake)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    return runs
+
+
+def test_methods_after_the_first_train_jobs_at_a_time_waiting_passively(tmp_path, monkeypatch) -> None:
+    runs = _fake_runs(monkeypatch)
+    methods = [Method(name, run={}) for name in ("first", "a", "b", "c")]
+    plans = {method.name: ([], {"name": method.name}) for method in methods}
+    train_methods(methods, plans, tmp_path, jobs=2)
+    first, *rest = runs
+    assert first[:2] == ("first", "") and sorted(run[0] for run in rest) == ["a", "b", "c"]
+    assert all(run[1] == "PASSIVE" and run[2] >= first[3] for run in rest)
+    at_once = max(sum(other[2] <= run[2] < other[3] for other in rest) for run in rest)
+    assert at_once == 2  # a and b together, c after one of them
+    for method in methods[1:]:  # each got the first one's stages 1-2
+        assert (tmp_path / "runs" / method.name / "safety_tokens.json").read_text() == "safety_tokens.json"
+    one_at_a_time = _fake_runs(monkeypatch)
+    train_methods(methods, plans, tmp_path / "again", jobs=1)
+    assert [run[1] for run in one_at_a_time] == [""] * 4
+    assert all(later[2] >= earlier[3] for earlier, later in itertools.pairwise(one_at_a_time))
+
+
+def test_a_failed_method_stops_those_not_started(tmp_path, monkeypatch) -> None:
+    runs = _fake_runs(monkeypatch, fail="a")
+    methods = [Method(name, run={}) for name in ("first", "a", "b", "c", "d")]
+    plans = {method.name: ([], {}) for method in methods}
+    with pytest.raises(SafesteerError, match="method 'a'"):
+        train_methods(methods, plans, tmp_path, jobs=2)
+    assert [run[0] for run in runs] == ["first", "a", "b"]  # b was running; c and d never started
+
+
 def test_a_failed_run_names_the_method_and_its_log(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(compare, "_stream", lambda command, log, prefix: 1)
+    monkeypatch.setattr(compare, "_stream", lambda command, log, prefix, env=None: 1)
     with pytest.raises(SafesteerError, match=r"method 'm': `safesteer run` failed .* see .*m/compare\.log"):
         train_method(Method("m", run={}), tmp_path / "m", [], {"mode": "full"})
     assert not (tmp_path / "m" / compare.SETTINGS_FILE).exists()
@@ -269,7 +327,8 @@ def test_a_failed_run_names_the_method_and_its_log(tmp_path, monkeypatch) -> Non
 
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch, capsys) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(compare, "_stream", lambda command, log, prefix: calls.append(command) or 0)
+    monkeypatch.setattr(compare, "_stream",
+                        lambda command, log, prefix, env=None: calls.append(command) or 0)
     run_dir = tmp_path / "m"
     (run_dir / "student").mkdir(parents=True)
     train_method(Method("m", run={}), run_dir, ["--x"], {"mode": "full"})
@@ -313,7 +372,7 @@ def compare_setup(tiny_model, tiny_tokenizer, fake_benchmarks, tmp_path, monkeyp
                        "    description: the whole vocabulary\n    run: {mode: full, complement: false}\n")
     calls: list[list[str]] = []
 
-    def in_process(command, log, prefix):
+    def in_process(command, log, prefix, env=None):
         calls.append(command)
         return main(command[3:])
 

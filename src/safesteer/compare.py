@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,14 @@ def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], pres
     return arguments, {"preset": preset, **settings}
 
 
-def _stream(command: list[str], log_path: Path, prefix: str) -> int:
-    """Run ``command``, copying its output line by line to the console and to ``log_path``."""
+def _stream(command: list[str], log_path: Path, prefix: str, env: Mapping[str, str] | None = None) -> int:
+    """Run ``command`` (with ``env`` added to this process's environment), copying its output
+    line by line to the console and to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}) as process:
             assert process.stdout is not None
             for line in process.stdout:
                 log.write(line)
@@ -122,7 +124,8 @@ def _stream(command: list[str], log_path: Path, prefix: str) -> int:
         return process.returncode
 
 
-def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any]) -> None:
+def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any],
+                 env: Mapping[str, str] | None = None) -> None:
     """Run ``safesteer run`` for ``method`` in ``run_dir`` unless a finished run with the same
     settings is there. Its output also goes to ``run_dir/compare.log``."""
     record = run_dir / SETTINGS_FILE
@@ -137,11 +140,35 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
     claim_output_dir(run_dir, RUN_KIND)  # so that `run --resume` accepts the first method's new directory
     log = run_dir / "compare.log"
     print(f"{method.name}: safesteer run (log: {log})")
-    code = _stream([sys.executable, "-m", "safesteer.cli", "run", *arguments], log, f"[{method.name}] ")
+    code = _stream([sys.executable, "-m", "safesteer.cli", "run", *arguments], log, f"[{method.name}] ", env)
     if code != 0:
         raise SafesteerError(f"method {method.name!r}: `safesteer run` failed (exit status {code}); "
                              f"see {log}")
     write_json(record, settings)
+
+
+def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str], dict[str, Any]]],
+                  output_dir: Path, jobs: int) -> None:
+    """Train ``methods`` in ``output_dir/runs``: the first alone (its stages 1-2 serve every
+    method), then the others ``jobs`` at a time. Concurrent processes' OpenMP threads wait
+    passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take the cores
+    from the other process, which made two runs on 2 cores 5x slower instead of faster."""
+    source = output_dir / "runs" / methods[0].name
+    train_method(methods[0], source, *plans[methods[0].name])
+    for method in methods[1:]:
+        if not (output_dir / "runs" / method.name / SETTINGS_FILE).is_file():
+            share_stages(source, output_dir / "runs" / method.name)
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if jobs > 1 else None
+    waiting, running = list(methods[1:]), set()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # on a failure, waits for the running ones
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                method = waiting.pop(0)
+                running.add(pool.submit(train_method, method, output_dir / "runs" / method.name,
+                                        *plans[method.name], env))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
 
 
 def share_stages(source: Path, run_dir: Path) -> None:
@@ -284,12 +311,8 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
                                                       PRESETS[args.preset][1]), args.preset,
                                        model_args, data_args)
              for method in trained}
+    train_methods(trained, plans, output_dir, args.jobs)
     source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method
-    for method in trained:
-        run_dir = output_dir / "runs" / method.name
-        if run_dir != source and not (run_dir / SETTINGS_FILE).is_file():
-            share_stages(source, run_dir)
-        train_method(method, run_dir, *plans[method.name])
     training_seconds = time.perf_counter() - started
 
     # A retrained student or a new direction is answered anew: saved answers carry what made them.
@@ -351,6 +374,8 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
             "drift: mean relative change of the "
             "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "
             "methods at least as good on those three axes and better on one. Train s: the method's "
-            "own training (stages 1-2 are shared and counted once, below); eval s: its evaluation; "
+            "own training (stages 1-2 are shared and counted once, below)"
+            + (f", with the methods after the first trained {settings['jobs']} at a time, sharing the "
+               "machine" if settings.get("jobs", 1) > 1 else "") + "; eval s: its evaluation; "
             "peak RSS of an inference-time method or the base: the evaluation process's.\n\n"
             f"{methods}\n\n{_timing(report['seconds'])}\n")
