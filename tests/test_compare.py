@@ -147,6 +147,8 @@ def test_quick_sets_the_evaluation_sizes_unless_given() -> None:
     assert (full.limit, full.capability_limit, full.max_new_tokens) == (40, 48, 64)
     with pytest.raises(SafesteerError, match="unknown benchmark"):
         CompareArguments(output_dir="o", benchmarks=["bogus"])
+    with pytest.raises(SafesteerError, match="--jobs"):
+        CompareArguments(output_dir="o", jobs=0)
 
 
 def _dominated_reference(points: dict[str, tuple[float, ...]]) -> dict[str, set[str]]:
