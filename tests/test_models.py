@@ -22,7 +22,13 @@ from safesteer.model_source import EMBEDDED_MODELS, list_embedded_models
 from safesteer.models.devices import resolve_device, resolve_dtype
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import decoder_layers, hidden_size, model_device, num_layers
-from safesteer.models.loading import _remove_stale_conversions, adapters_merged, load_model, model_id
+from safesteer.models.loading import (
+    _remove_stale_conversions,
+    adapters_disabled,
+    adapters_merged,
+    load_model,
+    model_id,
+)
 from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.wheels import cache_dir
 
@@ -391,6 +397,27 @@ def test_merged_adapters_give_the_adapters_logits_and_put_the_weights_back(
     torch.testing.assert_close(folded, adapted, atol=1e-5, rtol=1e-5)
     assert torch.equal(after, adapted)
     assert all(torch.equal(p, weights[name]) for name, p in student.named_parameters())
+
+
+def test_adapters_disabled_is_the_base_as_peft_s_disable_adapter_and_restores_the_adapters(
+        tiny_model: PreTrainedModel) -> None:
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        plain = tiny_model(ids).logits
+    student = _adapted(tiny_model)
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        adapted = student(ids).logits
+        with adapters_disabled(student) as base:
+            assert torch.equal(base(ids).logits, plain)
+        assert torch.equal(student(ids).logits, adapted)
+        assert {name for name, p in student.named_parameters() if p.requires_grad} == trainable
+        with student.disable_adapter():  # adapters already off stay off, as peft's own leaves them
+            with adapters_disabled(student) as base:
+                assert torch.equal(base(ids).logits, plain)
+            assert torch.equal(student(ids).logits, plain)
+        with adapters_disabled(tiny_model) as same:
+            assert same is tiny_model
 
 
 @pytest.mark.parametrize("case", ["bf16 base", "dora", "adapters off", "no adapter"])
