@@ -152,7 +152,7 @@ def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str]
     """Train ``methods`` in ``output_dir/runs``: the first alone (its stages 1-2 serve every
     method), then the others ``jobs`` at a time. Concurrent processes' OpenMP threads wait
     passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take the cores
-    from the other process, which made two runs on 2 cores 5x slower instead of faster."""
+    from the other process (two runs at once on 2 cores then took 5x as long a step as one alone)."""
     source = output_dir / "runs" / methods[0].name
     train_method(methods[0], source, *plans[methods[0].name])
     for method in methods[1:]:
