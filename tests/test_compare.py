@@ -273,42 +273,52 @@ def test_stream_adds_env_to_the_environment(tmp_path, capsys, monkeypatch) -> No
     assert capsys.readouterr().out == "kept a\n"
 
 
-def _fake_runs(monkeypatch, fail: str | None = None) -> list[tuple[str, str, float, float]]:
-    """`safesteer run` replaced by a short sleep that writes a run's stage files; returns what
-    ran: (method, OMP_WAIT_POLICY given, start, end)."""
-    runs: list[tuple[str, str, float, float]] = []
+def _fake_runs(monkeypatch, fail: str | None = None,
+               stages: bool = True) -> list[tuple[str, str, float, float, float]]:
+    """`safesteer run` replaced by one that writes its stage files after 0.1 s, then a student
+    after 0.2 s more (at once, failing, for the method ``fail``; without stage files unless
+    ``stages``); returns what ran: (method, OMP_WAIT_POLICY given, start, stages written, end)."""
+    runs: list[tuple[str, str, float, float, float]] = []
+    monkeypatch.setattr(compare, "STAGES_POLL_SECONDS", 0.01)
 
     def fake(command, log, prefix, env=None):
         start = time.perf_counter()
-        run_dir = log.parent
-        for name in compare.SHARED_FILES:
+        run_dir, policy = log.parent, (env or {}).get("OMP_WAIT_POLICY", "")
+        if run_dir.name == fail:
+            runs.append((run_dir.name, policy, start, start, start))
+            return 1
+        time.sleep(0.1)
+        for name in compare.SHARED_FILES if stages else ():
             (run_dir / name).write_text(name)
+        staged = time.perf_counter()
         (run_dir / "student").mkdir()
-        time.sleep(0 if run_dir.name == fail else 0.2)
-        runs.append((run_dir.name, (env or {}).get("OMP_WAIT_POLICY", ""), start, time.perf_counter()))
-        return 1 if run_dir.name == fail else 0
+        time.sleep(0.2)
+        runs.append((run_dir.name, policy, start, staged, time.perf_counter()))
+        return 0
 
     monkeypatch.setattr(compare, "_stream", fake)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     return runs
 
 
-def test_methods_after_the_first_train_jobs_at_a_time_waiting_passively(tmp_path, monkeypatch) -> None:
+def test_methods_train_jobs_at_a_time_once_the_first_wrote_the_shared_stages(tmp_path, monkeypatch) -> None:
     runs = _fake_runs(monkeypatch)
     methods = [Method(name, run={}) for name in ("first", "a", "b", "c")]
     plans = {method.name: ([], {"name": method.name}) for method in methods}
     train_methods(methods, plans, tmp_path, jobs=2)
-    first, *rest = runs
-    assert first[:2] == ("first", "") and sorted(run[0] for run in rest) == ["a", "b", "c"]
-    assert all(run[1] == "PASSIVE" and run[2] >= first[3] for run in rest)
-    at_once = max(sum(other[2] <= run[2] < other[3] for other in rest) for run in rest)
-    assert at_once == 2  # a and b together, c after one of them
+    first = next(run for run in runs if run[0] == "first")
+    rest = [run for run in runs if run[0] != "first"]
+    assert sorted(run[0] for run in rest) == ["a", "b", "c"]
+    assert all(run[1] == "PASSIVE" for run in runs)
+    assert all(run[2] >= first[3] for run in rest)  # after the stages, not after the first's end
+    assert min(run[2] for run in rest) < first[4]
+    assert max(sum(other[2] <= run[2] < other[4] for other in runs) for run in runs) == 2
     for method in methods[1:]:  # each got the first one's stages 1-2
         assert (tmp_path / "runs" / method.name / "safety_tokens.json").read_text() == "safety_tokens.json"
     one_at_a_time = _fake_runs(monkeypatch)
     train_methods(methods, plans, tmp_path / "again", jobs=1)
-    assert [run[1] for run in one_at_a_time] == [""] * 4
-    assert all(later[2] >= earlier[3] for earlier, later in itertools.pairwise(one_at_a_time))
+    assert [run[:2] for run in one_at_a_time] == [(method.name, "") for method in methods]
+    assert all(later[2] >= earlier[4] for earlier, later in itertools.pairwise(one_at_a_time))
 
 
 def test_a_failed_method_stops_those_not_started(tmp_path, monkeypatch) -> None:
@@ -317,7 +327,10 @@ def test_a_failed_method_stops_those_not_started(tmp_path, monkeypatch) -> None:
     plans = {method.name: ([], {}) for method in methods}
     with pytest.raises(SafesteerError, match="method 'a'"):
         train_methods(methods, plans, tmp_path, jobs=2)
-    assert [run[0] for run in runs] == ["first", "a", "b"]  # b was running; c and d never started
+    assert [run[0] for run in runs] == ["a", "first"]  # the first ran on; b, c and d never started
+    _fake_runs(monkeypatch, stages=False)
+    with pytest.raises(SafesteerError, match="method 'first' finished without its stages 1-2"):
+        train_methods(methods, plans, tmp_path / "no-stages", jobs=2)
 
 
 def test_a_failed_run_names_the_method_and_its_log(tmp_path, monkeypatch) -> None:

@@ -65,6 +65,7 @@ DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll", "benign-nll")
 SHARED_FILES = (*DIRECTION_FILES, "safety_tokens.json")
 SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
 SETTINGS_FILE = "compare_settings.json"  # a finished method's resolved `safesteer run` settings
+STAGES_POLL_SECONDS = 1.0  # how often --jobs > 1 looks for the first method's stages 1-2
 
 
 # ------------------------------------------------------------------------- training
@@ -149,24 +150,29 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
 
 def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str], dict[str, Any]]],
                   output_dir: Path, jobs: int) -> None:
-    """Train ``methods`` in ``output_dir/runs``: the first alone (its stages 1-2 serve every
-    method), then the others ``jobs`` at a time. Concurrent processes' OpenMP threads wait
-    passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take the cores
-    from the other process (two runs at once on 2 cores then took 5x as long a step as one alone)."""
+    """Train ``methods`` in ``output_dir/runs``, ``jobs`` at a time: the first starts alone, the
+    others once its stages 1-2, which serve every method, are on disk (its files are written
+    whole, by rename), so every training shares the machine alike. With ``jobs`` > 1 their OpenMP
+    threads wait passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take
+    the cores from the other process (two runs at once on 2 cores then took 5x as long a step as
+    one alone)."""
     source = output_dir / "runs" / methods[0].name
-    train_method(methods[0], source, *plans[methods[0].name])
-    for method in methods[1:]:
-        if not (output_dir / "runs" / method.name / SETTINGS_FILE).is_file():
-            share_stages(source, output_dir / "runs" / method.name)
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if jobs > 1 else None
-    waiting, running = list(methods[1:]), set()
+    waiting, running = list(methods), set()
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # on a failure, waits for the running ones
         while waiting or running:
-            while waiting and len(running) < jobs:
+            shared = all((source / name).is_file() for name in SHARED_FILES)
+            while waiting and len(running) < jobs and (shared or waiting[0] is methods[0]):
                 method = waiting.pop(0)
-                running.add(pool.submit(train_method, method, output_dir / "runs" / method.name,
-                                        *plans[method.name], env))
-            done, running = wait(running, return_when=FIRST_COMPLETED)
+                run_dir = output_dir / "runs" / method.name
+                if method is not methods[0] and not (run_dir / SETTINGS_FILE).is_file():
+                    share_stages(source, run_dir)
+                running.add(pool.submit(train_method, method, run_dir, *plans[method.name], env))
+            if not running:
+                raise SafesteerError(f"method {methods[0].name!r} finished without its stages 1-2 in "
+                                     f"{source}")
+            done, running = wait(running, timeout=None if shared else STAGES_POLL_SECONDS,
+                                 return_when=FIRST_COMPLETED)
             for future in done:
                 future.result()
 
@@ -375,7 +381,7 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
             "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "
             "methods at least as good on those three axes and better on one. Train s: the method's "
             "own training (stages 1-2 are shared and counted once, below)"
-            + (f", with the methods after the first trained {settings['jobs']} at a time, sharing the "
-               "machine" if settings.get("jobs", 1) > 1 else "") + "; eval s: its evaluation; "
+            + (f", with {settings['jobs']} methods training at a time, sharing the machine"
+               if settings.get("jobs", 1) > 1 else "") + "; eval s: its evaluation; "
             "peak RSS of an inference-time method or the base: the evaluation process's.\n\n"
             f"{methods}\n\n{_timing(report['seconds'])}\n")

@@ -123,11 +123,12 @@ class CompareArguments:
                 "--score-dtype`: model, bfloat16, or auto (bfloat16 on a CPU with native bfloat16).",
         "choices": GENERATION_DTYPES})
     jobs: int = field(default=1, metadata={
-        "help": "Training methods run this many at a time, each in its own process, after the first "
-                "(which makes the shared stages 1-2); the evaluation stays one process. The results "
-                "are the same. On this project's 2-core CPU 2 train 1.36x as fast as one after the "
-                "other (their OpenMP threads then wait passively: OMP_WAIT_POLICY=PASSIVE unless "
-                "set); each method's train seconds are then those it took sharing the machine."})
+        "help": "Training methods run this many at a time, each in its own process, the others "
+                "starting once the first has written the shared stages 1-2; the evaluation stays "
+                "one process. The results are the same. On this project's 2-core CPU 2 train about "
+                "1.35x as fast as one after the other (their OpenMP threads then wait passively: "
+                "OMP_WAIT_POLICY=PASSIVE unless set); each method's train seconds are then those it "
+                "took sharing the machine."})
 
     def __post_init__(self) -> None:
         check_choice(self, "preset", sorted(PRESETS))
