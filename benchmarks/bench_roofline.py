@@ -43,7 +43,7 @@ import torch
 from bench_distill import SAFETY_WORDS, add_int_options, quick_direction
 from torch import nn
 
-from safesteer.allocator import keep_freed_memory
+from safesteer.allocator import bound_kernel_caches, keep_freed_memory
 from safesteer.config import ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import Direction
@@ -159,6 +159,7 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first step is warm-up)")
 
     kept = keep_freed_memory()
+    bound_kernel_caches()
     model, tokenizer = load_model(ModelArguments(model=args.model, dtype=args.dtype))
     body, head, shapes = weight_counts(model)
     peaks = {}

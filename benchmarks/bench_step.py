@@ -18,10 +18,11 @@ row. Each side runs in a fresh process, so its peak RSS (VmHWM) is its own, and 
 the run hits both. s/step runs from the step's sampling to its optimizer step, the median over
 every round's steps but its first (warm-up). The sides sample different completions, whose mean
 lengths are printed: the work per step is comparable only when they are close. safesteer's
-process keeps freed memory for reuse, as the ``safesteer`` command does (``safesteer.allocator``,
-docs/method.md §6.1); TRL's keeps glibc's defaults, as a TRL user's script would, unless
-``--same-allocator`` gives it the setting too; ``SAFESTEER_SYSTEM_MALLOC=1`` in the environment
-leaves both sides on glibc's defaults, and an allocator in ``LD_PRELOAD`` (jemalloc) serves both.
+process keeps freed memory for reuse and bounds oneDNN's kernel caches, as the ``safesteer``
+command does (``safesteer.allocator``, docs/method.md §6.1); TRL's keeps glibc's and oneDNN's
+defaults, as a TRL user's script would, unless ``--same-allocator`` gives it both settings too;
+``SAFESTEER_SYSTEM_MALLOC=1`` in the environment leaves both sides on glibc's defaults, and an
+allocator in ``LD_PRELOAD`` (jemalloc) serves both.
 Timings on a shared machine vary: compare the ratios of one run. ``--bf16`` runs both sides in
 bfloat16 products over the float32 weights, the dtype TRL trains in by default: TRL's
 ``bf16=True`` (accelerate's autocast over every forward, sampling included), and ours ``--bf16
@@ -48,7 +49,7 @@ from typing import Any
 
 from bench_distill import SAFETY_WORDS, add_int_options, quick_direction
 
-from safesteer.allocator import keep_freed_memory
+from safesteer.allocator import bound_kernel_caches, keep_freed_memory
 from safesteer.config import ModelArguments
 from safesteer.data import load_prompts
 from safesteer.direction import Direction
@@ -97,9 +98,10 @@ def load_side(args: argparse.Namespace):
 
 
 def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any]:
-    """safesteer's steps in this (fresh) process, which keeps freed memory as the command does;
+    """safesteer's steps in this (fresh) process, which sets the heap as the command does;
     returns the prompt order TRL is to follow."""
     allocator = allocator_in_use(keep_freed_memory())
+    bound_kernel_caches()
     imported = memory_mib("VmRSS")
     model, tokenizer, prompts = load_side(args)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
@@ -136,6 +138,8 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
             self.seconds.append(time.perf_counter() - self.started)
 
     allocator = allocator_in_use(args.same_allocator and keep_freed_memory())
+    if args.same_allocator:
+        bound_kernel_caches()
     imported = memory_mib("VmRSS")
     student, tokenizer, prompts = load_side(args)
     teacher, _ = load_model(ModelArguments(model=args.model, dtype="float32"))  # the second copy
@@ -218,7 +222,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--lora-target-modules", default=defaults.lora_target_modules)
     parser.add_argument("--same-allocator", action="store_true",
-                        help="TRL's process keeps freed memory for reuse too (safesteer.allocator)")
+                        help="TRL's process keeps freed memory for reuse and bounds oneDNN's kernel caches "
+                             "too (safesteer.allocator)")
     parser.add_argument("--bf16", action="store_true",
                         help="both sides in bfloat16 products over float32 weights (TRL's default)")
     parser.add_argument("--gradient-checkpointing", action="store_true",

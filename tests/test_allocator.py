@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from safesteer.allocator import keep_freed_memory, tunes_allocator
+from safesteer.allocator import KERNEL_CACHES, bound_kernel_caches, keep_freed_memory, tunes_allocator
 
 GLIBC = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
 
@@ -56,3 +56,38 @@ def test_freed_large_blocks_are_reused_instead_of_faulted_in_again() -> None:
     pages = 2 * 8 * 2**25 // os.sysconf("SC_PAGE_SIZE")
     assert faults["system"] > pages // 2
     assert faults["keep"] < faults["system"] // 4
+
+
+def test_kernel_caches_are_bounded_unless_the_environment_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "2048")
+    assert bound_kernel_caches(64) == ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "2048"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallinfo2 counts the heap in use")
+def test_bounded_kernel_caches_stop_the_heap_growing_with_each_new_product_shape() -> None:
+    """The point of it: bfloat16 products of 400 new shapes grow the heap in use by about half a
+    MiB each by default (oneDNN keeps a kernel per shape) and by nothing once the caches are
+    full at a bound of 16 shapes."""
+    script = (
+        "import ctypes, sys, torch\n"
+        "from safesteer.allocator import bound_kernel_caches\n"
+        "if sys.argv[1] == 'bound': bound_kernel_caches(16)\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(name, ctypes.c_size_t) for name in 'abcdefghij']\n"
+        "libc = ctypes.CDLL(None); libc.mallinfo2.restype = Info\n"
+        "def in_use(): info = libc.mallinfo2(); return info.h + info.e\n"
+        "weight = torch.randn(64, 64, dtype=torch.bfloat16)\n"
+        "for rows in range(1, 601):\n"
+        "    torch.nn.functional.linear(torch.randn(rows, 64, dtype=torch.bfloat16), weight)\n"
+        "    if rows == 200: before = in_use()\n"
+        "print(in_use() - before)\n")
+    environment = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHES}
+    growth = {mode: int(subprocess.run([sys.executable, "-c", script, mode], env=environment, check=True,
+                                       capture_output=True, text=True).stdout)
+              for mode in ("bound", "default")}
+    if growth["default"] < 20 * 2**20:
+        pytest.skip("this build does not cache oneDNN kernels per shape here")
+    assert growth["bound"] < growth["default"] // 10

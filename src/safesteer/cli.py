@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safesteer import __version__, arguments
-from safesteer.allocator import keep_freed_memory
+from safesteer.allocator import bound_kernel_caches, keep_freed_memory
 from safesteer.arguments import Command
 from safesteer.config import DataArguments, ModelArguments
 from safesteer.direction_config import DirectionConfig
@@ -177,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_third_parties()
     keep_freed_memory()
+    bound_kernel_caches()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         handler, parsed = parse(args[0], args[1:])
