@@ -75,7 +75,7 @@ def test_bounded_kernel_caches_stop_the_heap_growing_with_each_new_product_shape
         "import ctypes, sys, torch\n"
         "from safesteer.allocator import bound_kernel_caches\n"
         "if sys.argv[1] == 'bound': bound_kernel_caches(16)\n"
-        "class Info(ctypes.Structure):\n"
+        "class Info(ctypes.Structure):  # struct mallinfo2: e = hblkhd (mapped), h = uordblks (heap in use)\n"
         "    _fields_ = [(name, ctypes.c_size_t) for name in 'abcdefghij']\n"
         "libc = ctypes.CDLL(None); libc.mallinfo2.restype = Info\n"
         "def in_use(): info = libc.mallinfo2(); return info.h + info.e\n"
