@@ -88,6 +88,5 @@ def test_bounded_kernel_caches_stop_the_heap_growing_with_each_new_product_shape
     growth = {mode: int(subprocess.run([sys.executable, "-c", script, mode], env=environment, check=True,
                                        capture_output=True, text=True).stdout)
               for mode in ("bound", "default")}
-    if growth["default"] < 20 * 2**20:
-        pytest.skip("this build does not cache oneDNN kernels per shape here")
+    assert growth["default"] > 20 * 2**20  # the pinned CPU torch keeps a kernel per shape
     assert growth["bound"] < growth["default"] // 10

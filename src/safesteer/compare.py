@@ -149,10 +149,11 @@ def train_method(method: Method, run_dir: Path, arguments: list[str], settings: 
 
 
 def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str], dict[str, Any]]],
-                  output_dir: Path, jobs: int) -> None:
-    """Train ``methods`` in ``output_dir/runs``, ``jobs`` at a time: the first starts alone, the
-    others once its stages 1-2, which serve every method, are on disk (its files are written
-    whole, by rename), so every training shares the machine alike. With ``jobs`` > 1 their OpenMP
+                  output_dir: Path, jobs: int) -> Path:
+    """Train ``methods`` in ``output_dir/runs``, ``jobs`` at a time; returns the first's run
+    directory, whose stages 1-2 serve every method. The first starts alone, the others once those
+    stages are on disk (its files are written whole, by rename), so every training shares the
+    machine alike. With ``jobs`` > 1 their OpenMP
     threads wait passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take
     the cores from the other process (two runs at once on 2 cores then took 5x as long a step as
     one alone)."""
@@ -175,6 +176,7 @@ def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str]
                                  return_when=FIRST_COMPLETED)
             for future in done:
                 future.result()
+    return source
 
 
 def share_stages(source: Path, run_dir: Path) -> None:
@@ -317,8 +319,7 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
                                                       PRESETS[args.preset][1]), args.preset,
                                        model_args, data_args)
              for method in trained}
-    train_methods(trained, plans, output_dir, args.jobs)
-    source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method
+    source = train_methods(trained, plans, output_dir, args.jobs)  # its stages 1-2 serve every method
     training_seconds = time.perf_counter() - started
 
     # A retrained student or a new direction is answered anew: saved answers carry what made them.
