@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from safesteer.compare import share_stages
+from safesteer.compare_jobs import share_stages
 from safesteer.io import RUN_KIND, claim_output_dir
 
 WAYS = ("one after the other", "at once")

@@ -23,7 +23,7 @@ from safesteer.evaluate.capability import (
     choice_letter_ids,
     choice_logprobs,
     gold_nll_per_token,
-    mean_kl_to_base,
+    kl_to_base_and_nll,
     multiple_choice_accuracy,
 )
 from safesteer.evaluate.grading import (
@@ -185,11 +185,11 @@ def test_full_vocabulary_kl_matches_the_formula_and_is_chunk_invariant() -> None
         assert kl.double() == pytest.approx(expected, abs=1e-5)
 
 
-def test_mean_kl_to_base_is_zero_for_identical_models(
+def test_kl_to_base_is_zero_for_identical_models(
     tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    result = mean_kl_to_base(target(tiny_model), target(tiny_model), tiny_tokenizer, PROMPTS,
-                             ANSWERS, batch_size=3)
+    result, _ = kl_to_base_and_nll(target(tiny_model), target(tiny_model), tiny_tokenizer, PROMPTS,
+                                   ANSWERS, batch_size=3)
     assert result.mean == pytest.approx(0.0, abs=1e-6)
     assert result.num_tokens > 0
 
@@ -207,7 +207,7 @@ def _naive_mean_kl(evaluated: nn.Module, base: nn.Module, tokenizer: PreTrainedT
     return sum(totals) / sum(counts), per_item
 
 
-def test_mean_kl_to_base_matches_a_naive_reference(
+def test_kl_to_base_matches_a_naive_reference_and_its_nll_the_gold_nll_pass(
     make_tiny_model: ModelFactory, tiny_tokenizer: PreTrainedTokenizerBase
 ) -> None:
     base = make_tiny_model("llama")
@@ -216,12 +216,17 @@ def test_mean_kl_to_base_matches_a_naive_reference(
     with torch.no_grad():
         for parameter in evaluated.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    result = mean_kl_to_base(target(evaluated), target(base), tiny_tokenizer, PROMPTS, ANSWERS,
-                             batch_size=2, chunk_size=4)
+    result, nll = kl_to_base_and_nll(target(evaluated), target(base), tiny_tokenizer, PROMPTS, ANSWERS,
+                                     batch_size=2, chunk_size=4)
     mean, per_item = _naive_mean_kl(evaluated, base, tiny_tokenizer)
     assert result.mean > 1e-4
     assert result.mean == pytest.approx(mean, rel=1e-4)
     assert result.per_item == pytest.approx(per_item, rel=1e-4, nan_ok=True)
+    # benign-nll from kl-benign's pass: exactly the NLL of a pass of its own
+    alone = gold_nll_per_token(target(evaluated), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2,
+                               chunk_size=4)
+    assert nll.mean == alone.mean and nll.num_tokens == alone.num_tokens == result.num_tokens
+    assert nll.per_item == pytest.approx(alone.per_item, rel=0, abs=0, nan_ok=True)
 
 
 def test_scoring_works_through_a_lora_student_sharing_the_base_weights(
@@ -239,7 +244,7 @@ def test_scoring_works_through_a_lora_student_sharing_the_base_weights(
 
     assert gold_nll_per_token(base, tiny_tokenizer, PROMPTS, ANSWERS,
                               batch_size=2).mean == pytest.approx(plain.mean, rel=1e-6)
-    result = mean_kl_to_base(target(student), base, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2)
+    result, _ = kl_to_base_and_nll(target(student), base, tiny_tokenizer, PROMPTS, ANSWERS, batch_size=2)
     mean, _ = _naive_mean_kl(student, student, tiny_tokenizer, student.disable_adapter)
     assert result.mean > 1e-6
     assert result.mean == pytest.approx(mean, rel=1e-4)
@@ -285,7 +290,7 @@ def test_conditional_teacher_gates_teacher_forced_answers_on_the_prompt(
             logprobs, ids = naive_answer_logprobs(tiny_model, tiny_tokenizer, PROMPTS[index], ANSWERS[index])
         expected.append(-logprobs.gather(-1, ids[:, None]).mean().item())
     assert [result.per_item[index] for index in scored] == pytest.approx(expected, rel=1e-4)
-    kl = mean_kl_to_base(teacher, target(tiny_model), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=4)
+    kl, _ = kl_to_base_and_nll(teacher, target(tiny_model), tiny_tokenizer, PROMPTS, ANSWERS, batch_size=4)
     assert [kl.per_item[index] > 1e-6 for index in scored] == flagged
 
 

@@ -20,6 +20,7 @@ from safesteer.evaluate.benchmarks import BENCHMARKS as REGISTRY
 from safesteer.evaluate.benchmarks import Benchmark
 from safesteer.evaluate.config import EvalArguments
 from safesteer.evaluate.harness import _completions
+from safesteer.evaluate.summary import merge_summaries, write_summary
 from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 from safesteer.htmlreport.build import build_report
@@ -252,6 +253,33 @@ def test_benign_scores_need_not_evaluate_the_base(eval_setup, tmp_path, capsys) 
     assert main(["eval", *flags, "--targets", "base"]) == 0, capsys.readouterr().err
     assert _responses(out / "completions" / "base" / "ordinary-test.jsonl") == saved
     assert "dropped and regenerated" not in capsys.readouterr().err
+
+
+def test_evaluations_of_one_target_each_merge_into_the_evaluation_of_all(eval_setup, tmp_path, capsys,
+                                                                         generated) -> None:
+    """As `safesteer compare` evaluates: one process per target, the answers in one shared
+    directory (the base's benign answers made once, by the base's evaluation), the results merged."""
+    flags = [*eval_setup, "--benchmarks", "harmless-test", "kl-benign", "benign-nll"]
+    names = ["base", "teacher", "student"]
+    assert main(["eval", *flags, "--targets", *names, "--output-dir", str(tmp_path / "all")]) == 0
+    together = json.loads((tmp_path / "all" / "results.json").read_text())
+    generated.clear()
+    shared = tmp_path / "parts" / "completions"
+    for name in names:
+        assert main(["eval", *flags, "--targets", name, "--output-dir", str(tmp_path / "parts" / name),
+                     "--completions-dir", str(shared)]) == 0, capsys.readouterr().err
+    assert generated.count("base: ordinary-test") == 1
+    assert not (tmp_path / "parts" / "base" / "completions").exists()
+    parts = [json.loads((tmp_path / "parts" / name / "results.json").read_text()) for name in names]
+    merged = merge_summaries(parts, together["settings"])
+    for key in ("results", "summary"):  # as JSON: a NaN equals itself there
+        assert json.dumps(merged[key]) == json.dumps(together[key])
+    assert list(merged["seconds"]) == list(merged["memory"]) == names
+    assert all(memory["peak_rss_mib"] > 0 for memory in merged["memory"].values())
+    out = tmp_path / "merged"
+    write_summary(merged, out)
+    assert json.loads((out / "results.json").read_text())["benchmarks"] == together["benchmarks"]
+    assert (out / "results.md").read_text() == (tmp_path / "all" / "results.md").read_text()
 
 
 def test_score_dtype_bfloat16_moves_the_teacher_forced_measures_within_rounding(

@@ -2,11 +2,13 @@
 
 A method is either an inference-time target (``teacher``, ``conditional-teacher``: nothing is
 trained) or a ``safesteer run`` whose options are applied on top of one preset. Every training
-method runs in its own directory ``OUT/runs/NAME``, as a subprocess (its own log and memory peak),
-and all of them reuse the first one's direction and safety tokens, copied in before they start, so
-they differ only in what the method changes. One evaluation then scores the base model, the
-inference-time methods and every student on the same prompts (``OUT/eval``), and the numbers
-become one table (``compare.md``, ``compare.json``) and a Pareto plot (``pareto.png``).
+method runs in its own directory ``OUT/runs/NAME``, and all of them reuse the first one's direction
+and safety tokens, copied in before they start, so they differ only in what the method changes.
+Every target (the base model, the inference-time methods, each student) is then evaluated on the
+same prompts, each by a ``safesteer eval`` of its own (``OUT/eval/targets/NAME``, the answers in
+``OUT/eval/completions``) that starts once its student is trained; their results are merged into
+``OUT/eval`` and become one table (``compare.md``, ``compare.json``) and a Pareto plot
+(``pareto.png``). The jobs are :mod:`safesteer.compare_jobs`.
 
 A rerun into the same directory resumes: finished runs are skipped, interrupted ones continue from
 their checkpoints, and the saved answers of unchanged targets are reused. The methods and the
@@ -16,38 +18,31 @@ command's arguments are :mod:`safesteer.compare_config`.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from safesteer.arguments import option_flags, parse
 from safesteer.compare_config import CompareArguments, Method, chosen_methods
+from safesteer.compare_jobs import evaluation_jobs, job_env, part_dir, training_jobs
 from safesteer.config import DataArguments, ModelArguments
-from safesteer.direction.artifact import DIRECTION_FILES
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.harness import evaluate_targets
+from safesteer.evaluate.config import split_target
+from safesteer.evaluate.summary import RESULTS_FILE, merge_summaries, write_summary
 from safesteer.io import (
     EVAL_KIND,
-    RUN_KIND,
     atomic_write,
     check_writable,
     claim_output_dir,
-    differing_settings,
     read_json,
     write_json,
 )
-from safesteer.models.devices import resolve_device
 from safesteer.models.loading import check_model_arguments
-from safesteer.pipeline import peak_memory_mib
 from safesteer.report import HARMFUL_KINDS, mean_of_kinds, plot_pareto, worst_of_kinds
 from safesteer.run_config import PRESETS, RUN
+from safesteer.schedule import run_jobs
 
 # --quick: every training method 2 optimizer steps at a tiny size; stages 1-2 on small sets, the
 # direction by the response method alone (the prompt method scores every layer and position: minutes
@@ -62,9 +57,7 @@ QUICK_RUN: dict[str, Any] = {
 QUICK_RETAIN_PROMPTS = 2
 # The gold-answer NLLs whose mean relative change against the base is the capability drift.
 DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll", "benign-nll")
-SHARED_FILES = (*DIRECTION_FILES, "safety_tokens.json")
 SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
-SETTINGS_FILE = "compare_settings.json"  # a finished method's resolved `safesteer run` settings
 STAGES_POLL_SECONDS = 1.0  # how often --jobs > 1 looks for the first method's stages 1-2
 
 
@@ -108,82 +101,6 @@ def run_settings(method: Method, run_dir: Path, options: Mapping[str, Any], pres
     settings = {key: value for item in parsed for key, value in asdict(item).items()
                 if key not in ("output_dir", "resume", "overwrite")}
     return arguments, {"preset": preset, **settings}
-
-
-def _stream(command: list[str], log_path: Path, prefix: str, env: Mapping[str, str] | None = None) -> int:
-    """Run ``command`` (with ``env`` added to this process's environment), copying its output
-    line by line to the console and to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}) as process:
-            assert process.stdout is not None
-            for line in process.stdout:
-                log.write(line)
-                print(f"{prefix}{line}", end="", flush=True)
-        return process.returncode
-
-
-def train_method(method: Method, run_dir: Path, arguments: list[str], settings: dict[str, Any],
-                 env: Mapping[str, str] | None = None) -> None:
-    """Run ``safesteer run`` for ``method`` in ``run_dir`` unless a finished run with the same
-    settings is there. Its output also goes to ``run_dir/compare.log``."""
-    record = run_dir / SETTINGS_FILE
-    if record.is_file() and (run_dir / "student").is_dir():
-        differing = differing_settings(read_json(record), settings)
-        if differing:
-            raise SafesteerError(f"method {method.name!r}: {run_dir} holds a run made with other settings "
-                                 f"({'; '.join(differing)}); delete it to retrain, or choose another "
-                                 "--output-dir")
-        print(f"{method.name}: finished run in {run_dir}, reused")
-        return
-    claim_output_dir(run_dir, RUN_KIND)  # so that `run --resume` accepts the first method's new directory
-    log = run_dir / "compare.log"
-    print(f"{method.name}: safesteer run (log: {log})")
-    code = _stream([sys.executable, "-m", "safesteer.cli", "run", *arguments], log, f"[{method.name}] ", env)
-    if code != 0:
-        raise SafesteerError(f"method {method.name!r}: `safesteer run` failed (exit status {code}); "
-                             f"see {log}")
-    write_json(record, settings)
-
-
-def train_methods(methods: Sequence[Method], plans: Mapping[str, tuple[list[str], dict[str, Any]]],
-                  output_dir: Path, jobs: int) -> Path:
-    """Train ``methods`` in ``output_dir/runs``, ``jobs`` at a time; returns the first's run
-    directory, whose stages 1-2 serve every method. The first starts alone, the others once those
-    stages are on disk (its files are written whole, by rename), so every training shares the
-    machine alike. With ``jobs`` > 1 their OpenMP
-    threads wait passively (``OMP_WAIT_POLICY``, unless set): threads that spin while waiting take
-    the cores from the other process (two runs at once on 2 cores then took 5x as long a step as
-    one alone)."""
-    source = output_dir / "runs" / methods[0].name
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if jobs > 1 else None
-    waiting, running = list(methods), set()
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # on a failure, waits for the running ones
-        while waiting or running:
-            shared = all((source / name).is_file() for name in SHARED_FILES)
-            while waiting and len(running) < jobs and (shared or waiting[0] is methods[0]):
-                method = waiting.pop(0)
-                run_dir = output_dir / "runs" / method.name
-                if method is not methods[0] and not (run_dir / SETTINGS_FILE).is_file():
-                    share_stages(source, run_dir)
-                running.add(pool.submit(train_method, method, run_dir, *plans[method.name], env))
-            if not running:
-                raise SafesteerError(f"method {methods[0].name!r} finished without its stages 1-2 in "
-                                     f"{source}")
-            done, running = wait(running, timeout=None if shared else STAGES_POLL_SECONDS,
-                                 return_when=FIRST_COMPLETED)
-            for future in done:
-                future.result()
-    return source
-
-
-def share_stages(source: Path, run_dir: Path) -> None:
-    """Copy the direction and the safety tokens of ``source`` into ``run_dir``, where
-    ``safesteer run --resume`` loads them instead of recomputing stages 1-2."""
-    for name in SHARED_FILES:
-        atomic_write(run_dir / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
 
 
 def _check(run_dir: Path) -> dict[str, Any]:
@@ -319,17 +236,23 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
                                                       PRESETS[args.preset][1]), args.preset,
                                        model_args, data_args)
              for method in trained}
-    source = train_methods(trained, plans, output_dir, args.jobs)  # its stages 1-2 serve every method
-    training_seconds = time.perf_counter() - started
-
+    source = output_dir / "runs" / trained[0].name  # its stages 1-2 serve every method
+    specs = ["base", *(_target_spec(method, output_dir) for method in methods)]
     # A retrained student or a new direction is answered anew: saved answers carry what made them.
-    evaluation = args.evaluation(["base", *(_target_spec(method, output_dir) for method in methods)],
-                                 str(source))
-    claim_output_dir(Path(evaluation.output_dir), EVAL_KIND)
-    summary = evaluate_targets(model_args, data_args, evaluation)
-    eval_memory = peak_memory_mib(resolve_device(model_args.device))
+    evaluation = args.evaluation(specs, str(source))
+    eval_dir = claim_output_dir(Path(evaluation.output_dir), EVAL_KIND)
+    env = job_env(args.jobs)
+    trainings = training_jobs(trained, plans, output_dir, env)
+    finished = run_jobs([*trainings, *evaluation_jobs(
+        specs, {method.name: job.name for method, job in zip(trained, trainings, strict=True)},
+        evaluation, model_args, data_args, source, env)], args.jobs, STAGES_POLL_SECONDS)
+    training_seconds = max(finished[job.name] for job in trainings) - started
+    parts = [read_json(part_dir(eval_dir, split_target(spec)[0]) / RESULTS_FILE) for spec in specs]
+    summary = merge_summaries(parts, {**parts[0]["settings"], "output_dir": str(eval_dir), "targets": specs,
+                                      "completions_dir": None})
+    write_summary(summary, eval_dir)
     costs: dict[str, dict[str, float | None]] = {
-        name: {"train_seconds": None, **eval_memory}
+        name: {"train_seconds": None, **summary["memory"][name]}
         for name in ["base", *(method.name for method in methods if not method.trains)]}
     costs.update({method.name: run_costs(_check(output_dir / "runs" / method.name)) for method in trained})
     for name, seconds in summary["seconds"].items():
@@ -361,9 +284,10 @@ def compare_methods(model_args: ModelArguments, data_args: DataArguments,
 
 def _timing(seconds: Mapping[str, float | None]) -> str:
     shared = seconds["shared_stages"]
-    return (f"wall time: {seconds['total']:.0f} s in all (training {seconds['training']:.0f} s"
-            + (f", of which stages 1-2, shared, {shared:.0f} s" if shared is not None else "")
-            + f"; evaluation {seconds['evaluation']:.0f} s)")
+    stages = f", stages 1-2, shared, {shared:.0f} s of it" if shared is not None else ""
+    return (f"wall time: {seconds['total']:.0f} s in all (the last training done after "
+            f"{seconds['training']:.0f} s{stages}; the targets' evaluations {seconds['evaluation']:.0f} s "
+            "summed, beside the trainings)")
 
 
 def _markdown(report: Mapping[str, Any], table: str) -> str:
@@ -382,7 +306,7 @@ def _markdown(report: Mapping[str, Any], table: str) -> str:
             "gold-answer NLLs (" + ", ".join(DRIFT_MEASURES) + ") against the base. Dominated by: the "
             "methods at least as good on those three axes and better on one. Train s: the method's "
             "own training (stages 1-2 are shared and counted once, below)"
-            + (f", with {settings['jobs']} methods training at a time, sharing the machine"
-               if settings.get("jobs", 1) > 1 else "") + "; eval s: its evaluation; "
-            "peak RSS of an inference-time method or the base: the evaluation process's.\n\n"
+            + (f", with {settings['jobs']} jobs (trainings and evaluations) at a time, sharing the "
+               "machine" if settings.get("jobs", 1) > 1 else "") + "; eval s: its evaluation; "
+            "peak RSS of an inference-time method or the base: its evaluation process's.\n\n"
             f"{methods}\n\n{_timing(report['seconds'])}\n")

@@ -123,12 +123,12 @@ class CompareArguments:
                 "--score-dtype`: model, bfloat16, or auto (bfloat16 on a CPU with native bfloat16).",
         "choices": GENERATION_DTYPES})
     jobs: int = field(default=1, metadata={
-        "help": "Training methods run this many at a time, each in its own process, the others "
-                "starting once the first has written the shared stages 1-2; the evaluation stays "
-                "one process. The results are the same. On this project's 2-core CPU 2 train about "
-                "1.35x as fast as one after the other (their OpenMP threads then wait passively: "
-                "OMP_WAIT_POLICY=PASSIVE unless set); each method's train seconds are then those it "
-                "took sharing the machine."})
+        "help": "Jobs at a time, each in its own process: the trainings (the others starting once "
+                "the first has written the shared stages 1-2) and the evaluation of each target (once "
+                "it is trained), which fills the slots the trainings leave. The results are the same. "
+                "On this project's 2-core CPU 2 jobs run about 1.2x as fast as one after the other "
+                "(their OpenMP threads then wait passively: OMP_WAIT_POLICY=PASSIVE unless set); "
+                "train and eval seconds are then those taken sharing the machine."})
 
     def __post_init__(self) -> None:
         check_choice(self, "preset", sorted(PRESETS))

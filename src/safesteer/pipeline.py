@@ -12,14 +12,12 @@ it was made with the same settings; training continues from its last complete ch
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from accelerate import Accelerator
 
 from safesteer.config import DataArguments, ModelArguments
@@ -33,6 +31,7 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.check import refusal_check, refusal_table
 from safesteer.htmlreport.command import report_hint
 from safesteer.io import RUN_KIND, check_output_dir, claim_output_dir, differing_settings, write_json
+from safesteer.models.devices import peak_memory_mib
 from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import FoldedAdapters, check_model_arguments, load_model, model_id
 from safesteer.models.precision import generation_dtype_name
@@ -183,10 +182,3 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
           + f"; total {sum(laps.seconds.values()):.0f} s")
     print(report_hint(output_dir))
     return summary
-
-
-def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
-    """This process's peak resident memory and, on CUDA, peak allocated GPU memory, in MiB."""
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    peak_gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
-    return {"peak_rss_mib": round(peak_rss, 1), "peak_gpu_mib": peak_gpu}

@@ -196,16 +196,14 @@ def _humaneval_pass(evaluation: Evaluation, target_name: str, target: Target,
 
 def _kl_benign(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
     """KL(target‖base) per token, teacher-forced on the base model's own benign answers."""
-    prompts, responses = evaluation.benign_answers()
     if target_name == "base":
-        return _mean(benchmark, [0.0] * len(prompts), pooled=0.0)
-    return _token_mean(benchmark, evaluation.kl_to_base(target, prompts, responses))
+        return _mean(benchmark, [0.0] * len(evaluation.benign_answers()[0]), pooled=0.0)
+    return _token_mean(benchmark, evaluation.benign_measures(target_name, target)[0])
 
 
 def _benign_nll(evaluation: Evaluation, target_name: str, target: Target, benchmark: Benchmark) -> Cell:
     """NLL per token of the base model's own benign answers."""
-    prompts, responses = evaluation.benign_answers()
-    return _token_mean(benchmark, evaluation.gold_nll(target, prompts, responses))
+    return _token_mean(benchmark, evaluation.benign_nll(target_name, target))
 
 
 # ------------------------------------------------------------------------- the registry

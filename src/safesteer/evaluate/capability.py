@@ -162,6 +162,13 @@ def _token_average(totals: list[float], counts: list[int]) -> TokenAverage:
     )
 
 
+def _nll_sums(logits: Tensor, batch: _AnswerBatch, chunk_size: int) -> Tensor:
+    """Each row's summed −log p of its answer tokens (float64, on the CPU)."""
+    targets = batch.targets.to(logits.device).unsqueeze(-1)
+    logprobs = log_softmax_at(logits, targets, chunk_size).squeeze(-1).double().cpu()
+    return -(logprobs * batch.answer_mask).sum(dim=-1)
+
+
 @torch.inference_mode()
 def gold_nll_per_token(target: Target, tokenizer: PreTrainedTokenizerBase,
                        prompts: Sequence[str], references: Sequence[str], *, batch_size: int,
@@ -177,10 +184,7 @@ def gold_nll_per_token(target: Target, tokenizer: PreTrainedTokenizerBase,
     totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     for batch in answer_batches(tokenizer, prompts, references, batch_size):
-        logits = _answer_logits(target, batch)
-        targets = batch.targets.to(logits.device).unsqueeze(-1)
-        logprobs = log_softmax_at(logits, targets, chunk_size).squeeze(-1).double().cpu()
-        nll = -(logprobs * batch.answer_mask).sum(dim=-1)
+        nll = _nll_sums(_answer_logits(target, batch), batch, chunk_size)
         for row, index in enumerate(batch.indices):
             totals[index] = nll[row].item()
             counts[index] = int(batch.answer_mask[row].sum())
@@ -188,12 +192,14 @@ def gold_nll_per_token(target: Target, tokenizer: PreTrainedTokenizerBase,
 
 
 @torch.inference_mode()
-def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokenizerBase,
-                    prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
-                    chunk_size: int = 128) -> TokenAverage:
-    """Mean KL(evaluated‖base) in nats per response token, teacher-forced on fixed responses.
+def kl_to_base_and_nll(evaluated: Target, base: Target, tokenizer: PreTrainedTokenizerBase,
+                       prompts: Sequence[str], responses: Sequence[str], *, batch_size: int,
+                       chunk_size: int = 128) -> tuple[TokenAverage, TokenAverage]:
+    """Mean KL(evaluated‖base) in nats per response token, teacher-forced on fixed responses, and
+    the responses' NLL per token under ``evaluated`` (:func:`gold_nll_per_token`'s, from the same
+    logits: kl-benign and benign-nll from one pass).
 
-    On benign prompts this measures how far training moved the model's next-token distributions
+    On benign prompts the KL measures how far training moved the model's next-token distributions
     where it should not have moved at all. ``evaluated`` and ``base`` are factories of contexts
     that yield the model as each target (see :data:`safesteer.evaluate.targets.Target`); each is entered
     once per batch, so with a LoRA student both may share one set of weights. The responses
@@ -201,14 +207,17 @@ def mean_kl_to_base(evaluated: Target, base: Target, tokenizer: PreTrainedTokeni
     vocabulary in float32. Peak memory is two [batch_size, longest response, vocab] logits tensors
     in the model's dtype plus a float32 chunk.
     """
-    totals = [0.0] * len(prompts)
+    kl_totals = [0.0] * len(prompts)
+    nll_totals = [0.0] * len(prompts)
     counts = [0] * len(prompts)
     for batch in answer_batches(tokenizer, prompts, responses, batch_size):
         logits_evaluated = _answer_logits(evaluated, batch)
+        nll = _nll_sums(logits_evaluated, batch, chunk_size)
         logits_base = _answer_logits(base, batch).to(logits_evaluated.device)
         kl = divergence(logits_evaluated, logits_base, mode="full", chunk_size=chunk_size).double().cpu()
         summed = (kl * batch.answer_mask).sum(dim=-1)
         for row, index in enumerate(batch.indices):
-            totals[index] = summed[row].item()
+            kl_totals[index] = summed[row].item()
+            nll_totals[index] = nll[row].item()
             counts[index] = int(batch.answer_mask[row].sum())
-    return _token_average(totals, counts)
+    return _token_average(kl_totals, counts), _token_average(nll_totals, counts)

@@ -31,6 +31,10 @@ class EvalArguments:
 
     output_dir: str = field(metadata={"help": "Directory for results.json, results.md, the plots and "
                                               "the saved completions."})
+    completions_dir: str | None = field(default=None, metadata={
+        "help": "Directory of the saved completions (default: OUTPUT_DIR/completions). Evaluations "
+                "that share one reuse each other's answers, as those of `safesteer compare` reuse "
+                "the base model's answers that kl-benign and benign-nll score."})
     targets: list[str] = field(
         default_factory=lambda: list(DEFAULT_TARGETS),
         metadata={"help": "base (--model), teacher (base + the direction of --run-dir), "

@@ -37,31 +37,27 @@ from safesteer.evaluate.attacks import (
     prefill_prefixes,
 )
 from safesteer.evaluate.benchmarks import lookup
-from safesteer.evaluate.capability import TokenAverage, choice_logprobs, gold_nll_per_token, mean_kl_to_base
+from safesteer.evaluate.capability import (
+    TokenAverage,
+    choice_logprobs,
+    gold_nll_per_token,
+    kl_to_base_and_nll,
+)
 from safesteer.evaluate.config import EvalArguments
 from safesteer.evaluate.judges import LLMJudge
 from safesteer.evaluate.lm_eval import write_handoff
-from safesteer.evaluate.tables import (
-    category_table,
-    results_table,
-    robustness_table,
-    summary_table,
-    target_summary,
-)
+from safesteer.evaluate.summary import build_summary, write_summary
 from safesteer.evaluate.targets import Target, Targets
 from safesteer.gold import MultipleChoiceQuestion, load_mmlu
-from safesteer.io import atomic_write, write_json
+from safesteer.io import atomic_write
+from safesteer.models.devices import peak_memory_mib
 from safesteer.models.generation import generate_responses
 from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import pretrained_location
 from safesteer.models.precision import BfloatProducts, generation_dtype_name, resolve_generation_dtype
-from safesteer.report import plot_results
 from safesteer.steering import ablate_direction
 
 logger = logging.getLogger(__name__)
-
-RESULTS_FILE = "results.json"
-
 
 # ------------------------------------------------------------------------- completions
 
@@ -118,11 +114,13 @@ class Evaluation:
         self.targets = targets
         self.tokenizer = targets.tokenizer
         self.output_dir = Path(args.output_dir)
+        self.completions = Path(args.completions_dir or self.output_dir / "completions")
         self.removed: dict[str, int] = {}
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None
         self._letters: dict[tuple[str, str], tuple[list[MultipleChoiceQuestion], list[list[float]]]] = {}
         self._own_directions: dict[str, torch.Tensor] = {}
+        self._benign: dict[str, tuple[TokenAverage, TokenAverage]] = {}
         weights = next(targets.model.parameters()).dtype
         self.score_dtype = resolve_generation_dtype(args.score_dtype, weights, model_device(targets.model))
         self.score_dtype_name = str(self.score_dtype or weights).removeprefix("torch.")
@@ -166,7 +164,7 @@ class Evaluation:
                 max_new_tokens: int, attack: str | None = None) -> list[str]:
         """The target's greedy answers, reused from (and saved to) its completions file; under
         ``attack`` (a robustness benchmark's name) when given."""
-        path = completions_dir(self.output_dir, target_name) / f"{_safe_name(benchmark)}.jsonl"
+        path = self.completions / _safe_name(target_name) / f"{_safe_name(benchmark)}.jsonl"
         ablations = {"direction-ablation": self._run_vector,
                      "own-direction-ablation": partial(self.own_direction, target_name, target)}
         ablated = ablations.get(attack) if attack else None
@@ -279,11 +277,23 @@ class Evaluation:
             return gold_nll_per_token(target, self.tokenizer, prompts, references,
                                       batch_size=self.args.score_batch_size)
 
-    def kl_to_base(self, target: Target, prompts: list[str], responses: list[str]) -> TokenAverage:
-        """KL(target‖base) per token, teacher-forced on ``responses``."""
-        with self.scoring():
-            return mean_kl_to_base(target, self.targets.base, self.tokenizer, prompts, responses,
-                                   batch_size=self.args.score_batch_size)
+    def benign_measures(self, target_name: str, target: Target) -> tuple[TokenAverage, TokenAverage]:
+        """The target's KL to the base (kl-benign) and NLL (benign-nll) per token on the base's
+        benign answers, from one pass of each model, made once per target."""
+        if target_name not in self._benign:
+            prompts, responses = self.benign_answers()
+            with self.scoring():
+                self._benign[target_name] = kl_to_base_and_nll(
+                    target, self.targets.base, self.tokenizer, prompts, responses,
+                    batch_size=self.args.score_batch_size)
+        return self._benign[target_name]
+
+    def benign_nll(self, target_name: str, target: Target) -> TokenAverage:
+        """benign-nll: kl-benign's pass gives it where that is evaluated too; the base's own
+        KL is 0, so its NLL takes a pass of its own, as without kl-benign."""
+        if target_name != "base" and "kl-benign" in self.args.benchmarks:
+            return self.benign_measures(target_name, target)[1]
+        return self.gold_nll(target, *self.benign_answers())
 
     def scoring(self) -> AbstractContextManager[Any]:
         """The products of the teacher-forced measures: bfloat16 ones under --score-dtype bfloat16
@@ -318,11 +328,6 @@ def _safe_name(target: str) -> str:
     return "".join(char if char.isalnum() or char in "-_." else "_" for char in target)
 
 
-def completions_dir(output_dir: str | Path, target: str) -> Path:
-    """Where an evaluation in ``output_dir`` saves the answers of the target shown as ``target``."""
-    return Path(output_dir) / "completions" / _safe_name(target)
-
-
 def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                      args: EvalArguments) -> dict[str, Any]:
     """Every target on every benchmark; writes results.json, results.md and the plots."""
@@ -330,6 +335,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
     evaluation = Evaluation(args, data_args, targets)
     results: dict[str, dict[str, Any]] = {name: {} for name in targets.names}
     seconds: dict[str, float] = {}
+    memory: dict[str, dict[str, float | None]] = {}
     for name in targets.names:
         target_started = time.perf_counter()
         with targets.session(name) as target, evaluation.target_copies():
@@ -339,24 +345,15 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
                 logger.info("%s / %s: %.4g in %.0f s", name, benchmark, results[name][benchmark]["value"],
                             time.perf_counter() - started)
         seconds[name] = round(time.perf_counter() - target_started, 1)
-    summary = {"results": results, "benchmarks": {name: lookup(name).record() for name in args.benchmarks},
-               "summary": {name: target_summary(result) for name, result in results.items()},
-               "judge": "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding",
-               "seconds": seconds, "settings": {"model": model_args.model, **asdict(args),
-                                                "generation_dtype": generation_dtype_name(targets.model),
-                                                "score_dtype": evaluation.score_dtype_name}}
-    output_dir = Path(args.output_dir)
-    write_json(output_dir / RESULTS_FILE, summary)
-    table = results_table(results, args.benchmarks) + "\n\n" + summary_table(summary["summary"])
-    sections = [table, robustness_table(results), category_table(results)]
-    (output_dir / "results.md").write_text("\n\n".join(filter(None, sections)) + "\n", encoding="utf-8")
-    plot_results(summary, output_dir)
-    print("\n\n".join(filter(None, sections[:2])))
+        memory[name] = peak_memory_mib(model_device(targets.model))
+    summary = build_summary(results, seconds, memory, args.benchmarks, {
+        "model": model_args.model, **asdict(args), "generation_dtype": generation_dtype_name(targets.model),
+        "score_dtype": evaluation.score_dtype_name})
+    write_summary(summary, args.output_dir)
     if args.lm_eval_tasks:
         adapters = {name: Path(targets.paths[name]) for name in targets.adapters}
-        script = write_handoff(output_dir, args.lm_eval_tasks, pretrained_location(model_args.model),
-                               targets.direction, targets.model, adapters)
+        script = write_handoff(Path(args.output_dir), args.lm_eval_tasks,
+                               pretrained_location(model_args.model), targets.direction, targets.model,
+                               adapters)
         print(f"lm-eval hand-off: sh {script}")
     return summary
-
-

@@ -3,6 +3,7 @@ device's sampling for a block without disturbing the caller's RNG."""
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -74,3 +75,10 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=range(device_count), device_type=device.type):
         torch.manual_seed(seed)
         yield
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
+    """This process's peak resident memory and, on CUDA, peak allocated GPU memory, in MiB."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_gpu = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    return {"peak_rss_mib": round(peak_rss, 1), "peak_gpu_mib": peak_gpu}
