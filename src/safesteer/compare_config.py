@@ -126,7 +126,7 @@ class CompareArguments:
         "help": "Jobs at a time, each in its own process: the trainings (the others starting once "
                 "the first has written the shared stages 1-2) and the evaluation of each target (once "
                 "it is trained), which fills the slots the trainings leave. The results are the same. "
-                "On this project's 2-core CPU 2 jobs run about 1.2x as fast as one after the other "
+                "On this project's 2-core CPU 2 jobs run about 1.4x as fast as one after the other "
                 "(their OpenMP threads then wait passively: OMP_WAIT_POLICY=PASSIVE unless set); "
                 "train and eval seconds are then those taken sharing the machine."})
 
