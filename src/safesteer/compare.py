@@ -58,7 +58,7 @@ QUICK_RETAIN_PROMPTS = 2
 # The gold-answer NLLs whose mean relative change against the base is the capability drift.
 DRIFT_MEASURES = ("mmlu-nll", "gsm8k-nll", "humaneval-nll", "benign-nll")
 SHARED_STAGES = ("direction", "tokens")  # check.json stage_seconds keys of stages 1-2
-STAGES_POLL_SECONDS = 1.0  # how often --jobs > 1 looks for the first method's stages 1-2
+STAGES_POLL_SECONDS = 1.0  # how often waiting jobs look for the first method's direction and stages 1-2
 
 
 # ------------------------------------------------------------------------- training

@@ -30,7 +30,7 @@ class EvalArguments:
     """What to evaluate, on which benchmarks, how much of each."""
 
     output_dir: str = field(metadata={"help": "Directory for results.json, results.md, the plots and "
-                                              "the saved completions."})
+                                              "(unless --completions-dir) the saved completions."})
     completions_dir: str | None = field(default=None, metadata={
         "help": "Directory of the saved completions (default: OUTPUT_DIR/completions). Evaluations "
                 "that share one reuse each other's answers, as those of `safesteer compare` reuse "
