@@ -113,8 +113,7 @@ class Evaluation:
         self.data = data_args
         self.targets = targets
         self.tokenizer = targets.tokenizer
-        self.output_dir = Path(args.output_dir)
-        self.completions = Path(args.completions_dir or self.output_dir / "completions")
+        self.completions = Path(args.completions_dir or Path(args.output_dir) / "completions")
         self.removed: dict[str, int] = {}
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None

@@ -34,12 +34,12 @@ def build_summary(results: Mapping[str, dict[str, Any]], seconds: Mapping[str, f
 
 
 def merge_summaries(parts: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """One summary of ``parts`` (summaries of disjoint targets, made with the same benchmarks),
-    targets in the parts' order, under ``settings``."""
+    """One summary of ``parts`` (at least one; summaries of disjoint targets, made with the same
+    benchmarks), targets in the parts' order, under ``settings``."""
     def merged(key: str) -> dict[str, Any]:
         return {name: value for part in parts for name, value in part[key].items()}
-    return build_summary(merged("results"), merged("seconds"), merged("memory"),
-                         list(parts[0]["benchmarks"]) if parts else [], settings)
+    return build_summary(merged("results"), merged("seconds"), merged("memory"), list(parts[0]["benchmarks"]),
+                         settings)
 
 
 def write_summary(summary: Mapping[str, Any], output_dir: str | Path) -> None:
