@@ -57,7 +57,7 @@ WAYS = {"before (re-read, unfolded)": (False, False, "linear", "off"),
         "+ bf16 sampling (generation)": (True, True, "bfloat16", "off"),
         "+ both": (True, True, "bfloat16", "kept")}
 PRODUCTS = {"linear": lambda model: contextlib.nullcontext(), "narrow": narrow_linears,
-            "bfloat16": lambda model: BfloatProducts()}
+            "bfloat16": lambda model: BfloatProducts().on(model)}
 DEFAULT_WAY = "+ narrow decode products"
 
 

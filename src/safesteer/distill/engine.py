@@ -59,13 +59,15 @@ def start_accumulation(accelerator: Accelerator, micro_batches: int) -> float:
 
 
 @contextmanager
-def bf16_autocast(enabled: bool, device: torch.device, casts: FrozenWeightCasts | None) -> Iterator[None]:
-    """--bf16: bfloat16 products in a teacher-forced forward (docs/method.md §6.1); the backward
-    follows the forward's dtypes and the gradients land in parameters of their own dtype.
-    ``casts`` keeps the frozen weights' bfloat16 copies from one forward to the next (not for
-    weights FSDP or ZeRO-3 gather anew at every forward)."""
+def bf16_autocast(enabled: bool, device: torch.device, casts: FrozenWeightCasts | None,
+                  model: nn.Module) -> Iterator[None]:
+    """--bf16: bfloat16 products in a teacher-forced forward of ``model`` (docs/method.md §6.1);
+    the backward follows the forward's dtypes and the gradients land in parameters of their own
+    dtype. ``casts``, routed through ``model``'s linear layers, keeps the frozen weights' bfloat16
+    copies from one forward to the next (not for weights FSDP or ZeRO-3 gather anew at every
+    forward)."""
     if not enabled:
         yield
         return
-    with torch.autocast(device.type, dtype=torch.bfloat16), casts or nullcontext():
+    with torch.autocast(device.type, dtype=torch.bfloat16), casts.on(model) if casts else nullcontext():
         yield

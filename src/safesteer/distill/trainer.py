@@ -285,11 +285,11 @@ class Distiller:
             rows = slice(start, start + (cfg.micro_batch_size if weight else 1))
             length = int((completions := rollout.completion_mask[rows]).sum(1).max())
             sampled = rollout.sequences[rows, prompt_length:prompt_length + length]
-            with bf16_autocast(self.bf16, self.device, self.weight_casts):
+            with bf16_autocast(self.bf16, self.device, self.weight_casts, self.teacher_model):
                 teacher_logits = None if cfg.mode == "sft" else self.teachers.logits(rollout, rows, length)
             self.model.train()
             with accelerator.accumulate(self.model):
-                with bf16_autocast(self.bf16, self.device, self.weight_casts):
+                with bf16_autocast(self.bf16, self.device, self.weight_casts, self.student):
                     student_logits = rollout.logits(self.model, rows, length, cfg.temperature,
                                                     self.share_prompts)
                 loss = reduce_loss(self._per_token_loss(student_logits, teacher_logits, sampled),

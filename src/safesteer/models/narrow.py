@@ -17,15 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from safesteer.models.layout import model_device
+from safesteer.models.linears import LinearMode
 
 # Decode batches have 16-32 rows by default; the gain shrinks as rows grow (benchmarks/bench_narrow.py).
 MAX_ROWS = 64
 
 
-class NarrowLinears(TorchFunctionMode):
+class NarrowLinears(LinearMode):
     """Inside it, ``F.linear`` of at most ``max_rows`` float32 CPU rows without autograd is computed
     as ``(weight @ inputs.T).T`` (made contiguous, as ``F.linear`` returns it)."""
 
@@ -33,19 +33,14 @@ class NarrowLinears(TorchFunctionMode):
         super().__init__()
         self.max_rows = max_rows
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.linear and not torch.is_grad_enabled():
-            inputs, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _narrow(inputs, weight, bias, self.max_rows):
-                flat = inputs.reshape(-1, inputs.shape[-1])
-                output = torch.mm(weight, flat.T).T.contiguous()
-                if bias is not None:
-                    output += bias
-                return output.reshape(*inputs.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
+    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if torch.is_grad_enabled() or not _narrow(input, weight, bias, self.max_rows):
+            return F.linear(input, weight, bias)
+        flat = input.reshape(-1, input.shape[-1])
+        output = torch.mm(weight, flat.T).T.contiguous()
+        if bias is not None:
+            output += bias
+        return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
 def _narrow(inputs: Tensor, weight: Tensor, bias: Tensor | None, max_rows: int) -> bool:
@@ -58,6 +53,7 @@ def _narrow(inputs: Tensor, weight: Tensor, bias: Tensor | None, max_rows: int) 
 
 
 def narrow_linears(model: nn.Module) -> AbstractContextManager[Any]:
-    """:class:`NarrowLinears` for a model on the CPU; nothing elsewhere (accelerators' kernels
-    handle few rows well, and the mode's Python dispatch would cost them more than it saves)."""
-    return NarrowLinears() if model_device(model).type == "cpu" else nullcontext()
+    """:class:`NarrowLinears` on ``model``'s linear layers when it is on the CPU
+    (:meth:`~safesteer.models.linears.LinearMode.on`); nothing elsewhere (accelerators' kernels
+    handle few rows well)."""
+    return NarrowLinears().on(model) if model_device(model).type == "cpu" else nullcontext()

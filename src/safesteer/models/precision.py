@@ -28,9 +28,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from safesteer.config import GENERATION_DTYPES
+from safesteer.models.linears import LinearMode
 from safesteer.models.narrow import narrow_linears
 
 logger = logging.getLogger(__name__)
@@ -91,23 +91,6 @@ def generation_dtype_name(model: nn.Module) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class LinearMode(TorchFunctionMode):
-    """A mode that computes ``F.linear`` its own way (:meth:`linear`), with the weights' lower-dtype
-    copies it makes kept in ``copies`` for its life; every other function runs as usual."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.copies = WeightCopies()
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
-        kwargs = kwargs or {}
-        return self.linear(*args, **kwargs) if func is F.linear else func(*args, **kwargs)
-
-    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.linear(input, weight, bias)
-
-
 class BfloatProducts(LinearMode):
     """Inside it, ``F.linear`` on float32 weights without autograd is computed as
     ``F.linear(inputs.bfloat16(), bfloat16 copy of weight)`` and returned in float32 (bias added
@@ -138,36 +121,11 @@ class FrozenWeightCasts(LinearMode):
         return F.linear(input, weight, bias)
 
 
-class WeightCopies:
-    """Weights copied to a lower dtype once, and again only after the weight changes in place.
-
-    A copy belongs to the weight's storage as well as to the weight: a folded adapter is swapped in
-    as the parameter's ``.data`` (:class:`~safesteer.models.loading.FoldedAdapters`), which leaves
-    its version counter alone, so the base model's and the student's values each keep their copy.
-    """
-
-    def __init__(self) -> None:
-        # Keyed by id and storage, with the weight and its storage kept: a freed tensor's id or
-        # address may be reused.
-        self.kept: dict[tuple[int, int], tuple[Tensor, int, Tensor, Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self.kept)
-
-    def originals(self) -> list[Tensor]:
-        return [weight for weight, _, _, _ in self.kept.values()]
-
-    def get(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        key = (id(weight), weight.data_ptr())
-        kept = self.kept.get(key)
-        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[3].dtype != dtype:
-            values = weight.detach()
-            kept = self.kept[key] = (weight, weight._version, values, values.to(dtype))
-        return kept[3]
-
-
 def generation_products(model: nn.Module) -> AbstractContextManager[Any]:
-    """The mode ``model``'s linear products run in while it generates: :class:`BfloatProducts` when
-    its generation dtype is bfloat16, else :func:`~safesteer.models.narrow.narrow_linears`."""
-    return BfloatProducts() if generation_dtype(model) == torch.bfloat16 else narrow_linears(model)
+    """How ``model``'s linear products run while it generates: :class:`BfloatProducts` when its
+    generation dtype is bfloat16, else :func:`~safesteer.models.narrow.narrow_linears`; routed
+    through its linear layers (:meth:`~safesteer.models.linears.LinearMode.on`), not as a mode."""
+    if generation_dtype(model) == torch.bfloat16:
+        return BfloatProducts().on(model)
+    return narrow_linears(model)
 
