@@ -3,7 +3,8 @@ count, prompts go through the tokenizer's own chat template, and nothing switche
 
 The package in reading order: ``devices`` (``--device``/``--dtype``, seeded device RNG),
 ``loading`` (embedded, directory, GGUF, hub id, adapter on its base), ``layout`` (decoder blocks and
-sizes), ``rendering`` (chat template, left padding, positions), ``narrow`` (few-row products on a
+sizes), ``rendering`` (chat template, left padding, positions), ``linears`` (products computed
+another way: a mode, or routed through a model's linear layers), ``narrow`` (few-row products on a
 CPU), ``precision`` (bfloat16 products while generating), ``generation`` (the shared generate
 call, batched answers). The names below are the public ones; code inside safesteer imports from
 the module that defines each.
