@@ -2,9 +2,10 @@
 
     .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
     .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR] [--bf16]
-                                              [--gradient-checkpointing] [--same-allocator]
+                                              [--dtype bfloat16] [--gradient-checkpointing] [--same-allocator]
 
-Both sides train the embedded default (float32) on the same ``safesteer-train`` prompts, in the
+Both sides train the embedded default (float32, or ``--dtype bfloat16`` weights, what ``--dtype
+auto`` gives on a GPU) on the same ``safesteer-train`` prompts, in the
 same order and to the same token ids, with the default DistillConfig's sampling, LoRA and
 optimiser settings (each overridable below): P prompts x M samples per optimizer step in
 micro-batches of the same size, the same completion length, temperature 1, no checkpoints saved.
@@ -26,7 +27,9 @@ allocator in ``LD_PRELOAD`` (jemalloc) serves both.
 Timings on a shared machine vary: compare the ratios of one run. ``--bf16`` runs both sides in
 bfloat16 products over the float32 weights, the dtype TRL trains in by default: TRL's
 ``bf16=True`` (accelerate's autocast over every forward, sampling included), and ours ``--bf16
---generation-dtype bfloat16`` (docs/method.md §6.1).
+--generation-dtype bfloat16`` (docs/method.md §6.1). With ``--dtype bfloat16`` both sides hold
+the frozen weights (TRL: both copies) in bfloat16 and train a float32 LoRA adapter on them (peft
+upcasts adapters), sampling in the weights' own products.
 ``--gradient-checkpointing`` has both sides recompute each layer's activations in backward
 (TRL's default too; ours then reads each prompt once per row, as the cache it shares a prompt
 through is off under checkpointing).
@@ -90,9 +93,10 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
 
 
 def load_side(args: argparse.Namespace):
-    """The float32 embedded model, its tokenizer and the step's prompts (one epoch of ``--steps``);
-    with --bf16 it generates in bfloat16 products (TRL's autocast does that for its side)."""
-    model, tokenizer = load_model(ModelArguments(model=args.model, dtype="float32",
+    """The embedded model in --dtype, its tokenizer and the step's prompts (one epoch of
+    ``--steps``); with --bf16 it generates in bfloat16 products (TRL's autocast does that for its
+    side)."""
+    model, tokenizer = load_model(ModelArguments(model=args.model, dtype=args.dtype,
                                                  generation_dtype="bfloat16" if args.bf16 else "model"))
     return model, tokenizer, load_prompts(PROMPT_SET, limit=args.steps * args.prompts_per_step)
 
@@ -142,7 +146,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
         bound_kernel_caches()
     imported = memory_mib("VmRSS")
     student, tokenizer, prompts = load_side(args)
-    teacher, _ = load_model(ModelArguments(model=args.model, dtype="float32"))  # the second copy
+    teacher, _ = load_model(ModelArguments(model=args.model, dtype=args.dtype))  # the second copy
     config = distill_config(args)
     rendered = render_prompts(tokenizer, prompts)
     rows = [rendered[index] for step in order for index in step for _ in range(config.samples_per_prompt)]
@@ -226,6 +230,8 @@ def main() -> None:
                              "too (safesteer.allocator)")
     parser.add_argument("--bf16", action="store_true",
                         help="both sides in bfloat16 products over float32 weights (TRL's default)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the weights' dtype on both sides (bfloat16: a float32 adapter on them)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="both sides recompute activations in backward (TRL's default)")
     args = parser.parse_args()
@@ -257,7 +263,7 @@ def main() -> None:
         ours, theirs = (combined([pair[side] for pair in rounds]) for side in (0, 1))
 
     config = distill_config(args)
-    precision = "float32, bfloat16 products" if args.bf16 else "float32"
+    precision = f"{args.dtype}, bfloat16 products" if args.bf16 else args.dtype
     precision += ", activations recomputed in backward" if args.gradient_checkpointing else ""
     print(f"trl {trl_version}; {args.rounds} round(s) of each side in turns; {args.model} {precision} with "
           f"LoRA r={config.lora_r} alpha={config.lora_alpha} "
