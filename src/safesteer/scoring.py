@@ -9,14 +9,13 @@ positions asked for materialised (``logits_to_keep``).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
+from safesteer.models.kvcache import cache_keyword
 from safesteer.models.rendering import position_ids
 
 
@@ -111,11 +110,4 @@ def shared_prompt_completion_logits(model: nn.Module, prompt_ids: Tensor, prompt
     row_masks = prompt_mask.index_select(0, row_prompts)
     return continue_prompts(model, first, cache, row_masks, completions, temperature)
 
-
-def cache_keyword(model: nn.Module) -> str:
-    """The name ``forward`` takes (and returns) a KV cache by: ``cache`` since transformers 5.24,
-    which deprecates ``past_key_values``; read from the first transformers model inside any wrapper
-    (PEFT, DDP)."""
-    inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), model)
-    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 

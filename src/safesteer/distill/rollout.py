@@ -16,10 +16,10 @@ from safesteer.distill.config import DistillConfig
 from safesteer.errors import SafesteerError
 from safesteer.models.devices import seeded
 from safesteer.models.generation import generate_ids
+from safesteer.models.kvcache import cache_keyword
 from safesteer.models.layout import model_device
 from safesteer.models.loading import adapters_merged
 from safesteer.scoring import (
-    cache_keyword,
     completion_logits,
     prompt_groups,
     read_prompts,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from safesteer.models.devices import seeded
+from safesteer.models.kvcache import cache_keyword, generation_cache, with_room
 from safesteer.models.layout import model_device
 from safesteer.models.precision import generation_products
 from safesteer.models.rendering import encode_rendered, render_prompts
@@ -37,8 +38,14 @@ def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_toke
     span several calls. The linear products run in the model's generation dtype
     (:func:`~safesteer.models.precision.generation_products`): bfloat16 products when it is
     bfloat16, else, on a CPU, the decode steps' few-row products computed as
-    :class:`~safesteer.models.narrow.NarrowLinears` computes them.
+    :class:`~safesteer.models.narrow.NarrowLinears` computes them. The KV cache (a fresh one, or
+    the one ``options`` pass) has room for the new tokens (:mod:`safesteer.models.kvcache`).
     """
+    keyword = cache_keyword(model)
+    cache = options.pop(keyword, None)
+    cache = generation_cache(model, max_new_tokens) if cache is None else cache
+    if cache is not None:
+        options[keyword] = with_room(cache, max_new_tokens)
     with torch.no_grad(), generation_products(model):
         output = model.generate(**inputs, max_new_tokens=max_new_tokens,  # type: ignore[operator]
                                 pad_token_id=pad_token_id, use_cache=True, **options)

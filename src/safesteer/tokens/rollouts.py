@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from safesteer.models.kvcache import cache_keyword
 from safesteer.models.layout import model_device
 from safesteer.models.rendering import encode_rendered, position_ids, render_prompts
 from safesteer.progress import progress_bar
-from safesteer.scoring import cache_keyword
 from safesteer.tokens_config import TokensConfig
 
 if TYPE_CHECKING:

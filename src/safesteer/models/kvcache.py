@@ -1,0 +1,101 @@
+"""The KV cache generation runs on: transformers' dynamic cache with room reserved for the tokens
+to come, so that a decode step writes its keys and values in place.
+
+transformers' ``DynamicLayer`` appends each step's keys and values with ``torch.cat``, which copies
+the whole cache at every step: for 40 answers after prompts of ~350 tokens that copying was a
+sixth of the generation time on a CPU. :class:`RoomyLayer` keeps them in buffers sized for the
+prompt plus the tokens to generate and hands attention a view of the filled part; attention reads
+the same values, so the tokens are the same bit for bit (docs/method.md §6.1).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``forward`` takes (and returns) a KV cache by: ``cache`` since transformers 5.24,
+    which deprecates ``past_key_values``; read from the first transformers model inside any wrapper
+    (PEFT, DDP)."""
+    inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), model)
+    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values fill buffers with room for ``reserve`` more tokens
+    than the first update brings, written in place; ``keys`` and ``values`` are views of the filled
+    part. When the room runs out, or a method of the parent class replaced the tensors (cropping,
+    reordering, offloading), the buffers are made anew around what the layer holds."""
+
+    def __init__(self, reserve: int) -> None:
+        super().__init__()
+        self.reserve = reserve
+        self.buffers: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
+        if not self._fits(key_states, end):
+            self.buffers = tuple(  # type: ignore[assignment]
+                _buffer(held, new, length, end + self.reserve)
+                for held, new in ((self.keys, key_states), (self.values, value_states)))
+        assert self.buffers is not None
+        keys, values = self.buffers
+        keys[..., length:end, :] = key_states
+        values[..., length:end, :] = value_states
+        self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+        return self.keys, self.values
+
+    def _fits(self, key_states: Tensor, end: int) -> bool:
+        """Whether the buffers still hold this layer's keys at their start, with room up to ``end``."""
+        if self.buffers is None or self.keys.numel() == 0:
+            return False
+        keys = self.buffers[0]
+        return (self.keys.data_ptr() == keys.data_ptr() and self.keys.shape[:-2] == keys.shape[:-2]
+                and keys.shape[:-2] == key_states.shape[:-2] and end <= keys.shape[-2])
+
+
+def _buffer(held: Tensor, new: Tensor, length: int, capacity: int) -> Tensor:
+    buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+    if length:
+        buffer[..., :length, :] = held
+    return buffer
+
+
+def with_room(cache: Any, reserve: int) -> Any:
+    """``cache`` with each plain dynamic layer made a :class:`RoomyLayer` holding the same state,
+    with room for ``reserve`` more tokens; any other cache or layer (sliding-window, static,
+    quantized) is left as it is."""
+    if not isinstance(cache, DynamicCache):
+        return cache
+    if cache.layer_class_to_replicate is DynamicLayer:  # layers made as updates come (no config)
+        cache.layer_class_to_replicate = partial(RoomyLayer, reserve)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:
+            roomy = RoomyLayer(reserve)
+            roomy.__dict__.update({**vars(layer), "reserve": reserve, "buffers": None})
+            cache.layers[index] = roomy
+    return cache
+
+
+def generation_cache(model: nn.Module, reserve: int) -> DynamicCache | None:
+    """A fresh dynamic cache for ``model``'s generate call with room for ``reserve`` new tokens, or
+    None where transformers would not give the model a dynamic cache (an encoder-decoder, or a
+    cache implementation its generation config names), so that ``generate`` builds its own."""
+    inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+    # transformers' own rule for which models take a dynamic cache (a few recurrent ones do not)
+    if inner is None or inner.config.is_encoder_decoder or not inner._supports_default_dynamic_cache():
+        return None
+    if getattr(inner.generation_config, "cache_implementation", None) is not None:
+        return None
+    return with_room(DynamicCache(config=inner.config.get_text_config(decoder=True)), reserve)
+
