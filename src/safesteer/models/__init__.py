@@ -5,9 +5,10 @@ The package in reading order: ``devices`` (``--device``/``--dtype``, seeded devi
 ``loading`` (embedded, directory, GGUF, hub id, adapter on its base), ``layout`` (decoder blocks and
 sizes), ``rendering`` (chat template, left padding, positions), ``linears`` (products computed
 another way: a mode, or routed through a model's linear layers), ``narrow`` (few-row products on a
-CPU), ``precision`` (bfloat16 products while generating), ``generation`` (the shared generate
-call, batched answers). The names below are the public ones; code inside safesteer imports from
-the module that defines each.
+CPU), ``precision`` (bfloat16 products while generating), ``kvcache`` (the generate call's KV
+cache, with room for the new tokens), ``generation`` (the shared generate call, batched
+answers). The names below are the public ones; code inside safesteer imports from the module
+that defines each.
 """
 
 from safesteer.models.devices import resolve_device, resolve_dtype, seeded
