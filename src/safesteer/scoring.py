@@ -109,5 +109,3 @@ def shared_prompt_completion_logits(model: nn.Module, prompt_ids: Tensor, prompt
     first, cache = read_prompts(model, prompt_ids, prompt_mask, row_prompts)
     row_masks = prompt_mask.index_select(0, row_prompts)
     return continue_prompts(model, first, cache, row_masks, completions, temperature)
-
-

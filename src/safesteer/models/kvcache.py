@@ -72,9 +72,9 @@ def _buffer(held: Tensor, new: Tensor, length: int, capacity: int) -> Tensor:
 
 
 def with_room(cache: Any, reserve: int) -> Any:
-    """``cache`` with each plain dynamic layer made a :class:`RoomyLayer` holding the same state,
-    with room for ``reserve`` more tokens; any other cache or layer (sliding-window, static,
-    quantized) is left as it is."""
+    """``cache``, changed in place: each plain dynamic layer made a :class:`RoomyLayer` holding
+    the same state, with room for ``reserve`` more tokens; any other cache or layer
+    (sliding-window, static, quantized) is left as it is."""
     if not isinstance(cache, DynamicCache):
         return cache
     if cache.layer_class_to_replicate is DynamicLayer:  # layers made as updates come (no config)
@@ -92,8 +92,10 @@ def generation_cache(model: nn.Module, reserve: int) -> DynamicCache | None:
     None where transformers would not give the model a dynamic cache (an encoder-decoder, or a
     cache implementation its generation config names), so that ``generate`` builds its own."""
     inner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
+    if inner is None or inner.config.is_encoder_decoder:
+        return None
     # transformers' own rule for which models take a dynamic cache (a few recurrent ones do not)
-    if inner is None or inner.config.is_encoder_decoder or not inner._supports_default_dynamic_cache():
+    if not getattr(inner, "_supports_default_dynamic_cache", lambda: True)():
         return None
     if getattr(inner.generation_config, "cache_implementation", None) is not None:
         return None
