@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from safesteer.models import generation
 from safesteer.models.generation import generate_ids
 from safesteer.models.kvcache import RoomyLayer, generation_cache, with_room
 from safesteer.models.rendering import encode_rendered, render_prompts
@@ -37,7 +38,7 @@ def test_a_roomy_layer_holds_what_a_dynamic_layer_holds_in_place_until_its_room_
     assert len(set(pointers[:4])) == 1 and pointers[4] != pointers[3] and pointers[5] == pointers[4]
 
 
-@pytest.mark.parametrize("change", ["crop", "reorder", "select"])
+@pytest.mark.parametrize("change", ["crop", "reorder", "select", "repeat", "reset"])
 def test_after_the_parent_class_replaces_its_tensors_a_roomy_layer_goes_on_from_them(change: str) -> None:
     generator = torch.Generator().manual_seed(1)
     plain, roomy = DynamicLayer(), RoomyLayer(reserve=8)
@@ -47,9 +48,15 @@ def test_after_the_parent_class_replaces_its_tensors_a_roomy_layer_goes_on_from_
             layer.crop(-2)
         elif change == "reorder":
             layer.reorder_cache(torch.tensor([2, 0, 1]))
-        else:
+        elif change == "select":
             layer.batch_select_indices(torch.tensor([0, 2]))
-    states = _states(generator, 1, rows=plain.keys.shape[0])
+        elif change == "repeat":
+            layer.batch_repeat_interleave(2)
+        else:
+            layer.reset()
+    # cropping leaves a view of the buffers, which go on; the rest let them go
+    assert (roomy.buffers is not None) == (change == "crop")
+    states = _states(generator, 1, rows=plain.keys.shape[0] if plain.is_initialized else 3)
     assert all(torch.equal(a, b) for a, b in zip(plain.update(*states), roomy.update(*states), strict=True))
 
 
@@ -74,19 +81,27 @@ def test_generation_with_room_draws_the_plain_caches_tokens_bit_for_bit(
         options = {"max_new_tokens": 7, "pad_token_id": tiny_tokenizer.pad_token_id, **sampling}
         torch.manual_seed(0)
         ours = generate_ids(model, batch, **options)
-        torch.manual_seed(0)
-        with torch.no_grad():
-            plain = model.generate(**batch, **options)[:, batch["input_ids"].shape[1]:]
-        assert torch.equal(ours, plain) and updates
+        assert updates
+        with monkeypatch.context() as patch:  # the same products, transformers' own cache
+            patch.setattr(generation, "generation_cache", lambda *_: None)
+            torch.manual_seed(0)
+            plain = generate_ids(model, batch, **options)
+        assert torch.equal(ours, plain)
         updates.clear()
     kinds = {type(layer) for layer in generation_cache(model, 7).layers}
     assert kinds == ({RoomyLayer} if arch == "llama" else {RoomyLayer, DynamicSlidingWindowLayer})
 
 
-def test_only_dynamic_caches_get_room() -> None:
-    cache = DynamicCache()
-    assert with_room(cache, 4) is cache
+def test_only_dynamic_layers_get_room_and_a_chosen_cache_implementation_is_left_to_generate(
+    tiny_model: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = with_room(DynamicCache(), 4)
     cache.update(*_states(torch.Generator().manual_seed(3), 2), layer_idx=0)  # layers made as updates come
     assert [type(layer) for layer in cache.layers] == [RoomyLayer]
-    other = object()
-    assert with_room(other, 4) is other
+    handed: list[object] = []
+    generate = type(tiny_model).generate
+    monkeypatch.setattr(type(tiny_model), "generate",
+                        lambda self, **kwargs: handed.append(kwargs) or generate(self, **kwargs))
+    batch = encode_rendered(tiny_tokenizer, render_prompts(tiny_tokenizer, PROMPTS), torch.device("cpu"))
+    generate_ids(tiny_model, batch, max_new_tokens=2, pad_token_id=0, cache_implementation="static")
+    assert not {"cache", "past_key_values"} & handed[0].keys()  # type: ignore[attr-defined]

@@ -38,14 +38,18 @@ def generate_ids(model: nn.Module, inputs: Mapping[str, Tensor], *, max_new_toke
     span several calls. The linear products run in the model's generation dtype
     (:func:`~safesteer.models.precision.generation_products`): bfloat16 products when it is
     bfloat16, else, on a CPU, the decode steps' few-row products computed as
-    :class:`~safesteer.models.narrow.NarrowLinears` computes them. The KV cache (a fresh one, or
-    the one ``options`` pass) has room for the new tokens (:mod:`safesteer.models.kvcache`).
+    :class:`~safesteer.models.narrow.NarrowLinears` computes them. The KV cache (the one
+    ``options`` pass, or a fresh one unless they choose a cache implementation or generation
+    config) has room for the new tokens (:mod:`safesteer.models.kvcache`).
     """
-    keyword = cache_keyword(model)
-    cache = options.pop(keyword, None)
-    cache = generation_cache(model, max_new_tokens) if cache is None else cache
-    if cache is not None:
-        options[keyword] = with_room(cache, max_new_tokens)
+    given = next((options[name] for name in ("cache", "past_key_values") if options.get(name) is not None),
+                 None)
+    if given is not None:
+        with_room(given, max_new_tokens)  # in place: the options keep holding it
+    elif not {"cache_implementation", "generation_config"} & options.keys():  # else generate's own
+        fresh = generation_cache(model, max_new_tokens)
+        if fresh is not None:
+            options[cache_keyword(model)] = fresh
     with torch.no_grad(), generation_products(model):
         output = model.generate(**inputs, max_new_tokens=max_new_tokens,  # type: ignore[operator]
                                 pad_token_id=pad_token_id, use_cache=True, **options)

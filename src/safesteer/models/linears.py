@@ -66,10 +66,14 @@ class LinearMode(TorchFunctionMode):
     @contextmanager
     def on(self, model: nn.Module) -> Iterator[nn.Module]:
         """Within it, the products of ``model``'s ``nn.Linear`` layers are :meth:`linear`'s, as
-        under the mode; nothing else is intercepted. A layer that already carries a forward of its
-        own (accelerate's offloading hooks wrap it so) keeps it and its products."""
-        layers = [module for module in model.modules()
-                  if type(module).forward is nn.Linear.forward and "forward" not in vars(module)]
+        under the mode; nothing else is intercepted. A model whose products may not all come from
+        plain ``nn.Linear`` layers (:func:`_routable`) gets the mode instead, so the products
+        are the mode's either way."""
+        if not _routable(model):
+            with self:
+                yield model
+            return
+        layers = [module for module in model.modules() if type(module).forward is nn.Linear.forward]
         for layer in layers:
             layer.forward = partial(_routed_forward, self, layer)
         try:
@@ -77,6 +81,20 @@ class LinearMode(TorchFunctionMode):
         finally:
             for layer in layers:
                 del layer.forward
+
+
+def _routable(model: nn.Module) -> bool:
+    """Whether every weight matrix of ``model`` sits in a plain ``nn.Linear`` or an embedding and
+    no layer has a forward of its own: else some products may call ``F.linear`` directly (mixtures
+    of experts, DoRA adapters, layers wrapped by accelerate's hooks, a routing already on)."""
+    for module in model.modules():
+        if "forward" in vars(module) or any(getattr(module, "use_dora", {}).values()):
+            return False
+        if type(module).forward is nn.Linear.forward or isinstance(module, nn.Embedding):
+            continue
+        if any(parameter.dim() >= 2 for parameter in module.parameters(recurse=False)):
+            return False
+    return True
 
 
 def _routed_forward(mode: LinearMode, layer: nn.Linear, input: Tensor) -> Tensor:
