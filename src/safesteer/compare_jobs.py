@@ -114,7 +114,7 @@ def evaluate_target(spec: str, args: EvalArguments, model_args: ModelArguments, 
     goes to that directory's compare.log."""
     name = split_target(spec)[0]
     part = claim_output_dir(part_dir(args.output_dir, name), EVAL_KIND)
-    shared = str(Path(args.output_dir) / "completions")
+    shared = str(args.completions_path())
     options = {**asdict(model_args), **asdict(data_args),
                **asdict(replace(args, output_dir=str(part), targets=[spec], completions_dir=shared))}
     log = part / "compare.log"

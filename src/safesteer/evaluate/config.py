@@ -7,6 +7,7 @@ are plain data), so ``safesteer eval --help`` and every check of these options r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from safesteer.config import GENERATION_DTYPES
 from safesteer.errors import SafesteerError
@@ -115,6 +116,10 @@ class EvalArguments:
                                         "lm_eval/commands.sh (one lm-eval call per target) and the "
                                         "teacher in lm-eval's `steered` format; run it where lm-eval "
                                         "and the hub are available."})
+
+    def completions_path(self) -> Path:
+        """Where the answers are saved: --completions-dir, else OUTPUT_DIR/completions."""
+        return Path(self.completions_dir or Path(self.output_dir) / "completions")
 
     def __post_init__(self) -> None:
         # Both "--targets base teacher" and "--targets base,teacher" work.

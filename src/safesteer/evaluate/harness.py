@@ -113,7 +113,7 @@ class Evaluation:
         self.data = data_args
         self.targets = targets
         self.tokenizer = targets.tokenizer
-        self.completions = Path(args.completions_dir or Path(args.output_dir) / "completions")
+        self.completions = args.completions_path()
         self.removed: dict[str, int] = {}
         self._prompt_sets: dict[str, list[str]] = {}
         self._references: list[str] | None = None
