@@ -1,6 +1,7 @@
 # Entry points for a fresh machine with only Python 3.11+ and pip:
 #   make demo   the whole method on the embedded default model (safesteer run --preset demo)
 #   make test   runs the test suite (unit + integration)
+#   make test-oldest  the suite on the oldest dependency releases pyproject.toml allows
 #   make compare  SafeSteer against its baselines (safesteer compare; the README's Results)
 #   make report-check  renders the demo's report in headless Chromium (installed if missing)
 PYTHON ?= python3
@@ -10,7 +11,7 @@ OUTPUT_DIR ?= runs/demo
 # The CPU build of torch, installed first so that nothing pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo compare report-check test lint clean
+.PHONY: install demo compare report-check test test-oldest lint clean
 
 $(BIN)/safesteer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +36,14 @@ test: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# Its own environment and cache (the embedded model converted by these releases).
+OLDEST_VENV ?= .venv-oldest
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install -q -c .ci/oldest.txt -e ".[test]"
+	SAFESTEER_CACHE=$(abspath $(OLDEST_VENV))/cache $(OLDEST_VENV)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OLDEST_VENV) runs

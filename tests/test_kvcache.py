@@ -56,7 +56,7 @@ def test_after_the_parent_class_replaces_its_tensors_a_roomy_layer_goes_on_from_
             layer.reset()
     # cropping leaves a view of the buffers, which go on; the rest let them go
     assert (roomy.buffers is not None) == (change == "crop")
-    states = _states(generator, 1, rows=plain.keys.shape[0] if plain.is_initialized else 3)
+    states = _states(generator, 1, rows=3 if plain.keys is None else plain.keys.shape[0])
     assert all(torch.equal(a, b) for a, b in zip(plain.update(*states), roomy.update(*states), strict=True))
 
 

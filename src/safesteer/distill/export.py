@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from safesteer.errors import SafesteerError
 from safesteer.io import EXPORT_KIND, check_apart, check_output_dir, claim_output_dir, publish_dir
-from safesteer.models.loading import load_adapter
+from safesteer.models.loading import merged_adapter
 
 
 def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, output_dir: str | Path,
@@ -32,7 +32,7 @@ def merge_student(base: PreTrainedModel | str | Path, adapter_dir: str | Path, o
                              "fine-tune's student directory is already a plain model")
     if isinstance(base, str | Path):
         base = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    merged = load_adapter(base.to(dtype), adapter_dir).merge_and_unload()
+    merged = merged_adapter(base.to(dtype), adapter_dir)
     staging = output_dir.parent / f".{output_dir.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)

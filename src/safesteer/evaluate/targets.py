@@ -24,7 +24,13 @@ from safesteer.direction.artifact import DIRECTION_FILES
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import BUILT_IN_TARGETS, split_target
 from safesteer.models.layout import model_device
-from safesteer.models.loading import FoldedAdapters, adapters_disabled, load_adapter, load_model
+from safesteer.models.loading import (
+    FoldedAdapters,
+    adapters_disabled,
+    load_adapter,
+    load_model,
+    merged_adapter,
+)
 from safesteer.wheels import sha256_file
 
 Target = Callable[[], AbstractContextManager[nn.Module]]
@@ -217,7 +223,7 @@ class Targets:
         path = self.paths.get(name)
         if path is None or name in self.adapters:  # built on --model, like the shared copy
             model = load_model(self.model_args)[0]
-            return model if path is None else load_adapter(model, Path(path)).merge_and_unload()
+            return model if path is None else merged_adapter(model, Path(path))
         return load_model(ModelArguments(**{**asdict(self.model_args), "model": str(path)}))[0]
 
     def served(self, name: str, model: nn.Module) -> AbstractContextManager[None]:

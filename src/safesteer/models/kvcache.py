@@ -59,8 +59,8 @@ class RoomyLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if self.keys is None:  # transformers >= 5 also sets its own flags here
+            _initialize(self, key_states, value_states)
         length = self.get_seq_length()
         end = length + key_states.shape[-2]
         if not self._fits(key_states, end):
@@ -89,6 +89,14 @@ class RoomyLayer(DynamicLayer):
     batch_repeat_interleave = _dropping_buffers("batch_repeat_interleave")
     offload = _dropping_buffers("offload")
     reset = _dropping_buffers("reset")
+
+
+def _initialize(layer: DynamicLayer, key_states: Tensor, value_states: Tensor) -> None:
+    """``DynamicLayer``'s lazy initialisation, which reads the keys alone before transformers 5."""
+    if "value_states" in inspect.signature(DynamicLayer.lazy_initialization).parameters:
+        layer.lazy_initialization(key_states, value_states)
+    else:
+        layer.lazy_initialization(key_states)  # type: ignore[call-arg]
 
 
 def _buffer(held: Tensor, new: Tensor, length: int, capacity: int) -> Tensor:

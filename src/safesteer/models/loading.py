@@ -94,7 +94,7 @@ def load_model(args: ModelArguments) -> tuple[PreTrainedModel, PreTrainedTokeniz
             location = str(_converted_embedded_model(source.location))
         model, tokenizer = _load_pretrained(location, source, load_dtype, device, args.trust_remote_code)
     if adapter.kind == "adapter":
-        model = load_adapter(model, Path(adapter.location)).merge_and_unload().to(dtype)
+        model = merged_adapter(model, Path(adapter.location)).to(dtype)
         logger.info("--model %s: a LoRA adapter, merged into its base %s", adapter.location, source.location)
     model.eval()
     model.name_or_path = model.config.name_or_path = adapter.location
@@ -129,6 +129,15 @@ def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") ->
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
         raise SafesteerError(f"{damaged_weights(path)}: could not load the LoRA adapter "
                              f"({first_line(error)}); re-export or retrain it") from error
+
+
+def merged_adapter(model: nn.Module, path: Path) -> PreTrainedModel:
+    """``model`` with the LoRA adapter saved in ``path`` folded into its weights: a plain model
+    again (peft 0.17 leaves its configs on it, and a later adapter would take itself for a second
+    one)."""
+    merged = load_adapter(model, path).merge_and_unload()
+    vars(merged).pop("peft_config", None)
+    return merged
 
 
 @contextmanager
@@ -275,7 +284,8 @@ def _load_gguf(
     except (OSError, ValueError) as error:
         raise SafesteerError(f"could not load the GGUF file {path}: {error}") from error
     config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):  # transformers >= 5 marks GGUF models quantized
+        del config.quantization_config
     model = AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, trust_remote_code=trust_remote_code
     )

@@ -55,8 +55,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def encode_rendered(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str
 ) -> BatchEncoding:
-    """Tokenize rendered chats, left-padded; no special tokens added (the template has them)."""
+    """Tokenize rendered chats, left-padded; no special tokens added (the template has them), and
+    no token type ids, which a decoder reads not (transformers before 5 has ``generate`` refuse
+    them where a tokenizer returns them)."""
     batch = tokenizer(
-        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+        return_token_type_ids=False,
     )
     return batch.to(device)
