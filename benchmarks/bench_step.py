@@ -33,6 +33,11 @@ upcasts adapters), sampling in the weights' own products.
 ``--gradient-checkpointing`` has both sides recompute each layer's activations in backward
 (TRL's default too; ours then reads each prompt once per row, as the cache it shares a prompt
 through is off under checkpointing).
+The peak (VmHWM) does not say what it holds, so each side also samples its resident set every
+20 ms and prints the make-up of the highest sample: anonymous memory (heap, tensors) and
+file-backed pages (libraries, and the float32 weights, which transformers maps from their
+safetensors file; TRL's two copies map it twice). File-backed pages are clean, so the kernel may
+drop them when memory runs short and read them in again.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,12 +73,39 @@ TARGET_SPEEDUP, TARGET_RSS = 2.0, 0.5
 
 
 def memory_mib(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set. The peak starts afresh at
-    exec; ``ru_maxrss`` would not, as the fork before the exec carries the parent's set in."""
+    """This process's peak (VmHWM) or current (VmRSS) resident set, or another field of its status
+    in kB. The peak starts afresh at exec; ``ru_maxrss`` would not, as the fork before the exec
+    carries the parent's set in."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
+
+
+class PeakMakeUp(threading.Thread):
+    """Samples the resident set every ``interval`` seconds and keeps the make-up (VmRSS, RssAnon,
+    RssFile, MiB) of the highest sample, which may miss a peak shorter than the interval."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.highest = dict.fromkeys(self.FIELDS, 0.0)
+        self.running = True
+        self.start()
+
+    def run(self) -> None:
+        while self.running:
+            sample = {field: memory_mib(field) for field in self.FIELDS}
+            if sample["VmRSS"] > self.highest["VmRSS"]:
+                self.highest = sample
+            time.sleep(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self.running = False
+        self.join()
+        return self.highest
 
 
 def allocator_in_use(kept: bool) -> str:
@@ -107,6 +140,7 @@ def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any
     allocator = allocator_in_use(keep_freed_memory())
     bound_kernel_caches()
     imported = memory_mib("VmRSS")
+    make_up = PeakMakeUp()
     model, tokenizer, prompts = load_side(args)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
     with tempfile.TemporaryDirectory() as output_dir:
@@ -117,7 +151,7 @@ def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any
         distiller.train()
         log = [json.loads(line) for line in (Path(output_dir) / LOG_FILE).read_text().splitlines()]
     return {"seconds": [row["seconds"] for row in log], "order": order, "rss_mib": memory_mib(),
-            "imported_mib": imported, "allocator": allocator,
+            "imported_mib": imported, "make_up": make_up.stop(), "allocator": allocator,
             "completion_length": [row["completion_length"] for row in log],
             "loss": f"subset reverse KL on |S| = {len(safety_ids)} tokens"}
 
@@ -145,6 +179,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
     if args.same_allocator:
         bound_kernel_caches()
     imported = memory_mib("VmRSS")
+    make_up = PeakMakeUp()
     student, tokenizer, prompts = load_side(args)
     teacher, _ = load_model(ModelArguments(model=args.model, dtype=args.dtype))  # the second copy
     config = distill_config(args)
@@ -177,7 +212,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
     lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                if "completions/mean_length" in row]
     return {"seconds": timer.seconds, "rss_mib": memory_mib(), "imported_mib": imported,
-            "allocator": allocator, "completion_length": lengths,
+            "make_up": make_up.stop(), "allocator": allocator, "completion_length": lengths,
             "loss": "generalised JSD with beta 1 (reverse KL) on the full vocabulary"}
 
 
@@ -188,21 +223,23 @@ def in_fresh_process(function, *arguments: Any) -> dict[str, Any]:
 
 def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One side's rounds as one result: each round's steps after its warm-up step, the highest
-    peak RSS, all completion lengths."""
+    peak RSS and the make-up of the highest sample, all completion lengths."""
     return {"seconds": [seconds for result in rounds for seconds in result["seconds"][1:]],
             "rss_mib": max(result["rss_mib"] for result in rounds),
             "imported_mib": max(result["imported_mib"] for result in rounds),
+            "make_up": max((result["make_up"] for result in rounds), key=lambda make_up: make_up["VmRSS"]),
             "completion_length": [length for result in rounds for length in result["completion_length"]],
             "loss": rounds[0]["loss"], "allocator": rounds[0]["allocator"]}
 
 
 def summary(name: str, result: dict[str, Any]) -> float:
     """Print one side's figures; returns its median s/step over the timed steps."""
-    median = statistics.median(result["seconds"])
+    median, make_up = statistics.median(result["seconds"]), result["make_up"]
     steps = " ".join(f"{seconds:.2f}" for seconds in result["seconds"])
     print(f"{name:<36} {median:7.2f} s/step (timed steps: {steps}), "
           f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
-          f"imported), completion length "
+          f"imported; highest sample {make_up['VmRSS']:.0f}: {make_up['RssAnon']:.0f} anonymous, "
+          f"{make_up['RssFile']:.0f} file-backed), completion length "
           f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}; "
           f"{result['allocator']}")
     return median
@@ -278,7 +315,9 @@ def main() -> None:
     print(f"ratios: trl/safesteer s/step {speedup:.2f} (target >= {TARGET_SPEEDUP:g}: "
           f"{met[speedup >= TARGET_SPEEDUP]}), safesteer/trl peak RSS {rss:.2f} (target <= {TARGET_RSS:g}: "
           f"{met[rss <= TARGET_RSS]}); above the imported libraries "
-          f"{(ours['rss_mib'] - ours['imported_mib']) / (theirs['rss_mib'] - theirs['imported_mib']):.2f}")
+          f"{(ours['rss_mib'] - ours['imported_mib']) / (theirs['rss_mib'] - theirs['imported_mib']):.2f}, "
+          f"anonymous memory at the highest samples "
+          f"{ours['make_up']['RssAnon'] / theirs['make_up']['RssAnon']:.2f}")
     print(f"bench_step: safesteer {speedup:.1f}x faster, {rss:.2f}x peak RSS vs trl {trl_version} "
           "DistillationTrainer")
 
