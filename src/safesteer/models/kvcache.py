@@ -59,7 +59,7 @@ class RoomyLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.keys is None:  # transformers >= 5 also sets its own flags here
+        if self.keys is None:  # the first update, in either major version of transformers
             _initialize(self, key_states, value_states)
         length = self.get_seq_length()
         end = length + key_states.shape[-2]

@@ -133,7 +133,7 @@ def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") ->
 
 def merged_adapter(model: nn.Module, path: Path) -> PreTrainedModel:
     """``model`` with the LoRA adapter saved in ``path`` folded into its weights: a plain model
-    again (peft 0.17 leaves its configs on it, and a later adapter would take itself for a second
+    again (peft 0.17 leaves its configs on it, so that an adapter added later warns of a second
     one)."""
     merged = load_adapter(model, path).merge_and_unload()
     vars(merged).pop("peft_config", None)

@@ -56,7 +56,7 @@ def encode_rendered(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str
 ) -> BatchEncoding:
     """Tokenize rendered chats, left-padded; no special tokens added (the template has them), and
-    no token type ids, which a decoder reads not (transformers before 5 has ``generate`` refuse
+    no token type ids, which decoders do not read (before transformers 5, ``generate`` refuses
     them where a tokenizer returns them)."""
     batch = tokenizer(
         texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
