@@ -25,6 +25,7 @@ from safesteer.evaluate.tables import results_table
 from safesteer.evaluate.targets import Targets
 from safesteer.htmlreport.build import build_report
 from safesteer.models import load_model
+from safesteer.software import software
 
 BENCHMARKS = ["harmbench-test", "jbb-past-tense", "harmless-test", "ordinary-test", "mmlu-stem", "mmlu-nll",
               "gsm8k-nll", "humaneval-nll", "gsm8k", "humaneval", "kl-benign", "benign-nll"]
@@ -276,6 +277,7 @@ def test_evaluations_of_one_target_each_merge_into_the_evaluation_of_all(eval_se
         assert json.dumps(merged[key]) == json.dumps(together[key])
     assert list(merged["seconds"]) == list(merged["memory"]) == names
     assert all(memory["peak_rss_mib"] > 0 for memory in merged["memory"].values())
+    assert merged["software"] == together["software"] == software()
     out = tmp_path / "merged"
     write_summary(merged, out)
     assert json.loads((out / "results.json").read_text())["benchmarks"] == together["benchmarks"]

@@ -16,6 +16,7 @@ from safesteer import pipeline
 from safesteer.cli import main
 from safesteer.errors import SafesteerError
 from safesteer.run_config import PRESETS, RunArguments, preset_defaults
+from safesteer.software import software
 
 
 @pytest.fixture
@@ -48,6 +49,7 @@ def test_run_writes_every_artifact_and_resumes(capsys, tmp_path, run_setup):
         assert (run_dir / name).exists(), name
     check = json.loads((run_dir / "check.json").read_text())
     assert set(check["refusal"]) == {"base", "teacher", "student"}
+    assert check["software"] == software()
     assert out.splitlines()[-1] == f"report: `safesteer report {run_dir}` writes {run_dir / 'report.html'}"
     assert main(["report", str(run_dir)]) == 0
     page = (run_dir / "report.html").read_text()

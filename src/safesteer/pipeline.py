@@ -36,6 +36,7 @@ from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import FoldedAdapters, check_model_arguments, load_model, model_id
 from safesteer.models.precision import generation_dtype_name
 from safesteer.run_config import RunArguments
+from safesteer.software import software
 from safesteer.tokens.artifact import SafetyTokenSet
 from safesteer.tokens.selection import select_safety_tokens
 from safesteer.tokens_config import TokensConfig
@@ -176,7 +177,7 @@ def run_pipeline(model_args: ModelArguments, data_args: DataArguments, run: RunA
                    "generation_dtype": generation_dtype_name(model), "bf16_autocast": distiller.bf16}
         print(f"\nrefusal rate (keyword judge on the first 200 characters of greedy "
               f"{run.check_max_new_tokens}-token answers):\n" + refusal_table(results, run.check_benign))
-    summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)))
+    summary.update(stage_seconds=laps.seconds, **peak_memory_mib(model_device(model)), software=software())
     write_json(output_dir / "check.json", summary)
     print("wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in laps.seconds.items())
           + f"; total {sum(laps.seconds.values()):.0f} s")

@@ -18,6 +18,7 @@ from safesteer.evaluate.tables import (
 )
 from safesteer.io import write_json
 from safesteer.report import plot_results
+from safesteer.software import software
 
 RESULTS_FILE = "results.json"
 JUDGE = "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding"
@@ -27,10 +28,12 @@ def build_summary(results: Mapping[str, dict[str, Any]], seconds: Mapping[str, f
                   memory: Mapping[str, Mapping[str, float | None]], benchmarks: Sequence[str],
                   settings: Mapping[str, Any]) -> dict[str, Any]:
     """``results.json``'s content: every target's cells, its summary, its seconds and the peak
-    memory of the process that evaluated it (up to the end of that target)."""
+    memory of the process that evaluated it (up to the end of that target), and the software
+    that made it (:func:`~safesteer.software.software`)."""
     return {"results": dict(results), "benchmarks": {name: lookup(name).record() for name in benchmarks},
             "summary": {name: target_summary(result) for name, result in results.items()},
-            "judge": JUDGE, "seconds": dict(seconds), "memory": dict(memory), "settings": dict(settings)}
+            "judge": JUDGE, "seconds": dict(seconds), "memory": dict(memory), "settings": dict(settings),
+            "software": software()}
 
 
 def merge_summaries(parts: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> dict[str, Any]:
