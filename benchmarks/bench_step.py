@@ -3,6 +3,7 @@
     .venv/bin/pip install -e ".[bench]"     # TRL, only for this script
     .venv/bin/python benchmarks/bench_step.py [--steps 5] [--rounds 2] [--direction RUN_DIR] [--bf16]
                                               [--dtype bfloat16] [--gradient-checkpointing] [--same-allocator]
+                                              [--make-up-every SECONDS]
 
 Both sides train the embedded default (float32, or ``--dtype bfloat16`` weights, what ``--dtype
 auto`` gives on a GPU) on the same ``safesteer-train`` prompts, in the
@@ -34,10 +35,11 @@ upcasts adapters), sampling in the weights' own products.
 (TRL's default too; ours then reads each prompt once per row, as the cache it shares a prompt
 through is off under checkpointing).
 The peak (VmHWM) does not say what it holds, so each side also samples its resident set every
-20 ms and prints the make-up of the highest sample: anonymous memory (heap, tensors) and
-file-backed pages (libraries, and the float32 weights, which transformers maps from their
-safetensors file; TRL's two copies map it twice). File-backed pages are clean, so the kernel may
-drop them when memory runs short and read them in again.
+``--make-up-every`` seconds (20 ms; 0 for none) and prints the make-up of the highest sample:
+anonymous memory (heap, tensors) and file-backed pages (libraries, and the float32 weights,
+which transformers maps from their safetensors file; TRL's two copies map it twice).
+File-backed pages are clean, so the kernel may drop them when memory runs short and read them in
+again.
 """
 
 from __future__ import annotations
@@ -72,37 +74,42 @@ PROMPT_SET = "safesteer-train"
 TARGET_SPEEDUP, TARGET_RSS = 2.0, 0.5
 
 
+def status_mib() -> dict[str, float]:
+    """This process's sizes in /proc/self/status (VmHWM, VmRSS, RssAnon, ...), MiB, read at once;
+    empty without procfs."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in lines if line.endswith(" kB"))
+    return {name: int(value.split()[0]) / 1024 for name, value in fields}
+
+
 def memory_mib(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set, or another field of its status
-    in kB. The peak starts afresh at exec; ``ru_maxrss`` would not, as the fork before the exec
-    carries the parent's set in."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
+    """This process's peak (VmHWM) or current (VmRSS) resident set. The peak starts afresh at
+    exec; ``ru_maxrss`` would not, as the fork before the exec carries the parent's set in."""
+    return status_mib().get(field) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class PeakMakeUp(threading.Thread):
-    """Samples the resident set every ``interval`` seconds and keeps the make-up (VmRSS, RssAnon,
-    RssFile, MiB) of the highest sample, which may miss a peak shorter than the interval."""
+    """Samples the resident set every ``interval`` seconds (none at 0, or without procfs) and
+    keeps the make-up (VmRSS, RssAnon, RssFile, MiB; RssShmem left out) of the highest sample,
+    which may miss a peak shorter than the interval."""
 
-    FIELDS = ("VmRSS", "RssAnon", "RssFile")
-
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
         self.interval = interval
-        self.highest = dict.fromkeys(self.FIELDS, 0.0)
-        self.running = True
+        self.highest: dict[str, float] | None = None
+        self.running = interval > 0
         self.start()
 
     def run(self) -> None:
-        while self.running:
-            sample = {field: memory_mib(field) for field in self.FIELDS}
-            if sample["VmRSS"] > self.highest["VmRSS"]:
-                self.highest = sample
+        while self.running and (sample := status_mib()):
+            if self.highest is None or sample["VmRSS"] > self.highest["VmRSS"]:
+                self.highest = {field: sample[field] for field in ("VmRSS", "RssAnon", "RssFile")}
             time.sleep(self.interval)
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, float] | None:
         self.running = False
         self.join()
         return self.highest
@@ -140,7 +147,7 @@ def run_safesteer(args: argparse.Namespace, direction_dir: str) -> dict[str, Any
     allocator = allocator_in_use(keep_freed_memory())
     bound_kernel_caches()
     imported = memory_mib("VmRSS")
-    make_up = PeakMakeUp()
+    make_up = PeakMakeUp(args.make_up_every)
     model, tokenizer, prompts = load_side(args)
     safety_ids = sorted({tokenizer.encode(word, add_special_tokens=False)[0] for word in SAFETY_WORDS})
     with tempfile.TemporaryDirectory() as output_dir:
@@ -179,7 +186,7 @@ def run_trl(args: argparse.Namespace, direction_dir: str, order: list[list[int]]
     if args.same_allocator:
         bound_kernel_caches()
     imported = memory_mib("VmRSS")
-    make_up = PeakMakeUp()
+    make_up = PeakMakeUp(args.make_up_every)
     student, tokenizer, prompts = load_side(args)
     teacher, _ = load_model(ModelArguments(model=args.model, dtype=args.dtype))  # the second copy
     config = distill_config(args)
@@ -227,7 +234,8 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return {"seconds": [seconds for result in rounds for seconds in result["seconds"][1:]],
             "rss_mib": max(result["rss_mib"] for result in rounds),
             "imported_mib": max(result["imported_mib"] for result in rounds),
-            "make_up": max((result["make_up"] for result in rounds), key=lambda make_up: make_up["VmRSS"]),
+            "make_up": max((result["make_up"] for result in rounds if result["make_up"]),
+                           key=lambda make_up: make_up["VmRSS"], default=None),
             "completion_length": [length for result in rounds for length in result["completion_length"]],
             "loss": rounds[0]["loss"], "allocator": rounds[0]["allocator"]}
 
@@ -235,11 +243,13 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def summary(name: str, result: dict[str, Any]) -> float:
     """Print one side's figures; returns its median s/step over the timed steps."""
     median, make_up = statistics.median(result["seconds"]), result["make_up"]
+    make_up_text = "" if make_up is None else (
+        f"; highest sample {make_up['VmRSS']:.0f}: {make_up['RssAnon']:.0f} anonymous, "
+        f"{make_up['RssFile']:.0f} file-backed")
     steps = " ".join(f"{seconds:.2f}" for seconds in result["seconds"])
     print(f"{name:<36} {median:7.2f} s/step (timed steps: {steps}), "
           f"peak RSS {result['rss_mib']:.0f} MiB ({result['imported_mib']:.0f} once its libraries were "
-          f"imported; highest sample {make_up['VmRSS']:.0f}: {make_up['RssAnon']:.0f} anonymous, "
-          f"{make_up['RssFile']:.0f} file-backed), completion length "
+          f"imported{make_up_text}), completion length "
           f"{statistics.mean(result['completion_length']):.1f} tokens; {result['loss']}; "
           f"{result['allocator']}")
     return median
@@ -269,6 +279,8 @@ def main() -> None:
                         help="both sides in bfloat16 products over float32 weights (TRL's default)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the weights' dtype on both sides (bfloat16: a float32 adapter on them)")
+    parser.add_argument("--make-up-every", type=float, default=0.02,
+                        help="seconds between the samples of each side's resident set (0: none)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="both sides recompute activations in backward (TRL's default)")
     args = parser.parse_args()
@@ -315,9 +327,10 @@ def main() -> None:
     print(f"ratios: trl/safesteer s/step {speedup:.2f} (target >= {TARGET_SPEEDUP:g}: "
           f"{met[speedup >= TARGET_SPEEDUP]}), safesteer/trl peak RSS {rss:.2f} (target <= {TARGET_RSS:g}: "
           f"{met[rss <= TARGET_RSS]}); above the imported libraries "
-          f"{(ours['rss_mib'] - ours['imported_mib']) / (theirs['rss_mib'] - theirs['imported_mib']):.2f}, "
-          f"anonymous memory at the highest samples "
-          f"{ours['make_up']['RssAnon'] / theirs['make_up']['RssAnon']:.2f}")
+          f"{(ours['rss_mib'] - ours['imported_mib']) / (theirs['rss_mib'] - theirs['imported_mib']):.2f}"
+          + ("" if not (ours["make_up"] and theirs["make_up"]) else
+             f", anonymous memory at the highest samples "
+             f"{ours['make_up']['RssAnon'] / theirs['make_up']['RssAnon']:.2f}"))
     print(f"bench_step: safesteer {speedup:.1f}x faster, {rss:.2f}x peak RSS vs trl {trl_version} "
           "DistillationTrainer")
 

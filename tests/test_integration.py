@@ -73,8 +73,8 @@ def test_demo_run_trains_a_student_that_plain_peft_loads(direction_run, tmp_path
     script = textwrap.dedent(f"""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from safesteer.wheels import cache_dir
-        base = AutoModelForCausalLM.from_pretrained(cache_dir() / "models" / "smollm2-135m")
+        from safesteer.models import pretrained_location
+        base = AutoModelForCausalLM.from_pretrained(pretrained_location("smollm2-135m"))
         student = PeftModel.from_pretrained(base, {str(run_dir / "student")!r})
         tokenizer = AutoTokenizer.from_pretrained({str(run_dir / "student")!r})
         ids = tokenizer("Hello", return_tensors="pt").input_ids

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -28,6 +29,7 @@ from safesteer.models.loading import (
     adapters_merged,
     load_model,
     model_id,
+    pretrained_location,
 )
 from safesteer.models.rendering import encode_rendered, render_prompts
 from safesteer.wheels import cache_dir
@@ -359,7 +361,9 @@ def test_embedded_default_model_loads_and_reloads_from_cache() -> None:
     args = ModelArguments(model="smollm2-135m", dtype="float32", device="cpu")
     for _ in range(2):  # the first load may convert the GGUF; the second reads the cached copy
         model, tokenizer = load_model(args)
-        assert (cache_dir() / "models" / "smollm2-135m" / "model.safetensors").is_file()
+        converted = Path(pretrained_location("smollm2-135m"))
+        assert (converted / "model.safetensors").is_file() and converted.parent == cache_dir() / "models"
+        assert converted.name == f"smollm2-135m-transformers{transformers.__version__.split('.')[0]}"
         assert len(decoder_layers(model)) == num_layers(model) == 30
         assert hidden_size(model) == 576
         assert model.config.vocab_size == len(tokenizer) == 49152

@@ -1,5 +1,6 @@
-"""What made a result besides its settings: the Python and library releases and torch's thread
-count, recorded in ``results.json`` and ``check.json``.
+"""The software a result was made with, beside its settings: the Python, safesteer and library
+releases and torch's thread count of the process that wrote ``results.json`` (per target) or
+``check.json`` (not numpy's or tokenizers' releases, nor the device).
 
 Answers and scores move with them: another transformers release may compute attention another
 way, and a product summed over another split of threads rounds otherwise, so results that differ

@@ -55,6 +55,7 @@ from safesteer.models.generation import generate_responses
 from safesteer.models.layout import model_device, num_layers
 from safesteer.models.loading import pretrained_location
 from safesteer.models.precision import BfloatProducts, generation_dtype_name, resolve_generation_dtype
+from safesteer.software import software
 from safesteer.steering import ablate_direction
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def evaluate_targets(model_args: ModelArguments, data_args: DataArguments,
         memory[name] = peak_memory_mib(model_device(targets.model))
     summary = build_summary(results, seconds, memory, args.benchmarks, {
         "model": model_args.model, **asdict(args), "generation_dtype": generation_dtype_name(targets.model),
-        "score_dtype": evaluation.score_dtype_name})
+        "score_dtype": evaluation.score_dtype_name}, dict.fromkeys(targets.names, software()))
     write_summary(summary, args.output_dir)
     if args.lm_eval_tasks:
         adapters = {name: Path(targets.paths[name]) for name in targets.adapters}

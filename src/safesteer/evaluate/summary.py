@@ -18,7 +18,6 @@ from safesteer.evaluate.tables import (
 )
 from safesteer.io import write_json
 from safesteer.report import plot_results
-from safesteer.software import software
 
 RESULTS_FILE = "results.json"
 JUDGE = "keyword (safesteer.keyword_judge: first 200 characters), greedy decoding"
@@ -26,23 +25,24 @@ JUDGE = "keyword (safesteer.keyword_judge: first 200 characters), greedy decodin
 
 def build_summary(results: Mapping[str, dict[str, Any]], seconds: Mapping[str, float],
                   memory: Mapping[str, Mapping[str, float | None]], benchmarks: Sequence[str],
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``results.json``'s content: every target's cells, its summary, its seconds and the peak
-    memory of the process that evaluated it (up to the end of that target), and the software
-    that made it (:func:`~safesteer.software.software`)."""
+                  settings: Mapping[str, Any], software: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``results.json``'s content: every target's cells, its summary, its seconds, the peak memory
+    of the process that evaluated it (up to the end of that target) and that process's software
+    (:func:`~safesteer.software.software`; saved answers it reused may have been made under
+    another)."""
     return {"results": dict(results), "benchmarks": {name: lookup(name).record() for name in benchmarks},
             "summary": {name: target_summary(result) for name, result in results.items()},
             "judge": JUDGE, "seconds": dict(seconds), "memory": dict(memory), "settings": dict(settings),
-            "software": software()}
+            "software": dict(software)}
 
 
 def merge_summaries(parts: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> dict[str, Any]:
     """One summary of ``parts`` (at least one; summaries of disjoint targets, made with the same
     benchmarks), targets in the parts' order, under ``settings``."""
-    def merged(key: str) -> dict[str, Any]:
-        return {name: value for part in parts for name, value in part[key].items()}
+    def merged(key: str) -> dict[str, Any]:  # parts written before a key existed lack it
+        return {name: value for part in parts for name, value in part.get(key, {}).items()}
     return build_summary(merged("results"), merged("seconds"), merged("memory"), list(parts[0]["benchmarks"]),
-                         settings)
+                         settings, merged("software"))
 
 
 def write_summary(summary: Mapping[str, Any], output_dir: str | Path) -> None:

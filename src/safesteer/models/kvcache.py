@@ -91,9 +91,12 @@ class RoomyLayer(DynamicLayer):
     reset = _dropping_buffers("reset")
 
 
+# Before transformers 5, DynamicLayer's lazy initialisation reads the keys alone.
+_INITIALIZED_FROM_VALUES = "value_states" in inspect.signature(DynamicLayer.lazy_initialization).parameters
+
+
 def _initialize(layer: DynamicLayer, key_states: Tensor, value_states: Tensor) -> None:
-    """``DynamicLayer``'s lazy initialisation, which reads the keys alone before transformers 5."""
-    if "value_states" in inspect.signature(DynamicLayer.lazy_initialization).parameters:
+    if _INITIALIZED_FROM_VALUES:
         layer.lazy_initialization(key_states, value_states)
     else:
         layer.lazy_initialization(key_states)  # type: ignore[call-arg]

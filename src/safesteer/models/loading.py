@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from peft import PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
@@ -131,10 +132,10 @@ def load_adapter(model: nn.Module, path: Path, adapter_name: str = "default") ->
                              f"({first_line(error)}); re-export or retrain it") from error
 
 
-def merged_adapter(model: nn.Module, path: Path) -> PreTrainedModel:
-    """``model`` with the LoRA adapter saved in ``path`` folded into its weights: a plain model
-    again (peft 0.17 leaves its configs on it, so that an adapter added later warns of a second
-    one)."""
+def merged_adapter(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """``model`` (no PeftModel: its active adapter would be merged) with the LoRA adapter saved
+    in ``path`` folded into its weights, a plain model again (peft 0.17 leaves its configs on it,
+    else an adapter added later warns of a second one)."""
     merged = load_adapter(model, path).merge_and_unload()
     vars(merged).pop("peft_config", None)
     return merged
@@ -272,7 +273,7 @@ def _load_gguf(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file to a plain float32 model.
 
-    transformers marks GGUF-loaded models as quantized and refuses to save them, so the weights are
+    transformers 5 marks GGUF-loaded models as quantized and refuses to save them, so the weights are
     moved into a model built from the same config, which saves, merges and trains like any other.
     """
     kwargs = {"gguf_file": path.name, "trust_remote_code": trust_remote_code}
@@ -299,8 +300,12 @@ def _converted_embedded_model(name: str) -> Path:
 
     The conversion is staged in a temporary sibling directory and renamed into place, so the target
     either exists complete or not at all; the extracted GGUF goes away with the staging directory.
+    Each major version of transformers converts into its own directory: 4.x reads a directory 5.x
+    wrote with the wrong RoPE base (5.x keeps it under ``rope_parameters`` only) and without its
+    tokenizer class.
     """
-    target = cache_dir() / "models" / name
+    major = transformers.__version__.split(".")[0]
+    target = cache_dir() / "models" / f"{name}-transformers{major}"
     if target.is_dir():
         return target
     entry = EMBEDDED_MODELS[name]

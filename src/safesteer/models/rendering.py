@@ -56,8 +56,8 @@ def encode_rendered(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str
 ) -> BatchEncoding:
     """Tokenize rendered chats, left-padded; no special tokens added (the template has them), and
-    no token type ids, which decoders do not read (before transformers 5, ``generate`` refuses
-    them where a tokenizer returns them)."""
+    no token type ids, which the teacher-forced passes never give the model either (before
+    transformers 5, ``generate`` refuses them for a model whose forward takes none)."""
     batch = tokenizer(
         texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
         return_token_type_ids=False,
