@@ -100,8 +100,9 @@ class PeakMakeUp(threading.Thread):
         super().__init__(daemon=True)
         self.interval = interval
         self.highest: dict[str, float] | None = None
-        self.running = interval > 0
-        self.start()
+        self.running = True
+        if interval > 0:
+            self.start()
 
     def run(self) -> None:
         while self.running and (sample := status_mib()):
@@ -111,7 +112,8 @@ class PeakMakeUp(threading.Thread):
 
     def stop(self) -> dict[str, float] | None:
         self.running = False
-        self.join()
+        if self.is_alive():
+            self.join()
         return self.highest
 
 

@@ -285,7 +285,7 @@ def _load_gguf(
     except (OSError, ValueError) as error:
         raise SafesteerError(f"could not load the GGUF file {path}: {error}") from error
     config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):  # transformers >= 5 marks GGUF models quantized
+    if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, trust_remote_code=trust_remote_code
